@@ -1,0 +1,29 @@
+"""fcconv: perform, explain and certify the equivalence of fully connected and convolutional layers.
+
+Example:
+    >>> import torch, fcconv
+    >>> conv = fcconv.linear_to_conv(torch.nn.Linear(4, 2), (1, 2, 2))
+"""
+
+from fcconv.errors import FcconvError, NotEquivalentError
+from fcconv.layers import (
+    conv_matrix,
+    conv_output_shape,
+    conv_to_linear,
+    linear_to_conv,
+    linear_to_pointwise,
+    pointwise_to_linear,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FcconvError",
+    "NotEquivalentError",
+    "conv_matrix",
+    "conv_output_shape",
+    "conv_to_linear",
+    "linear_to_conv",
+    "linear_to_pointwise",
+    "pointwise_to_linear",
+]

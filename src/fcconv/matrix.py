@@ -1,0 +1,398 @@
+"""The exact matrix of a convolution: pure tensor maths, no modules.
+
+A convolution of an input of fixed shape ``(C_in, *spatial)`` is a linear map, so it has a matrix
+``M`` of shape ``(C_out * prod(out_spatial), C_in * prod(spatial))`` with::
+
+    F.convNd(x, weight, bias, ...).flatten(1) == x.flatten(1) @ M.T + conv_bias_vector(bias, out)
+
+This module builds ``M`` directly from the kernel: every entry is one weight, written at the row of its
+output position and the column of the input position it touches, so nothing is differentiated and no
+arithmetic is done on the values (the entries are bit-identical to the kernel's). Zero padding drops the
+taps that fall outside the input; ``reflect``, ``replicate`` and ``circular`` padding fold them back
+onto the input positions they read, where they are summed.
+
+The module-level wrapper is :func:`fcconv.conv_matrix`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from fcconv._shapes import format_shape
+from fcconv.errors import FcconvError
+
+__all__ = [
+    "ConvGeometry",
+    "Layout",
+    "PaddingMode",
+    "conv_bias_vector",
+    "conv_geometry",
+    "conv_matrix_nnz",
+    "conv_weight_matrix",
+    "coo_to_csr",
+]
+
+Layout = Literal["dense", "csr", "coo"]
+PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
+_LAYOUTS = ("dense", "csr", "coo")
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _per_dim(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * n
+    out = tuple(int(v) for v in value)
+    if len(out) == 1:
+        return out * n
+    if len(out) != n:
+        raise FcconvError(f"{name} must have {n} values, one per spatial dim; got {value!r}.")
+    return out
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Where a convolution's kernel lands on an input of a fixed spatial size, per spatial dim.
+
+    Attributes:
+        in_spatial: the input's spatial size.
+        kernel: the kernel size.
+        stride: the stride.
+        dilation: the dilation.
+        pad_left: padding added before the first input position (top, left, front).
+        pad_right: padding added after the last one; differs from ``pad_left`` only for ``"same"``
+            padding with an even span, where PyTorch puts the extra row or column at the end.
+        out_spatial: the output's spatial size.
+    """
+
+    in_spatial: tuple[int, ...]
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    pad_left: tuple[int, ...]
+    pad_right: tuple[int, ...]
+    out_spatial: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        """The number of spatial dims (1, 2 or 3)."""
+        return len(self.in_spatial)
+
+    @property
+    def pads(self) -> bool:
+        """True when any padding is added."""
+        return any(self.pad_left) or any(self.pad_right)
+
+    @property
+    def single_position(self) -> bool:
+        """True when the output has one position: the kernel covers the (padded) input."""
+        return all(o == 1 for o in self.out_spatial)
+
+
+def conv_geometry(
+    in_spatial: Sequence[int],
+    kernel: Sequence[int],
+    *,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] | str = 0,
+    dilation: int | Sequence[int] = 1,
+) -> ConvGeometry:
+    """Compute padding and output size of a convolution on an input of spatial size ``in_spatial``.
+
+    Args:
+        in_spatial: input spatial size, e.g. ``(32, 32)``.
+        kernel: kernel size, one per spatial dim.
+        stride: int or one per dim.
+        padding: int, one per dim, ``"same"`` or ``"valid"`` (as ``nn.Conv2d`` takes it).
+        dilation: int or one per dim.
+
+    Returns:
+        The geometry, with PyTorch's placement of the extra padding for ``"same"``.
+
+    Raises:
+        FcconvError: if the dilated kernel is larger than the padded input.
+
+    Example:
+        >>> conv_geometry((32, 32), (3, 3), stride=2, padding=1).out_spatial
+        (16, 16)
+    """
+    in_spatial = tuple(int(s) for s in in_spatial)
+    n = len(in_spatial)
+    kernel_t = _per_dim(tuple(kernel), n, "kernel_size")
+    stride_t = _per_dim(stride, n, "stride")
+    dilation_t = _per_dim(dilation, n, "dilation")
+    if isinstance(padding, str):
+        if padding == "valid":
+            left = right = (0,) * n
+        elif padding == "same":
+            spans = [d * (k - 1) for d, k in zip(dilation_t, kernel_t)]
+            left = tuple(s // 2 for s in spans)
+            right = tuple(s - s // 2 for s in spans)
+        else:
+            raise FcconvError(f"padding must be an int, a tuple, 'same' or 'valid'; got {padding!r}.")
+    else:
+        left = right = _per_dim(padding, n, "padding")
+    out = []
+    for i, (size, k, s, d, lo, hi) in enumerate(
+        zip(in_spatial, kernel_t, stride_t, dilation_t, left, right)
+    ):
+        span = d * (k - 1) + 1
+        padded = size + lo + hi
+        if span > padded:
+            raise FcconvError(
+                f"The kernel does not fit the input in spatial dim {i}: expected a padded input of at "
+                f"least dilation*(kernel_size-1)+1 = {d}*({k}-1)+1 = {span}, got {size}+{lo}+{hi} = "
+                f"{padded} for input spatial size {format_shape(in_spatial)}. Use a larger input_shape "
+                "or a smaller kernel."
+            )
+        out.append((padded - span) // s + 1)
+    return ConvGeometry(in_spatial, kernel_t, stride_t, dilation_t, left, right, tuple(out))
+
+
+def _axis_map(
+    size: int, kernel: int, stride: int, dilation: int, left: int, out: int, mode: str
+) -> tuple[Tensor, Tensor | None]:
+    """Input index read by each (output position, kernel tap) along one axis, and which are real."""
+    q = (
+        torch.arange(out).unsqueeze(1) * stride
+        + torch.arange(kernel).unsqueeze(0) * dilation
+        - left
+    )
+    if mode == "zeros":
+        valid = (q >= 0) & (q < size)
+        return q.clamp(0, size - 1), (None if bool(valid.all()) else valid)
+    if mode == "reflect":
+        q = torch.where(q < 0, -q, q)
+        return torch.where(q >= size, 2 * (size - 1) - q, q), None
+    if mode == "replicate":
+        return q.clamp(0, size - 1), None
+    return q.remainder(size), None  # circular
+
+
+def _check_padding_mode(geom: ConvGeometry, padding_mode: str) -> None:
+    if padding_mode not in _PADDING_MODES:
+        raise FcconvError(
+            f"padding_mode must be one of {', '.join(_PADDING_MODES)}; got {padding_mode!r}."
+        )
+    for i, (size, lo, hi) in enumerate(zip(geom.in_spatial, geom.pad_left, geom.pad_right)):
+        pad = max(lo, hi)
+        if padding_mode == "reflect" and pad >= size:
+            raise FcconvError(
+                f"reflect padding needs padding < input size in every spatial dim; dim {i} has "
+                f"padding {pad} and size {size}. Use a larger input or another padding_mode."
+            )
+        if padding_mode == "circular" and pad > size:
+            raise FcconvError(
+                f"circular padding needs padding <= input size in every spatial dim; dim {i} has "
+                f"padding {pad} and size {size}. Use a larger input or another padding_mode."
+            )
+
+
+def _tap_index(geom: ConvGeometry, padding_mode: str) -> tuple[Tensor, Tensor | None]:
+    """Flat input position read by each (flat output position, flat kernel tap): shapes ``(P, K)``.
+
+    The second tensor marks the taps that read a real input position (``None`` when all do).
+    """
+    n = geom.ndim
+    out_numel = math.prod(geom.out_spatial)
+    k_numel = math.prod(geom.kernel)
+    index = torch.zeros((1,) * (2 * n), dtype=torch.int64)
+    valid: Tensor | None = None
+    in_stride = 1
+    for d in reversed(range(n)):
+        q, ok = _axis_map(
+            geom.in_spatial[d],
+            geom.kernel[d],
+            geom.stride[d],
+            geom.dilation[d],
+            geom.pad_left[d],
+            geom.out_spatial[d],
+            padding_mode,
+        )
+        shape = [1] * (2 * n)
+        shape[d], shape[n + d] = q.shape
+        index = index + (q * in_stride).view(shape)
+        if ok is not None:
+            ok = ok.view(shape)
+            valid = ok if valid is None else valid & ok
+        in_stride *= geom.in_spatial[d]
+    full = tuple(geom.out_spatial) + tuple(geom.kernel)
+    index = index.expand(full).reshape(out_numel, k_numel)
+    if valid is not None:
+        valid = valid.expand(full).reshape(out_numel, k_numel)
+    return index, valid
+
+
+def conv_weight_matrix(
+    weight: Tensor,
+    in_spatial: Sequence[int],
+    *,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] | str = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    layout: str = "dense",
+) -> Tensor:
+    """The matrix of ``F.convNd(x, weight, ...)`` on inputs of spatial size ``in_spatial``.
+
+    Args:
+        weight: kernel of shape ``(C_out, C_in // groups, *kernel)`` with 1 to 3 spatial dims.
+        in_spatial: spatial size of the input, e.g. ``(32, 32)``.
+        stride: as for ``nn.ConvNd``.
+        padding: int, one per dim, ``"same"`` or ``"valid"``.
+        dilation: as for ``nn.ConvNd``.
+        groups: as for ``nn.ConvNd``.
+        padding_mode: ``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"``.
+        layout: ``"dense"`` (a strided tensor), ``"csr"`` or ``"coo"`` (torch sparse tensors,
+            coalesced, memory proportional to the number of nonzeros).
+
+    Returns:
+        ``M`` of shape ``(C_out * prod(out_spatial), C_in * prod(in_spatial))``, rows and columns in
+        ``torch.flatten(x, 1)`` order (channel first), with the weight's dtype and device, detached
+        from autograd. Under ``zeros`` padding its nonzeros are exactly the kernel's values.
+
+    Raises:
+        FcconvError: for an unknown layout or padding mode, inconsistent groups, or a kernel larger
+            than the padded input.
+
+    Example:
+        >>> w = torch.randn(2, 1, 2, 2)
+        >>> conv_weight_matrix(w, (2, 2)).shape  # the kernel covers the input: one row per channel
+        torch.Size([2, 4])
+    """
+    if layout not in _LAYOUTS:
+        raise FcconvError(f"layout must be one of {', '.join(_LAYOUTS)}; got {layout!r}.")
+    n = weight.dim() - 2
+    if not 1 <= n <= 3 or len(in_spatial) != n:
+        raise FcconvError(
+            f"A kernel of shape {format_shape(weight.shape)} needs an input with {n} spatial dims; "
+            f"got spatial size {format_shape(in_spatial)}."
+        )
+    c_out, c_in_g = weight.shape[0], weight.shape[1]
+    if groups < 1 or c_out % groups:
+        raise FcconvError(
+            f"groups must divide the {c_out} output channels; got groups={groups}."
+        )
+    geom = conv_geometry(in_spatial, weight.shape[2:], stride=stride, padding=padding,
+                         dilation=dilation)
+    _check_padding_mode(geom, padding_mode)
+    index, valid = _tap_index(geom, padding_mode)
+    weight = weight.detach()
+    device = weight.device
+    index = index.to(device)
+    valid = None if valid is None else valid.to(device)
+    p_numel, k_numel = index.shape
+    q_numel = math.prod(geom.in_spatial)
+    c_out_g = c_out // groups
+    c_in = c_in_g * groups
+    rows, cols = c_out * p_numel, c_in * q_numel
+    # Folded padding modes can send several taps to one input position: those entries are summed.
+    folds = padding_mode != "zeros" and geom.pads
+
+    if layout == "dense" and not folds:
+        matrix = torch.zeros(rows, cols, dtype=weight.dtype, device=device)
+        if valid is None:
+            p_sel = torch.arange(p_numel, device=device).repeat_interleave(k_numel)
+            k_sel = torch.arange(k_numel, device=device).repeat(p_numel)
+        else:
+            p_sel, k_sel = valid.nonzero(as_tuple=True)
+        q_sel = index[p_sel, k_sel]
+        g = torch.arange(groups, device=device).unsqueeze(1)
+        view = matrix.view(groups, c_out_g, p_numel, groups, c_in_g, q_numel)
+        values = weight.reshape(groups, c_out_g, c_in_g, k_numel)[..., k_sel]
+        view[g, :, p_sel, g, :, q_sel] = values.permute(0, 3, 1, 2)
+        return matrix
+
+    # Entries in (out channel, out position, in channel, tap) order: row-major, so sorted by row,
+    # and, under zero padding, by column within a row with no duplicates.
+    chan = (torch.arange(groups, device=device).view(groups, 1, 1, 1) * c_in_g
+            + torch.arange(c_in_g, device=device).view(1, 1, c_in_g, 1)) * q_numel
+    col_g = chan + index.view(1, p_numel, 1, k_numel)  # (G, P, Cin_g, K)
+    w4 = weight.reshape(c_out, 1, c_in_g, k_numel)
+    if valid is None:
+        col_g = col_g.reshape(groups, -1)
+        values = w4.expand(c_out, p_numel, c_in_g, k_numel).reshape(-1)
+        per_row = torch.full((rows,), c_in_g * k_numel, dtype=torch.int64, device=device)
+    else:
+        mask = valid.view(1, p_numel, 1, k_numel)
+        col_g = torch.masked_select(col_g, mask).view(groups, -1)
+        values = torch.masked_select(w4, mask)
+        per_row = (valid.sum(1) * c_in_g).repeat(c_out)
+    col = col_g.unsqueeze(1).expand(groups, c_out_g, col_g.shape[1]).reshape(-1)
+
+    if folds:
+        row = torch.arange(rows, device=device).repeat_interleave(per_row)
+        if layout == "dense":
+            matrix = torch.zeros(rows, cols, dtype=weight.dtype, device=device)
+            matrix.index_put_((row, col), values, accumulate=True)
+            return matrix
+        coo = torch.sparse_coo_tensor(
+            torch.stack((row, col)), values, (rows, cols), check_invariants=False
+        ).coalesce()
+        return coo if layout == "coo" else coo_to_csr(coo)
+    if layout == "csr":
+        crow = torch.zeros(rows + 1, dtype=torch.int64, device=device)
+        torch.cumsum(per_row, 0, out=crow[1:])
+        with warnings.catch_warnings():  # "CSR support is in beta state"
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(
+                crow, col, values, (rows, cols), check_invariants=False
+            )
+    row = torch.arange(rows, device=device).repeat_interleave(per_row)
+    return torch.sparse_coo_tensor(
+        torch.stack((row, col)), values, (rows, cols), is_coalesced=True, check_invariants=False
+    )
+
+
+def coo_to_csr(coo: Tensor) -> Tensor:
+    """A coalesced COO tensor as CSR, without torch's "CSR support is in beta state" warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return coo.to_sparse_csr()
+
+
+def conv_bias_vector(bias: Tensor, out_spatial: Sequence[int]) -> Tensor:
+    """The bias of the conv's matrix form: each channel's bias repeated over its output positions.
+
+    Args:
+        bias: shape ``(C_out,)``.
+        out_spatial: the output's spatial size.
+
+    Returns:
+        Shape ``(C_out * prod(out_spatial),)``, in ``flatten(1)`` order, detached.
+
+    Example:
+        >>> conv_bias_vector(torch.tensor([1., 2.]), (1, 2))
+        tensor([1., 1., 2., 2.])
+    """
+    return bias.detach().repeat_interleave(math.prod(out_spatial))
+
+
+def conv_matrix_nnz(geom: ConvGeometry, padding_mode: str, c_out: int, c_in_per_group: int) -> int:
+    """The number of nonzero entries (structural) of the conv's matrix, without building it.
+
+    Args:
+        geom: the geometry from :func:`conv_geometry`.
+        padding_mode: as for ``nn.ConvNd``.
+        c_out: output channels.
+        c_in_per_group: input channels per group (``weight.shape[1]``).
+
+    Returns:
+        The number of entries that a weight lands on; folded padding counts each position once.
+    """
+    _check_padding_mode(geom, padding_mode)
+    index, valid = _tap_index(geom, padding_mode)
+    if padding_mode == "zeros":
+        taps = index.numel() if valid is None else int(valid.sum())
+    else:
+        q_numel = math.prod(geom.in_spatial)
+        keys = index + torch.arange(index.shape[0]).unsqueeze(1) * q_numel
+        taps = int(torch.unique(keys).numel())
+    return taps * c_out * c_in_per_group

@@ -6,6 +6,7 @@ Example:
 """
 
 from fcconv.errors import FcconvError, NotEquivalentError
+from fcconv.explain import Explanation, explain
 from fcconv.layers import (
     conv_matrix,
     conv_output_shape,
@@ -18,11 +19,13 @@ from fcconv.layers import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Explanation",
     "FcconvError",
     "NotEquivalentError",
     "conv_matrix",
     "conv_output_shape",
     "conv_to_linear",
+    "explain",
     "linear_to_conv",
     "linear_to_pointwise",
     "pointwise_to_linear",

@@ -1,0 +1,288 @@
+"""The machinery every command shares: the lazy command group, the one error path, option types.
+
+* :class:`LazyGroup` lists commands from a registry of module names and imports a command's module
+  only when that command runs, so ``fcconv --help`` stays fast and a missing optional dependency
+  (or a broken module) breaks only its own command.
+* :func:`run_with_errors` is the one error path: an :class:`~fcconv.errors.FcconvError`, an
+  ``OSError`` or any other exception a command lets through prints one line ``Error: <message>``
+  to stderr and exits 1; click's usage errors exit 2; the full traceback only with
+  ``FCCONV_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from fcconv.errors import FcconvError
+
+__all__ = [
+    "DEBUG_ENV",
+    "CommandError",
+    "InputShape",
+    "LazyGroup",
+    "NumberList",
+    "OutputPath",
+    "debug_enabled",
+    "fail",
+    "one_line",
+    "run_with_errors",
+    "step",
+    "write_atomically",
+]
+
+DEBUG_ENV = "FCCONV_DEBUG"
+_DEBUG_HINT = f"set {DEBUG_ENV}=1 for the traceback"
+
+
+def debug_enabled() -> bool:
+    """True when ``FCCONV_DEBUG`` asks for full tracebacks (any value but empty, 0, false, no)."""
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def one_line(message: object) -> str:
+    """``message`` on one line: newlines and runs of spaces become single spaces."""
+    return " ".join(str(message).split())
+
+
+class CommandError(click.ClickException):
+    """A failed command: click prints ``Error: <message>`` on stderr and exits 1."""
+
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(message))
+
+
+def _describe(error: BaseException) -> str:
+    """The one-line message for an exception a command let through."""
+    if isinstance(error, FcconvError):
+        return one_line(error)
+    if isinstance(error, OSError):
+        # "[Errno 13] Permission denied: 'x'" -> "Permission denied: 'x'", with the file names.
+        parts = [error.strerror or one_line(error)]
+        names = [n for n in (error.filename, error.filename2) if n is not None]
+        if names:
+            parts.append(": " + " -> ".join(repr(os.fsdecode(n)) for n in names))
+        return "".join(parts) + "."
+    if isinstance(error, MemoryError):
+        return f"Out of memory. Use a smaller --input or model ({_DEBUG_HINT})."
+    text = one_line(error) or "(no message)"
+    return f"unexpected {type(error).__name__}: {text} ({_DEBUG_HINT}; please report it if it is a bug)"
+
+
+def run_with_errors(callback: Callable[[], Any]) -> Any:
+    """Run ``callback``, turning every error but click's own into one line and exit status 1.
+
+    Click's exceptions (usage errors, exit 2; ``ctx.exit``; ``Abort``) pass through unchanged.
+    With ``FCCONV_DEBUG=1`` the original exception propagates, with its traceback.
+    """
+    try:
+        return callback()
+    except (click.ClickException, click.exceptions.Exit, click.Abort):
+        raise
+    except KeyboardInterrupt:
+        raise click.Abort() from None
+    except Exception as error:  # noqa: BLE001 - the one error path of the command line
+        if debug_enabled():
+            raise
+        raise CommandError(_describe(error)) from None
+
+
+def fail(message: str) -> NoReturn:
+    """Stop the command with ``Error: <message>`` and exit status 1."""
+    raise CommandError(message)
+
+
+class LazyGroup(click.Group):
+    """A click group whose commands live in modules imported only when they run.
+
+    Args:
+        lazy_commands: ``{name: (module, short_help)}``; the module defines a click command named
+            ``command``. The short help is shown by ``--help`` without importing the module.
+    """
+
+    def __init__(self, *args: Any, lazy_commands: dict[str, tuple[str, str]] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = dict(lazy_commands or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy_commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.commands or cmd_name not in self.lazy_commands:
+            return super().get_command(ctx, cmd_name)
+        module_name, short_help = self.lazy_commands[cmd_name]
+        try:
+            module = importlib.import_module(module_name)
+            command = module.command
+            if not isinstance(command, click.Command):
+                raise TypeError(f"{module_name}.command is a {type(command).__name__}, not a click command")
+        except Exception as error:  # noqa: BLE001 - a broken command must not break the others
+            if debug_enabled():
+                raise
+            command = _unavailable(cmd_name, short_help, error)
+        self.commands[cmd_name] = command
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in self.lazy_commands and name not in self.commands:
+                rows.append((name, self.lazy_commands[name][1]))
+            else:
+                command = self.get_command(ctx, name)
+                if command is not None and not command.hidden:
+                    rows.append((name, command.get_short_help_str(formatter.width)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        return run_with_errors(lambda: super(LazyGroup, self).invoke(ctx))
+
+
+def _unavailable(name: str, short_help: str, error: BaseException) -> click.Command:
+    """A stand-in for a command whose module cannot be imported: it explains why and exits 1."""
+    if isinstance(error, ModuleNotFoundError) and error.name and not error.name.startswith("fcconv"):
+        fix = f"install it, e.g. pip install 'fcconv[cli,vision]' (missing module {error.name!r})"
+    else:
+        fix = f"its module failed to import: {type(error).__name__}: {one_line(error)}"
+
+    @click.command(name=name, short_help=f"{short_help} [unavailable]", add_help_option=False,
+                   context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    def unavailable() -> None:
+        fail(f"The '{name}' command is not available: {fix}.")
+
+    return unavailable
+
+
+# --------------------------------------------------------------------------------------------
+# Option types
+
+
+class InputShape(click.ParamType):
+    """A per-sample shape ``C,H,W`` (also ``CxHxW``, ``(C, H, W)``); rank 2 to 4, positive."""
+
+    name = "C,H,W"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        text = str(value).strip().strip("()[]").strip()
+        parts = [p for p in re.split(r"\s*[,x×*]\s*|\s+", text) if p]
+        try:
+            shape = tuple(int(p) for p in parts)
+        except ValueError:
+            shape = ()
+        if not shape or not 2 <= len(shape) <= 4 or any(s <= 0 for s in shape):
+            self.fail(
+                f"expected a per-sample shape C,H,W of 2 to 4 positive integers such as 3,224,224 "
+                f"or 3x224x224 (no batch size); got {value!r}.", param, ctx,
+            )
+        return shape
+
+
+class NumberList(click.ParamType):
+    """A comma-separated list of floats, e.g. ``0.485,0.456,0.406``."""
+
+    name = "X,Y,..."
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[float, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            numbers = tuple(float(p) for p in str(value).replace(" ", "").split(",") if p)
+        except ValueError:
+            numbers = ()
+        if not numbers:
+            self.fail(f"expected comma-separated numbers such as 0.5,0.5,0.5; got {value!r}.", param, ctx)
+        return numbers
+
+
+class OutputPath(click.Path):
+    """An output file path, checked before any work: its folder exists and is writable."""
+
+    def __init__(self) -> None:
+        super().__init__(dir_okay=False, writable=False, path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path:
+        path = Path(os.fsdecode(super().convert(value, param, ctx))).expanduser()
+        folder = path.parent
+        if not folder.is_dir():
+            self.fail(f"folder {str(folder)!r} does not exist; create it or choose another path.",
+                      param, ctx)
+        if not os.access(folder, os.W_OK):
+            self.fail(f"folder {str(folder)!r} is not writable; choose another path.", param, ctx)
+        return path
+
+
+def _stderr_is_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+@contextmanager
+def step(message: str, *, quiet: bool = False) -> Iterator[None]:
+    """Print ``message ...`` to stderr, run the block, then ``done (1.2 s)``: progress on long work.
+
+    Printed only when stderr is a terminal, so that piped or captured output holds just the results
+    and, on failure, the one error line.
+    """
+    if quiet or not _stderr_is_terminal():
+        yield
+        return
+    click.echo(f"{message} ...", err=True, nl=False)
+    start = time.perf_counter()
+    try:
+        yield
+    except BaseException:
+        click.echo(" failed", err=True)
+        raise
+    click.echo(f" done ({time.perf_counter() - start:.1f} s)", err=True)
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
+
+    A failed or interrupted write leaves no file behind and ``path`` as it was.
+    """
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise FcconvError(
+            f"Cannot write {str(path)!r}: {error.strerror or error}. Choose another output path."
+        ) from None
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # the permissions of a file created as usual, not mkstemp's 0600
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise FcconvError(
+            f"Cannot write {str(path)!r}: {error.strerror or error}. Nothing was written; free some "
+            "space or choose another output path."
+        ) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,250 @@
+"""``fcconv heatmap MODEL IMAGE -o OUT.png``: a classifier's dense class map over an image.
+
+The model is convolutionalized at its training size ``--input`` and run once over the whole image:
+each cell of the map is the classification of one window of the image (``window`` pixels, ``stride``
+apart). The picture shows the image, the winning class of every cell as a colour whose opacity is the
+cell's confidence, one window outlined for scale, and the geometry in the title.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+from torch import Tensor, nn
+
+from fcconv._shapes import format_shape
+from fcconv.cli._app import InputShape, NumberList, OutputPath, fail, step, write_atomically
+from fcconv.cli._loading import as_fcn_source, import_attribute, load_model
+from fcconv.errors import FcconvError
+
+__all__ = ["command", "load_image"]
+
+_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg")
+
+
+def load_image(path: Path, channels: int, *, scale: float = 1.0) -> Tensor:
+    """Read an image with Pillow as a float tensor ``(C, H, W)`` in ``[0, 1]``.
+
+    Args:
+        path: the image file.
+        channels: 1 (read as grayscale) or 3 (read as RGB), the model's input channels.
+        scale: resize factor applied first (bilinear).
+
+    Raises:
+        FcconvError: on an unreadable file or a channel count other than 1 or 3.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if channels not in (1, 3):
+        raise FcconvError(
+            f"heatmap reads images as grayscale (1 channel) or RGB (3 channels); the model's --input "
+            f"has {channels} channels."
+        )
+    try:
+        with Image.open(path) as image:
+            picture = image.convert("L" if channels == 1 else "RGB")
+    except UnidentifiedImageError:
+        raise FcconvError(
+            f"Cannot read {str(path)!r} as an image: Pillow does not recognise its format."
+        ) from None
+    except OSError as error:
+        raise FcconvError(f"Cannot read the image {str(path)!r}: {error.strerror or error}.") from None
+    if scale != 1.0:
+        size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+        picture = picture.resize(size, Image.Resampling.BILINEAR)
+    data = torch.frombuffer(bytearray(picture.tobytes()), dtype=torch.uint8)
+    return data.view(picture.height, picture.width, channels).permute(2, 0, 1).float() / 255.0
+
+
+def _labels(source: str | None, count: int) -> list[str]:
+    if source is None:
+        return [str(i) for i in range(count)]
+    path = Path(source).expanduser()
+    if path.is_file():
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif ":" in source:
+        value = import_attribute(source)
+        if isinstance(value, str) or not isinstance(value, Sequence):
+            raise FcconvError(f"--labels {source} is a {type(value).__name__}, expected a sequence of names.")
+        names = [str(v) for v in value]
+    else:
+        raise FcconvError(
+            f"--labels {source!r}: no such file. Give a text file with one class name per line, or "
+            "package.module:NAMES."
+        )
+    if len(names) < count:
+        raise FcconvError(
+            f"--labels has {len(names)} names; the model has {count} classes. Give one per class."
+        )
+    return names[:count]
+
+
+def _normalize(image: Tensor, mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> Tensor:
+    channels = image.shape[0]
+    for name, values in (("--mean", mean), ("--std", std)):
+        if values is not None and len(values) not in (1, channels):
+            raise click.BadParameter(f"give 1 or {channels} values (one per channel); got {len(values)}.",
+                                     param_hint=name)
+    if std is not None and any(s == 0 for s in std):
+        raise click.BadParameter("values must not be 0.", param_hint="--std")
+    view = (-1, 1, 1)
+    if mean is not None:
+        image = image - torch.tensor(mean).view(view)
+    if std is not None:
+        image = image / torch.tensor(std).view(view)
+    return image
+
+
+def _draw(image: Tensor, winner: Tensor, confidence: Tensor, fcn: Any, labels: list[str],
+          title: str, alpha: float, path: Path, fmt: str) -> None:
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch, Rectangle
+
+    grid_h, grid_w = winner.shape
+    height, width = image.shape[1:]
+    top0, left0, bottom0, right0 = fcn.window_of((0, 0))
+    stride_y, stride_x = fcn.stride
+    # Cell (i, j) is drawn as a stride x stride square centred on the centre of its window.
+    cy, cx = (top0 + bottom0) / 2, (left0 + right0) / 2
+    extent = (cx - stride_x / 2, cx + (grid_w - 0.5) * stride_x,
+              cy + (grid_h - 0.5) * stride_y, cy - stride_y / 2)
+
+    classes = sorted(set(winner.flatten().tolist()))
+    palette = colormaps["tab20"] if len(labels) > 10 else colormaps["tab10"]
+    colours = {c: palette(i % palette.N) for i, c in enumerate(classes)}
+    rgba = torch.zeros(grid_h, grid_w, 4)
+    for c in classes:
+        rgba[winner == c] = torch.tensor(colours[c])
+    rgba[..., 3] = confidence * alpha
+
+    scale = 8.0 / max(height, width)
+    figure = Figure(figsize=(max(4.0, width * scale + 2.5), max(3.0, height * scale + 1.0)), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    shown = image.permute(1, 2, 0).clamp(0, 1).numpy()
+    if shown.shape[2] == 1:
+        axes.imshow(shown[..., 0], cmap="gray", vmin=0, vmax=1)
+    else:
+        axes.imshow(shown)
+    axes.imshow(rgba.numpy(), extent=extent, interpolation="nearest")
+    axes.add_patch(Rectangle((left0 - 0.5, top0 - 0.5), right0 - left0, bottom0 - top0, fill=False,
+                             edgecolor="white", linestyle="--", linewidth=1.2))
+    if grid_h * grid_w <= 400:
+        for i in range(grid_h):
+            for j in range(grid_w):
+                if confidence[i, j] >= 0.5:
+                    axes.text(cx + j * stride_x, cy + i * stride_y, labels[int(winner[i, j])][:3],
+                              ha="center", va="center", fontsize=6, color="black")
+    axes.set_xlim(-0.5, width - 0.5)
+    axes.set_ylim(height - 0.5, -0.5)
+    axes.set_title(title, fontsize=9)
+    handles = [Patch(color=colours[c], label=labels[c]) for c in classes[:20]]
+    axes.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7,
+                title="winning class", title_fontsize=7, frameon=False)
+    figure.tight_layout()
+    write_atomically(path, lambda tmp: figure.savefig(tmp, format=fmt))
+
+
+@click.command(
+    "heatmap",
+    epilog="""\b
+Examples:
+  fcconv heatmap fcconv.digits:load_digits_model canvas.png --input 1,12,12 \\
+      --labels fcconv.digits:CLASS_NAMES -o digits-map.png
+  fcconv heatmap weights.pt street.jpg --factory torchvision:resnet18 --input 3,224,224 \\
+      --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 -o map.png
+  fcconv heatmap resnet18-fcn.pt photo.jpg -o map.png   (a file from fcconv convert --to fcn)""",
+)
+@click.argument("model")
+@click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", "output", type=OutputPath(), required=True,
+              help="The picture to write (.png; .pdf, .svg and .jpg work too).")
+@click.option("--input", "-i", "input_shape", type=InputShape(),
+              help="The model's training input shape C,H,W: the window each map cell classifies.")
+@click.option("--factory", metavar="REF", help="For a checkpoint MODEL: the factory that builds the model.")
+@click.option("--kwargs", default="", metavar="'K=V, ...'", help="Keyword arguments for the factory.")
+@click.option("--mean", type=NumberList(), help="Per-channel mean subtracted from pixels in [0, 1].")
+@click.option("--std", type=NumberList(), help="Per-channel standard deviation pixels are divided by.")
+@click.option("--labels", metavar="FILE|REF",
+              help="Class names: a text file, one per line, or package.module:NAMES.")
+@click.option("--scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Resize the image by this factor first.")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=0.6, show_default=True,
+              help="Opacity of the overlay at confidence 1.")
+@click.option("--head", type=click.Choice(("auto", "conv", "matmul")), default="auto", show_default=True,
+              help="How the converted head computes (same result).")
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Classes in the summary.")
+@click.option("--device", default="cpu", show_default=True, help="Where to run the model, e.g. cuda.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
+def command(model: str, image: Path, output: Path, input_shape: tuple[int, ...] | None, factory: str | None,
+            kwargs: str, mean: tuple[float, ...] | None, std: tuple[float, ...] | None, labels: str | None,
+            scale: float, alpha: float, head: str, top: int, device: str, quiet: bool) -> None:
+    """Draw the dense class map of the classifier MODEL over IMAGE into OUTPUT.
+
+    MODEL follows the loading rules of every command (torchvision:NAME, package.module:factory, a
+    checkpoint with --factory, or a file from fcconv convert --to fcn). Pixels are read in [0, 1],
+    then --mean and --std, if given, normalise them.
+    """
+    fmt = output.suffix.lower().lstrip(".") or "png"
+    if fmt not in _FORMATS:
+        raise click.BadParameter(f"expected a .png (or {', '.join(_FORMATS[1:])}) file; got {output.name!r}.",
+                                 param_hint="--output")
+    if not image.is_file():
+        fail(f"Image {str(image)!r} not found. Check the path.")
+    with step(f"Loading {model}", quiet=quiet):
+        loaded = load_model(model, factory=factory, kwargs=kwargs)
+    converted = loaded.saved.get("to") == "fcn"
+    if input_shape is None and converted:
+        input_shape = tuple(int(s) for s in loaded.saved["input_shape"])
+    if input_shape is None:
+        raise click.UsageError(
+            "Missing option '--input': the model's training input shape, e.g. --input 3,224,224."
+        )
+    if len(input_shape) != 3:
+        raise click.BadParameter(f"heatmap needs images: a shape C,H,W; got {format_shape(input_shape)}.",
+                                 param_hint="--input")
+    if converted:
+        fcn: nn.Module = loaded.module
+    else:
+        from fcconv.fcn import convolutionalize
+
+        with step("Convolutionalizing", quiet=quiet):
+            fcn = convolutionalize(as_fcn_source(loaded.module), input_shape, head=head)
+    pixels = load_image(image, input_shape[0], scale=scale)
+    window = tuple(fcn.window)  # type: ignore[arg-type]
+    if any(s < w for s, w in zip(pixels.shape[1:], window)):
+        fail(f"The image is {pixels.shape[2]}x{pixels.shape[1]} pixels, smaller than the model's window "
+             f"{window[1]}x{window[0]}: give a larger image, or --scale it up.")
+    x = _normalize(pixels, mean, std).unsqueeze(0)
+    target = torch.device(device)
+    with step("Computing the dense map", quiet=quiet), torch.inference_mode():
+        scores = fcn.to(target)(x.to(target)).float().cpu()
+    if scores.ndim != 4 or scores.shape[0] != 1:
+        fail(f"The converted model returned a {tuple(scores.shape)} tensor; heatmap needs class scores "
+             "(1, classes, H, W). Is MODEL a classifier?")
+    probabilities = scores[0].softmax(0)
+    confidence, winner = probabilities.max(0)
+    names = _labels(labels, scores.shape[1])
+    grid = tuple(winner.shape)
+    stride = tuple(fcn.stride)  # type: ignore[arg-type]
+    title = (f"{model}: {grid[0]}x{grid[1]} cells, stride {format_shape(stride)}, window "
+             f"{format_shape(window)} (dashed), on {pixels.shape[2]}x{pixels.shape[1]} pixels")
+    with step(f"Drawing {output}", quiet=quiet):
+        _draw(pixels, winner, confidence, fcn, names, title, alpha, output, fmt)
+
+    counts = torch.bincount(winner.flatten(), minlength=scores.shape[1])
+    ranked = [int(c) for c in counts.argsort(descending=True)[:top] if counts[c] > 0]
+    click.echo(f"Image {pixels.shape[2]}x{pixels.shape[1]}, window {format_shape(window)}, stride "
+               f"{format_shape(stride)}: a {grid[0]}x{grid[1]} map ({grid[0] * grid[1]} windows, one pass).")
+    click.echo("Top classes: " + ", ".join(
+        f"{names[c]} ({int(counts[c])} cells, mean confidence {confidence[winner == c].mean():.2f})"
+        for c in ranked
+    ))
+    click.echo(f"Wrote {output}")

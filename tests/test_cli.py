@@ -425,6 +425,24 @@ def test_convert_to_fcn_and_load_it_back(tmp_path: Path) -> None:
 
 
 @needs_fcn
+def test_fcn_file_from_a_checkpoint_rebuilds_with_its_factory(tmp_path: Path) -> None:
+    from fcconv.cli._loading import load_model
+
+    trained = cli_models.other_factory()
+    ckpt, out = tmp_path / "w.pt", tmp_path / "fcn.pt"
+    torch.save(trained.state_dict(), ckpt)
+    result = run("convert", str(ckpt), "--factory", "cli_models:factory", "--input", "1,8,8", "--to", "fcn",
+                 "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert _load(out)["structure"] == "cli_models:factory"
+    fcn = load_model(str(out)).module
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(fcn(x).flatten(1), trained.eval()(x))
+    with pytest.raises(FcconvError, match="^The weights of .* do not fit the model cli_models:factory conv"):
+        load_model(str(out), factory="cli_models:factory", kwargs="classes=4")
+
+
+@needs_fcn
 def test_convert_single_linear_to_fcn_is_the_covering_conv(tmp_path: Path) -> None:
     out = tmp_path / "fc.pt"
     result = run("convert", "Linear(12, 5)", "--input", "3,2,2", "--to", "fcn", "-o", str(out))
@@ -542,7 +560,7 @@ def test_heatmap_of_the_digits_model(tmp_path: Path) -> None:
     image, out = tmp_path / "canvas.png", tmp_path / "map.png"
     _digits_png(image)
     result = run("heatmap", "fcconv.digits:load_digits_model", str(image), "--input", "1,12,12",
-                 "--labels", "fcconv.digits:CLASS_NAMES", "-o", str(out))
+                 "--labels", "fcconv.digits:CLASS_NAMES", "--hide", "background", "-o", str(out))
     assert result.exit_code == 0, result.output
     assert "window (12, 12), stride (2, 2): a 11x27 map" in result.output
     assert "Top classes: background" in result.output
@@ -550,6 +568,10 @@ def test_heatmap_of_the_digits_model(tmp_path: Path) -> None:
         assert picture.format == "PNG"
         colours = picture.convert("RGB").getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 50  # not blank
+    assert files_in(tmp_path) == ["canvas.png", "map.png"]
+    result = run("heatmap", "fcconv.digits:load_digits_model", str(image), "--input", "1,12,12",
+                 "--hide", "background", "-o", str(tmp_path / "other.png"))
+    assert_one_line_error(result, "--hide 'background' is not a class name; the names are 0, 1, 2")
     assert files_in(tmp_path) == ["canvas.png", "map.png"]
 
 
@@ -585,3 +607,26 @@ def test_fcconv_error_is_a_value_error() -> None:
     # The CLI relies on the one error family; a guard against it changing under us.
     assert issubclass(FcconvError, ValueError)
     assert isinstance(app, click.Group)
+
+
+@needs_verify
+def test_verify_a_pointwise_conversion_applies_the_linear_over_channels(tmp_path: Path) -> None:
+    out = tmp_path / "pw.pt"
+    converted = run("convert", "Linear(8, 3)", "--to", "pointwise", "--input", "8,5", "-o", str(out))
+    assert converted.exit_code == 0
+    result = run("verify", "Linear(8, 3)", str(out))
+    assert result.exit_code == 0, result.output
+    assert "REFERENCE is a Linear on inputs (8, 5): it is applied over the channels" in result.output
+
+
+def test_adapt_to_input_reads_a_linear_both_ways() -> None:
+    from fcconv.cli.verify import adapt_to_input
+
+    linear = nn.Linear(12, 2)
+    flat, note = adapt_to_input(linear, (3, 2, 2))
+    x = torch.randn(2, 3, 2, 2)
+    assert torch.equal(flat(x), linear(x.flatten(1))) and "flattened" in str(note)
+    channels, note = adapt_to_input(nn.Linear(3, 2), (3, 4))
+    assert channels(torch.randn(5, 3, 4)).shape == (5, 2, 4) and "channels" in str(note)
+    conv = nn.Conv2d(3, 2, 1)
+    assert adapt_to_input(conv, (3, 2, 2)) == (conv, None)

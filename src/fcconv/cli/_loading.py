@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fcconv.cli._app import one_line
 from fcconv.cli._spec import build_layer, is_layer_spec, parse_kwargs
 from fcconv.errors import FcconvError
 
@@ -313,31 +314,37 @@ def as_fcn_source(model: nn.Module) -> nn.Module:
     return model
 
 
-def _rebuild_saved(content: Mapping[str, Any], path: Path, factory: str | None) -> LoadedModel:
+def _rebuild_saved(content: Mapping[str, Any], path: Path, factory: str | None, kwargs: str) -> LoadedModel:
     """The module saved by ``fcconv convert``, its structure rebuilt from the file's metadata."""
     saved = {k: v for k, v in content.items() if k != "state_dict"}
     state = _state_dict(content, path)
     target = saved.get("to")
     if target in ("linear", "pointwise"):
         spec = str(saved.get("module", ""))
-        structure = build_layer(spec, empty=True)
-        model = fill(structure, state, what=repr(str(path)), into=spec, assign=True)
-        return LoadedModel(model.eval(), str(path), spec, saved=saved)
+        layer = fill(build_layer(spec, empty=True), state, what=repr(str(path)), into=spec, assign=True)
+        return LoadedModel(layer.eval(), str(path), spec, saved=saved)
     if target == "fcn":
-        from fcconv.fcn import convolutionalize
+        from fcconv.fcn import FullyConvolutional
 
-        structure_ref = factory or saved.get("structure")
-        if not structure_ref:
+        structure = factory or saved.get("structure")
+        if not structure:
             raise FcconvError(
-                f"{str(path)!r} holds a fully convolutional model converted from a checkpoint; pass "
-                "--factory with the factory of the source model to rebuild it."
+                f"{str(path)!r} records no model to rebuild the fully convolutional one from; pass "
+                "--factory with the factory of the source model."
             )
-        kwargs = str(saved.get("kwargs", "")) if factory is None else ""
-        source = as_fcn_source(build_model(str(structure_ref), kwargs=kwargs))
-        input_shape = tuple(int(s) for s in saved.get("input_shape", ()))
-        fcn = convolutionalize(source, input_shape, head=saved.get("head", "auto"))
-        model = fill(fcn, state, what=repr(str(path)), into=f"convolutionalize({structure_ref})")
-        return LoadedModel(model.eval(), str(path), str(structure_ref), kwargs, saved=saved)
+        if factory is None:
+            kwargs = str(saved.get("kwargs", ""))
+        geometry = {"input_shape": saved.get("input_shape"), "head": saved.get("head", "auto"),
+                    **dict(saved.get("geometry") or {})}
+        source = as_fcn_source(build_model(str(structure), kwargs=kwargs))
+        try:
+            fcn = FullyConvolutional.from_state_dict(source, state, geometry)
+        except RuntimeError as error:  # load_state_dict: missing, unexpected or misshapen tensors
+            raise FcconvError(
+                f"The weights of {str(path)!r} do not fit the model {structure} converts to: "
+                f"{one_line(error)[:400]}. Pass the --factory the file was converted from."
+            ) from None
+        return LoadedModel(fcn.eval(), str(path), str(structure), kwargs, saved=saved)
     raise FcconvError(
         f"{str(path)!r} was written by fcconv convert --to {target!r}, which this version cannot read. "
         "Convert the source model again."
@@ -369,7 +376,7 @@ def load_model(reference: str, *, factory: str | None = None, kwargs: str = "", 
     if path.is_file():
         content = load_checkpoint(path)
         if isinstance(content, Mapping) and CONVERT_FORMAT in content:
-            return _rebuild_saved(content, path, factory)
+            return _rebuild_saved(content, path, factory, kwargs)
         state = _state_dict(content, path)
         if not factory:
             raise FcconvError(

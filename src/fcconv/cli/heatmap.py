@@ -83,6 +83,16 @@ def _labels(source: str | None, count: int) -> list[str]:
     return names[:count]
 
 
+def _hidden(text: str, names: list[str]) -> set[int]:
+    hidden = set()
+    for name in (n.strip() for n in text.split(",") if n.strip()):
+        if name not in names:
+            listed = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+            raise FcconvError(f"--hide {name!r} is not a class name; the names are {listed} (see --labels).")
+        hidden.add(names.index(name))
+    return hidden
+
+
 def _normalize(image: Tensor, mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> Tensor:
     channels = image.shape[0]
     for name, values in (("--mean", mean), ("--std", std)):
@@ -100,7 +110,7 @@ def _normalize(image: Tensor, mean: tuple[float, ...] | None, std: tuple[float, 
 
 
 def _draw(image: Tensor, winner: Tensor, confidence: Tensor, fcn: Any, labels: list[str],
-          title: str, alpha: float, path: Path, fmt: str) -> None:
+          hidden: set[int], title: str, alpha: float, path: Path, fmt: str) -> None:
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -120,8 +130,10 @@ def _draw(image: Tensor, winner: Tensor, confidence: Tensor, fcn: Any, labels: l
     colours = {c: palette(i % palette.N) for i, c in enumerate(classes)}
     rgba = torch.zeros(grid_h, grid_w, 4)
     for c in classes:
-        rgba[winner == c] = torch.tensor(colours[c])
+        rgba[winner == c] = torch.tensor(colours[c], dtype=rgba.dtype)
     rgba[..., 3] = confidence * alpha
+    for c in hidden:
+        rgba[winner == c, 3] = 0.0
 
     scale = 8.0 / max(height, width)
     figure = Figure(figsize=(max(4.0, width * scale + 2.5), max(3.0, height * scale + 1.0)), dpi=100)
@@ -138,13 +150,13 @@ def _draw(image: Tensor, winner: Tensor, confidence: Tensor, fcn: Any, labels: l
     if grid_h * grid_w <= 400:
         for i in range(grid_h):
             for j in range(grid_w):
-                if confidence[i, j] >= 0.5:
+                if confidence[i, j] >= 0.5 and int(winner[i, j]) not in hidden:
                     axes.text(cx + j * stride_x, cy + i * stride_y, labels[int(winner[i, j])][:3],
                               ha="center", va="center", fontsize=6, color="black")
     axes.set_xlim(-0.5, width - 0.5)
     axes.set_ylim(height - 0.5, -0.5)
     axes.set_title(title, fontsize=9)
-    handles = [Patch(color=colours[c], label=labels[c]) for c in classes[:20]]
+    handles = [Patch(color=colours[c], label=labels[c]) for c in classes if c not in hidden][:20]
     axes.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7,
                 title="winning class", title_fontsize=7, frameon=False)
     figure.tight_layout()
@@ -156,7 +168,7 @@ def _draw(image: Tensor, winner: Tensor, confidence: Tensor, fcn: Any, labels: l
     epilog="""\b
 Examples:
   fcconv heatmap fcconv.digits:load_digits_model canvas.png --input 1,12,12 \\
-      --labels fcconv.digits:CLASS_NAMES -o digits-map.png
+      --labels fcconv.digits:CLASS_NAMES --hide background -o digits-map.png
   fcconv heatmap weights.pt street.jpg --factory torchvision:resnet18 --input 3,224,224 \\
       --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 -o map.png
   fcconv heatmap resnet18-fcn.pt photo.jpg -o map.png   (a file from fcconv convert --to fcn)""",
@@ -173,6 +185,8 @@ Examples:
 @click.option("--std", type=NumberList(), help="Per-channel standard deviation pixels are divided by.")
 @click.option("--labels", metavar="FILE|REF",
               help="Class names: a text file, one per line, or package.module:NAMES.")
+@click.option("--hide", metavar="NAME,...", default="",
+              help="Classes not to colour, e.g. --hide background.")
 @click.option("--scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="Resize the image by this factor first.")
 @click.option("--alpha", type=click.FloatRange(0, 1), default=0.6, show_default=True,
@@ -185,7 +199,7 @@ Examples:
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 def command(model: str, image: Path, output: Path, input_shape: tuple[int, ...] | None, factory: str | None,
             kwargs: str, mean: tuple[float, ...] | None, std: tuple[float, ...] | None, labels: str | None,
-            scale: float, alpha: float, head: str, top: int, device: str, quiet: bool) -> None:
+            hide: str, scale: float, alpha: float, head: str, top: int, device: str, quiet: bool) -> None:
     """Draw the dense class map of the classifier MODEL over IMAGE into OUTPUT.
 
     MODEL follows the loading rules of every command (torchvision:NAME, package.module:factory, a
@@ -232,12 +246,13 @@ def command(model: str, image: Path, output: Path, input_shape: tuple[int, ...] 
     probabilities = scores[0].softmax(0)
     confidence, winner = probabilities.max(0)
     names = _labels(labels, scores.shape[1])
+    hidden = _hidden(hide, names)
     grid = tuple(winner.shape)
     stride = tuple(fcn.stride)  # type: ignore[arg-type]
     title = (f"{model}: {grid[0]}x{grid[1]} cells, stride {format_shape(stride)}, window "
              f"{format_shape(window)} (dashed), on {pixels.shape[2]}x{pixels.shape[1]} pixels")
     with step(f"Drawing {output}", quiet=quiet):
-        _draw(pixels, winner, confidence, fcn, names, title, alpha, output, fmt)
+        _draw(pixels, winner, confidence, fcn, names, hidden, title, alpha, output, fmt)
 
     counts = torch.bincount(winner.flatten(), minlength=scores.shape[1])
     ranked = [int(c) for c in counts.argsort(descending=True)[:top] if counts[c] > 0]

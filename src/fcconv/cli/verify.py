@@ -10,14 +10,47 @@ built from a name or spec get random weights from ``--seed``, the same on both s
 
 from __future__ import annotations
 
+import math
+
 import click
 import torch
+from torch import Tensor, nn
 
 from fcconv._shapes import format_shape
 from fcconv.cli._app import InputShape, step
-from fcconv.cli._loading import LoadedModel, load_model
+from fcconv.cli._loading import LoadedModel, as_fcn_source, load_model
 
-__all__ = ["command"]
+__all__ = ["OverChannels", "adapt_to_input", "command"]
+
+
+class OverChannels(nn.Module):
+    """A Linear applied over the channels at every position: ``(N, C, *spatial)`` in and out."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x.movedim(1, -1)).movedim(-1, 1)
+
+
+def adapt_to_input(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[nn.Module, str | None]:
+    """Let a bare ``nn.Linear`` take inputs ``(N, *input_shape)``, the layout every command uses.
+
+    A Linear with ``in_features == prod(input_shape)`` gets the input flattened (the Linear a
+    covering conv equals); one with ``in_features == C`` is applied over channels at every position
+    (the Linear a pointwise conv equals). Other modules are returned as they are.
+
+    Returns:
+        The module to compare, and a note saying what was done (or None).
+    """
+    if type(module) is not nn.Linear:
+        return module, None
+    if module.in_features == math.prod(input_shape):
+        return as_fcn_source(module), "it gets each input flattened"
+    if module.in_features == input_shape[0]:
+        return OverChannels(module).eval(), "it is applied over the channels at every position"
+    return module, None
 
 
 def _saved_shape(*loaded: LoadedModel) -> tuple[int, ...] | None:
@@ -52,16 +85,22 @@ Exit status: 0 when equivalent, 1 when not (or on an error), 2 on a usage error.
 @click.option("--kwargs", default="", metavar="'K=V, ...'", help="Keyword arguments for the factories.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of random weights and of the random inputs.")
+@click.option("--parameter-rounding", is_flag=True,
+              help="Allow one rounding of every parameter in the float64 verdict: for conversions that "
+                   "compute weights (folded padding taps, fused batch norm). Weakens the verdict.")
 @click.option("--device", default="cpu", show_default=True, help="Where to run both models, e.g. cuda.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
 def command(reference: str, candidate: str, input_shape: tuple[int, ...] | None, grad: bool,
             factory: str | None, reference_factory: str | None, candidate_factory: str | None,
-            kwargs: str, seed: int, device: str, quiet: bool) -> None:
+            kwargs: str, seed: int, parameter_rounding: bool, device: str, quiet: bool) -> None:
     """Certify that REFERENCE and CANDIDATE compute the same function.
 
     Runs both on seeded random inputs (several batches, large and negative values included), in
     float64 for the verdict and in their own dtype for the rounding bound, and prints the report.
     Exit status 0 when they are equivalent, 1 when they are not.
+
+    Inputs are (N, C, *spatial) for both; a bare Linear gets them flattened, or applied over the
+    channels when its in_features is C. Outputs are compared flattened.
     """
     try:
         target = torch.device(device)
@@ -79,8 +118,15 @@ def command(reference: str, candidate: str, input_shape: tuple[int, ...] | None,
         )
     from fcconv.verify import compare
 
+    modules = []
+    for name, loaded in (("REFERENCE", ref), ("CANDIDATE", cand)):
+        module, note = adapt_to_input(loaded.module, shape)
+        modules.append(module.to(target))
+        if note and not quiet:
+            click.echo(f"{name} is a Linear on inputs {format_shape(shape)}: {note}.")
     with step(f"Comparing on inputs {format_shape(shape)}", quiet=quiet):
-        report = compare(ref.module.to(target), cand.module.to(target), shape, grad=grad, seed=seed)
+        report = compare(modules[0], modules[1], shape, grad=grad, seed=seed,
+                         parameter_rounding=parameter_rounding)
     if not quiet:
         click.echo(str(report))
     verdict = "equivalent" if report.equivalent else "NOT equivalent"

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from fcconv.cli._app import one_line
-from fcconv.cli._spec import build_layer, is_layer_spec, parse_kwargs
+from fcconv.cli._spec import build_layer, is_layer_spec, parse_kwargs, seeded
 from fcconv.errors import FcconvError
 
 __all__ = [
@@ -72,12 +72,6 @@ class LoadedModel:
     structure: str
     kwargs: str = ""
     saved: dict[str, Any] = field(default_factory=dict)
-
-
-def _seeded(build: Any, seed: int) -> Any:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
 
 
 def _torchvision_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
@@ -192,13 +186,13 @@ def build_model(reference: str, *, kwargs: str = "", seed: int = 0) -> nn.Module
     options = parse_kwargs(kwargs)
     if reference.startswith("torchvision:"):
         name = reference.partition(":")[2]
-        model = _seeded(lambda: _torchvision_model(name, options), seed)
+        model = seeded(lambda: _torchvision_model(name, options), seed)
     elif is_layer_spec(reference):
         if options:
             raise FcconvError(f"A layer spec takes no --kwargs; write them in the spec: {reference!r}.")
         model = build_layer(reference, seed=seed)
     elif ":" in reference:
-        model = _seeded(lambda: _from_import_path(reference, options), seed)
+        model = seeded(lambda: _from_import_path(reference, options), seed)
     else:
         raise _unknown_model(reference)
     return model.eval()

@@ -15,8 +15,9 @@ from __future__ import annotations
 import ast
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -25,7 +26,9 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from fcconv.errors import FcconvError
 
 __all__ = ["LAYERS", "LayerSpec", "build_layer", "is_layer_spec", "layer_spec", "parse_kwargs",
-           "parse_layer_spec"]
+           "parse_layer_spec", "seeded"]
+
+T = TypeVar("T")
 
 LAYERS: dict[str, type[nn.Module]] = {
     cls.__name__: cls
@@ -173,10 +176,14 @@ def build_layer(spec: str | LayerSpec, *, seed: int = 0, empty: bool = False) ->
             f"The layer spec {text!r} has {count:,} parameters; the limit is {MAX_PARAMETERS:,} "
             "(1 GiB in float32). Use smaller sizes."
         )
+    return seeded(lambda: cls(*parsed.args, **parsed.kwargs), seed).eval()
+
+
+def seeded(build: Callable[[], T], seed: int) -> T:
+    """``build()`` with the CPU random state seeded, the global random state left as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        layer = cls(*parsed.args, **parsed.kwargs)
-    return layer.eval()
+        return build()
 
 
 def layer_spec_text(spec: LayerSpec) -> str:

@@ -40,6 +40,7 @@ __all__ = [
     "as_fcn_source",
     "import_attribute",
     "build_model",
+    "fill",
     "load_checkpoint",
     "load_model",
 ]

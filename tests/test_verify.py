@@ -1,0 +1,569 @@
+"""Tests for fcconv.verify: compare, EquivalenceReport, assert_equivalent, ulp_distance."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from fcconv.errors import FcconvError, NotEquivalentError
+from fcconv.layers import conv_to_linear, linear_to_conv, linear_to_pointwise, pointwise_to_linear
+from fcconv.verify import FLOAT64_RTOL, EquivalenceReport, assert_equivalent, compare, ulp_distance
+
+torch.manual_seed(0)
+
+
+def flat_to(shape):
+    return lambda x: x.reshape(-1, *shape)
+
+
+def snapshot(module: nn.Module) -> dict:
+    """Everything compare must leave alone: values (bit for bit), dtype, requires_grad, .grad, modes."""
+    return {
+        "tensors": {k: (v.detach().clone(), v.dtype, v.requires_grad, v.grad)
+                    for k, v in {**dict(module.named_parameters()), **dict(module.named_buffers())}.items()},
+        "training": [m.training for m in module.modules()],
+    }
+
+
+def assert_unchanged(module: nn.Module, before: dict) -> None:
+    after = snapshot(module)
+    assert after["training"] == before["training"]
+    assert before["tensors"].keys() == after["tensors"].keys()
+    for name, (value, dtype, requires_grad, grad) in before["tensors"].items():
+        now, now_dtype, now_requires_grad, now_grad = after["tensors"][name]
+        assert now_dtype == dtype, name
+        assert now_requires_grad == requires_grad, name
+        assert grad is None and now_grad is None, name
+        assert torch.equal(now.view(torch.uint8) if now.dtype == torch.bool else now, value), name
+
+
+# ------------------------------------------------------------------------------------------------
+# ULP distance, by hand
+# ------------------------------------------------------------------------------------------------
+
+
+def bits_to(value: int, dtype: torch.dtype) -> torch.Tensor:
+    int_dtype = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+                 torch.float64: torch.int64}[dtype]
+    width = torch.iinfo(int_dtype).bits
+    signed = value - (1 << width) if value >= 1 << (width - 1) else value
+    return torch.tensor([signed], dtype=int_dtype).view(dtype)
+
+
+@pytest.mark.parametrize(("dtype", "a", "b", "expected"), [
+    # float32: neighbours, 5 apart, across the binade boundary 2 = 0x40000000
+    (torch.float32, 0x3F800000, 0x3F800001, 1),
+    (torch.float32, 0x3F800000, 0x3F800005, 5),
+    (torch.float32, 0x3FFFFFFF, 0x40000000, 1),
+    # across zero: 1.0 and -1.0 are 2 * 0x3F800000 apart; +0 / -0 are equal
+    (torch.float32, 0x3F800000, 0xBF800000, 2 * 0x3F800000),
+    (torch.float32, 0x00000000, 0x80000000, 0),
+    (torch.float32, 0x00000001, 0x80000001, 2),  # smallest subnormals +-1.4e-45
+    (torch.float32, 0x80000000, 0x00000001, 1),  # -0 to the smallest positive subnormal
+    (torch.float32, 0x7F7FFFFF, 0x7F800000, 1),  # largest finite to +inf
+    # bfloat16: 1.0 = 0x3F80, its neighbour 1.0078125, 2.0 = 0x4000, -1.0
+    (torch.bfloat16, 0x3F80, 0x3F81, 1),
+    (torch.bfloat16, 0x3F80, 0x4000, 0x80),
+    (torch.bfloat16, 0x3F80, 0xBF80, 2 * 0x3F80),
+    (torch.bfloat16, 0x0001, 0x8001, 2),
+    # float16: 1.0 = 0x3C00 and 2.0 = 0x4000 are 1024 apart (10 mantissa bits)
+    (torch.float16, 0x3C00, 0x4000, 1024),
+    # float64: 1.0 and the next double; -1.0 and 1.0
+    (torch.float64, 0x3FF0000000000000, 0x3FF0000000000001, 1),
+    (torch.float64, 0x3FF0000000000000, 0xBFF0000000000000, 2 * 0x3FF0000000000000),
+    (torch.float64, 0x0000000000000000, 0x8000000000000000, 0),
+])
+def test_ulp_distance_hand_computed(dtype, a, b, expected):
+    x, y = bits_to(a, dtype), bits_to(b, dtype)
+    assert int(ulp_distance(x, y)) == expected
+    assert int(ulp_distance(y, x)) == expected
+
+
+def test_ulp_distance_values_saturation_and_nan():
+    # Values, not bit patterns: 1.0 and 1 + 2**-23 in float32; 1 + 2**-8 rounds to 1 in bfloat16.
+    assert ulp_distance(torch.tensor([1.0]), torch.tensor([1.0 + 2**-23])).tolist() == [1]
+    assert ulp_distance(torch.tensor([1.0 + 2**-8], dtype=torch.bfloat16),
+                        torch.tensor([1.0], dtype=torch.bfloat16)).tolist() == [0]
+    big = torch.finfo(torch.float64).max
+    assert int(ulp_distance(torch.tensor([-big], dtype=torch.float64),
+                            torch.tensor([big], dtype=torch.float64))) == 2**63 - 1
+    nan = torch.tensor([math.nan, math.nan, 1.0])
+    assert ulp_distance(nan, torch.tensor([math.nan, 1.0, 1.0])).tolist() == [0, 2**63 - 1, 0]
+    assert ulp_distance(torch.tensor([[1.0], [2.0]]), torch.tensor([1.0, 2.0])).shape == (2, 2)
+
+
+def test_ulp_distance_rejects_mixed_dtypes():
+    with pytest.raises(FcconvError, match="ulp_distance expects two floating-point tensors of one dtype"):
+        ulp_distance(torch.zeros(2), torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(FcconvError, match="ulp_distance expects two tensors"):
+        ulp_distance(torch.zeros(2), [0.0, 0.0])
+
+
+# ------------------------------------------------------------------------------------------------
+# Report arithmetic
+# ------------------------------------------------------------------------------------------------
+
+
+def identity_linear(scale_last: float = 1.0) -> nn.Linear:
+    lin = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.diag(torch.tensor([1.0, scale_last])))
+    return lin
+
+
+def test_report_arithmetic_by_hand():
+    # reference gives x itself, the candidate multiplies the second feature by 1.5.
+    x = torch.tensor([[1.0, 4.0], [-8.0, 2.0]])
+    report = compare(identity_linear(), identity_linear(1.5), x)
+    # outputs [[1, 4], [-8, 2]] vs [[1, 6], [-8, 3]]: differences 0, 2, 0, 1
+    assert report.max_abs == 2.0
+    assert report.max_rel == 2.0 / 8.0  # over the largest reference magnitude, not per element
+    assert report.bit_identical_fraction == 0.5
+    assert report.max_ulp == 2**22  # 4 = 1.0 * 2**2 and 6 = 1.5 * 2**2: half a binade of 2**23
+    assert report.num_outputs == 4 and report.samples == 2 and report.batches == 1
+    assert report.float64_max_rel == 0.25
+    worst = report.outputs.worst
+    assert (worst.batch, worst.sample, worst.index) == (0, 0, (1,))
+    assert (worst.reference, worst.candidate) == (4.0, 6.0)
+    assert not report.equivalent
+    assert "largest difference at batch 0 (batch 0), sample 0, element (1,): reference 4" in report.reason
+
+
+def test_single_layer_bound_is_the_dot_product_bound():
+    # For one Linear vs its conv the bound per output is 2 * n * eps * sum|w x| (n counts the bias).
+    lin = nn.Linear(75, 6)
+    conv = linear_to_conv(lin, (3, 5, 5))
+    x = torch.randn(4, 75) * torch.logspace(-3, 3, 4).unsqueeze(1)
+    report = compare(lin, conv, x, input_map=flat_to((3, 5, 5)))
+    with torch.no_grad():
+        diff = (lin(x).double() - conv(x.reshape(-1, 3, 5, 5)).flatten(1).double()).abs()
+        magnitude = x.double().abs() @ lin.weight.double().abs().t() + lin.bias.double().abs()
+    bound = 2 * 76 * torch.finfo(torch.float32).eps * magnitude + torch.finfo(torch.float32).tiny
+    expected = float(torch.where(diff == 0, 0.0, diff / bound).max())
+    assert report.outputs.bound_single_layer is True
+    assert report.outputs.bound_ratio == pytest.approx(expected, rel=1e-9)
+    assert report.bound_ok and report.equivalent
+
+
+def test_max_rel_uses_largest_reference_magnitude_not_elementwise():
+    # A near-zero reference output with a small absolute error must not blow max_rel up.
+    ref = nn.Linear(1, 2, bias=False)
+    cand = nn.Linear(1, 2, bias=False)
+    with torch.no_grad():
+        ref.weight.copy_(torch.tensor([[1e-6], [1.0]]))
+        cand.weight.copy_(torch.tensor([[2e-6], [1.0]]))
+    report = compare(ref, cand, torch.ones(1, 1))
+    assert report.max_abs == pytest.approx(1e-6, rel=1e-3)
+    assert report.max_rel == pytest.approx(1e-6, rel=1e-3)  # elementwise it would be 1.0
+
+
+# ------------------------------------------------------------------------------------------------
+# The classic mistakes are caught
+# ------------------------------------------------------------------------------------------------
+
+SHAPE = (3, 4, 4)
+N_IN = 3 * 4 * 4
+
+
+@pytest.fixture(scope="module")
+def layer() -> nn.Linear:
+    torch.manual_seed(1)
+    return nn.Linear(N_IN, 7)
+
+
+def test_correct_conversion_is_equivalent(layer):
+    report = compare(layer, linear_to_conv(layer, SHAPE), (N_IN,), input_map=flat_to(SHAPE), grad=True)
+    assert report.equivalent, report.reason
+    assert report.bound_ok is True
+    assert report.outputs.float64_max_rel <= FLOAT64_RTOL
+    assert report.gradients is not None and report.gradients.per_sample == N_IN
+    assert report.reason.startswith("same function")
+
+
+def test_one_weight_changed_by_1e4_relative(layer):
+    conv = linear_to_conv(layer, SHAPE)
+    idx = (5, 1, 2, 3)
+    with torch.no_grad():
+        conv.weight[idx] *= 1 + 1e-4
+    report = compare(layer, conv, (N_IN,), input_map=flat_to(SHAPE))
+    assert not report.equivalent
+    # It hides inside float32 noise (the differences are a few ULP, within the rounding bound)...
+    assert report.max_rel < 1e-4 and report.outputs.bound_ok
+    # ...but not in float64, and the report points at the output that uses the weight.
+    assert report.float64_max_rel > 1e3 * FLOAT64_RTOL
+    assert report.outputs.float64_worst.index == (5,)
+    assert "not the same function" in report.reason and "element (5,)" in report.reason
+
+
+def test_whole_weight_changed_by_1e4_relative(layer):
+    conv = linear_to_conv(layer, SHAPE)
+    with torch.no_grad():
+        conv.weight *= 1 + 1e-4
+    report = compare(layer, conv, (N_IN,), input_map=flat_to(SHAPE))
+    assert not report.equivalent
+    assert report.float64_max_rel > 1e-6
+
+
+def test_channels_last_flatten_order_is_caught(layer):
+    # The Linear reads a CNN feature map flattened in NCHW order; a conv built as if it were NHWC
+    # permutes the weights.
+    reference = nn.Sequential(nn.Flatten(), layer)
+    c, h, w = SHAPE
+    wrong = nn.Conv2d(c, 7, (h, w))
+    with torch.no_grad():
+        wrong.weight.copy_(layer.weight.reshape(7, h, w, c).permute(0, 3, 1, 2))
+        wrong.bias.copy_(layer.bias)
+    right = linear_to_conv(layer, SHAPE)
+    assert compare(reference, right, SHAPE).equivalent
+    report = compare(reference, wrong, SHAPE)
+    assert not report.equivalent
+    assert report.float64_max_rel > 1e-3
+    assert "largest difference at batch" in report.reason
+
+
+def test_transposed_kernel_is_caught(layer):
+    conv = linear_to_conv(layer, SHAPE)
+    with torch.no_grad():
+        conv.weight.copy_(conv.weight.transpose(-1, -2).clone())
+    report = compare(layer, conv, (N_IN,), input_map=flat_to(SHAPE))
+    assert not report.equivalent and report.float64_max_rel > 1e-3
+
+
+def test_missing_bias_is_caught_and_named(layer):
+    conv = linear_to_conv(layer, SHAPE)
+    conv.bias = None
+    report = compare(layer, conv, (N_IN,), input_map=flat_to(SHAPE))
+    assert not report.equivalent
+    assert "constant offset" in report.reason and "bias" in report.reason
+
+
+def test_output_layout_difference_is_named():
+    lin = nn.Linear(4, 6)
+    swapped = copy.deepcopy(lin)
+    with torch.no_grad():
+        swapped.weight.copy_(lin.weight.flip(0))
+        swapped.bias.copy_(lin.bias.flip(0))
+    report = compare(lin, swapped, (4,))
+    assert not report.equivalent and "another order" in report.reason
+    assert compare(lin, swapped, (4,), output_map=lambda y: y.flip(1)).equivalent
+
+
+def test_gradients_that_differ_alone_are_caught():
+    class DoubledGradient(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(2 * x - x.detach())  # the same values, twice the gradient
+
+    lin = nn.Linear(5, 3)
+    report = compare(lin, DoubledGradient(lin), (5,), grad=True)
+    assert report.outputs.float64_ok and not report.gradients.float64_ok
+    assert not report.equivalent and "input gradients differ" in report.reason
+
+
+# ------------------------------------------------------------------------------------------------
+# Every correct conversion passes, with no tolerance to tune
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (2, 3, 4), (2, 2, 3, 2)])
+def test_linear_to_conv_all_ranks_with_gradients(shape):
+    n = math.prod(shape)
+    lin = nn.Linear(n, 4)
+    report = compare(lin, linear_to_conv(lin, shape), (n,), input_map=flat_to(shape), grad=True)
+    assert report.equivalent and report.bound_ok, report
+
+
+@pytest.mark.parametrize(("conv", "shape"), [
+    (nn.Conv2d(2, 3, 3, padding=1), (2, 5, 5)),
+    (nn.Conv2d(4, 6, 3, stride=2, dilation=1, groups=2), (4, 7, 6)),
+    (nn.Conv1d(2, 3, 3, dilation=2, padding=2, bias=False), (2, 9)),
+    (nn.Conv3d(1, 2, 2, stride=(1, 2, 1)), (1, 3, 4, 3)),
+    (nn.ConvTranspose2d(2, 3, 3, stride=2), (2, 3, 3)),
+])
+def test_conv_to_linear_is_equivalent(conv, shape):
+    lin = conv_to_linear(conv, shape)
+    report = compare(conv, lin, shape, input_map=lambda x: x.flatten(1), grad=True)
+    assert report.equivalent and report.bound_ok, report
+    assert report.outputs.bound_single_layer
+
+
+def test_pointwise_round_trip_with_maps():
+    lin = nn.Linear(4, 3)
+    conv = linear_to_pointwise(lin, ndim=1)
+    # The Linear works on (N, L, 4); the conv on (N, 4, L).
+    report = compare(lin, conv, (5, 4), input_map=lambda x: x.transpose(1, 2),
+                     output_map=lambda y: y.transpose(1, 2), grad=True)
+    assert report.equivalent and report.bound_ok
+    back = pointwise_to_linear(conv)
+    assert compare(lin, back, (5, 4)).bit_identical_fraction == 1.0
+
+
+def test_folded_padding_needs_parameter_rounding():
+    # conv_to_linear sums the taps that reflect padding folds onto one input: the Linear's weights
+    # are rounded sums, so in float64 it is not exactly the conv, by about one float32 rounding.
+    torch.manual_seed(3)
+    conv = nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect")
+    lin = conv_to_linear(conv, (2, 4, 4))
+    strict = compare(conv, lin, (2, 4, 4), input_map=lambda x: x.flatten(1))
+    assert not strict.equivalent and "parameter_rounding=True" in strict.reason
+    assert strict.float64_max_rel < 1e3 * torch.finfo(torch.float32).eps
+    relaxed = compare(conv, lin, (2, 4, 4), input_map=lambda x: x.flatten(1), parameter_rounding=True)
+    assert relaxed.equivalent and relaxed.parameter_rounding
+    # In float64 the same conversion is exact enough for the strict verdict.
+    conv64 = copy.deepcopy(conv).double()
+    assert compare(conv64, conv_to_linear(conv64, (2, 4, 4)), (2, 4, 4),
+                   input_map=lambda x: x.flatten(1)).equivalent
+
+
+def test_parameter_rounding_does_not_hide_real_mistakes(layer):
+    conv = linear_to_conv(layer, SHAPE)
+    with torch.no_grad():
+        conv.weight[0, 0, 0, 0] *= 1 + 1e-2
+    assert not compare(layer, conv, (N_IN,), input_map=flat_to(SHAPE), parameter_rounding=True).equivalent
+
+
+def test_multilayer_linear_relu_linear_vs_its_conv_version():
+    torch.manual_seed(4)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(2 * 3 * 3, 16), nn.ReLU(), nn.Linear(16, 5), nn.Softmax(1))
+    fcn = nn.Sequential(linear_to_conv(mlp[1], (2, 3, 3)), nn.ReLU(), linear_to_pointwise(mlp[3]),
+                        nn.Flatten(), nn.Softmax(1))
+    report = compare(mlp, fcn, (2, 3, 3), grad=True)
+    assert report.equivalent and report.bound_ok, report
+    assert report.unsupported is None
+    assert report.outputs.bound_single_layer is False  # two dot products: a compounded bound
+
+
+def test_small_cnn_vs_itself_with_another_conv_algorithm():
+    torch.manual_seed(5)
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+                        nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1), nn.GELU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(8, 10)).eval()
+    with torch.no_grad():
+        cnn[1].running_mean.uniform_(-1, 1)
+        cnn[1].running_var.uniform_(0.5, 2)
+    other = copy.deepcopy(cnn).to(memory_format=torch.channels_last)  # channels-last kernels
+    before = snapshot(cnn)
+    report = compare(cnn, other, (3, 8, 8), grad=True)
+    assert report.equivalent and report.bound_ok is True and report.unsupported is None, report
+    assert_unchanged(cnn, before)
+
+
+@settings(max_examples=10, deadline=None)
+@given(c=st.integers(1, 3), h=st.integers(1, 4), w=st.integers(1, 4), out=st.integers(1, 5),
+       seed=st.integers(0, 2**16))
+def test_random_linear_to_conv_always_within_bound(c, h, w, out, seed):
+    torch.manual_seed(seed)
+    lin = nn.Linear(c * h * w, out)
+    report = compare(lin, linear_to_conv(lin, (c, h, w)), (c * h * w,), input_map=flat_to((c, h, w)),
+                     seed=seed)
+    assert report.equivalent and report.bound_ok
+
+
+# ------------------------------------------------------------------------------------------------
+# VGG16's fc6, Linear(25088, 4096), as Conv2d(512, 4096, 7), in three dtypes
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fc6() -> nn.Linear:
+    torch.manual_seed(6)
+    lin = nn.Linear(25088, 4096, device="meta").to_empty(device="cpu")
+    bound = 1 / math.sqrt(25088)
+    with torch.no_grad():
+        lin.weight.uniform_(-bound, bound)
+        lin.bias.uniform_(-bound, bound)
+    return lin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_vgg16_fc6_as_7x7_conv(fc6, dtype):
+    lin = fc6 if dtype == torch.float32 else copy.deepcopy(fc6).to(dtype)
+    conv = linear_to_conv(lin, (512, 7, 7), share_weights=True)
+    report = compare(lin, conv, (25088,), input_map=flat_to((512, 7, 7)))
+    assert report.equivalent, report
+    assert report.bound_ok is True and report.outputs.bound_single_layer
+    assert report.dtype == dtype and report.num_outputs == 8 * 4096
+    if dtype == torch.float32:
+        assert report.bit_identical_fraction < 0.5  # == fails for most outputs; compare does not
+    assert lin.weight.dtype == dtype and conv.weight.dtype == dtype
+
+
+# ------------------------------------------------------------------------------------------------
+# Working precision: the bound catches lower-precision arithmetic
+# ------------------------------------------------------------------------------------------------
+
+
+class LowPrecisionLinear(nn.Linear):
+    """Computes in bfloat16 when given float32, as an autocast region or a TF32 kernel would."""
+
+    def forward(self, x):
+        if x.dtype == torch.float32:
+            low = torch.bfloat16
+            return nn.functional.linear(x.to(low), self.weight.to(low), self.bias.to(low)).float()
+        return super().forward(x)
+
+
+def test_bound_catches_lower_precision_arithmetic():
+    lin = nn.Linear(32, 8)
+    low = LowPrecisionLinear(32, 8)
+    low.load_state_dict(lin.state_dict())
+    report = compare(lin, low, (32,))
+    assert report.equivalent  # in float64 both are the same function...
+    assert report.bound_ok is False  # ...but the float32 differences are not float32 rounding
+    assert "exceed what rounding allows" in report.reason
+    assert report.outputs.bound_worst is not None
+
+
+def test_unsupported_op_falls_back_to_the_threshold():
+    class Cumulative(nn.Module):
+        def forward(self, x):
+            return torch.cumsum(x, 1)
+
+    report = compare(Cumulative(), Cumulative(), (5,))
+    assert report.equivalent and report.bound_ok is None
+    assert report.unsupported == "aten.cumsum"
+    assert "no rounding bound" in str(report)
+
+
+# ------------------------------------------------------------------------------------------------
+# Modules come back as they were
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_modules_unchanged(train):
+    ref = nn.Sequential(nn.Linear(12, 6), nn.Tanh(), nn.Linear(6, 3)).train(train)
+    cand = nn.Sequential(linear_to_conv(ref[0], (3, 2, 2)), nn.Tanh(), linear_to_pointwise(ref[2]),
+                         nn.Flatten()).train(train)
+    ref[2].bias.requires_grad_(False)
+    cand[0].weight.requires_grad_(False)
+    before_ref, before_cand = snapshot(ref), snapshot(cand)
+    report = compare(ref, cand, (12,), input_map=flat_to((3, 2, 2)), grad=True)
+    assert report.equivalent
+    assert_unchanged(ref, before_ref)
+    assert_unchanged(cand, before_cand)
+
+
+def test_batch_norm_statistics_unchanged_in_eval():
+    bn = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3)).eval()
+    before = snapshot(bn)
+    assert compare(bn, copy.deepcopy(bn), (2, 3, 3), grad=True).equivalent
+    assert_unchanged(bn, before)
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs and outputs
+# ------------------------------------------------------------------------------------------------
+
+
+def test_tensor_inputs_keep_their_dtype_and_shapes_use_the_modules_dtype():
+    lin = nn.Linear(3, 2).double()
+    report = compare(lin, copy.deepcopy(lin), [torch.randn(2, 3, dtype=torch.float64),
+                                               torch.randn(5, 3, dtype=torch.float64)])
+    assert report.dtype == torch.float64 and report.batches == 2 and report.samples == 7
+    half = nn.Linear(3, 2).to(torch.bfloat16)
+    shaped = compare(half, copy.deepcopy(half), 3)  # an int is the per-sample shape (3,)
+    assert shaped.dtype == torch.bfloat16 and shaped.batches == 4 and shaped.samples == 8
+
+
+def test_generated_inputs_are_seeded():
+    lin = nn.Linear(6, 3)
+    conv = linear_to_conv(lin, (6, 1))
+    a = compare(lin, conv, (6,), input_map=flat_to((6, 1)), seed=1)
+    assert a == compare(lin, conv, (6,), input_map=flat_to((6, 1)), seed=1)
+    other = compare(lin, conv, (6,), input_map=flat_to((6, 1)), seed=2)
+    assert other != a  # other inputs, other numbers
+
+
+def test_report_table_and_dict():
+    lin = nn.Linear(6, 3)
+    report = compare(lin, linear_to_conv(lin, (6, 1)), (6,), input_map=flat_to((6, 1)), grad=True)
+    text = str(report)
+    for row in ("max abs difference", "max rel difference", "max ULP (float32)", "bit-identical",
+                "diff / rounding bound", "float64 copies: max rel", "same function",
+                "input gradients", "EQUIVALENT: same function"):
+        assert row in text
+    assert text.splitlines()[0] == "Linear (reference) vs Conv1d (candidate): 8 samples in 4 batches, float32"
+    data = json.loads(json.dumps(report.as_dict()))
+    assert data["dtype"] == "float32" and data["outputs"]["count"] == 24 and data["equivalent"] is True
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        report.equivalent = False  # type: ignore[misc]
+    assert isinstance(report, EquivalenceReport)
+
+
+# ------------------------------------------------------------------------------------------------
+# assert_equivalent and errors
+# ------------------------------------------------------------------------------------------------
+
+
+def test_assert_equivalent(layer):
+    conv = linear_to_conv(layer, SHAPE)
+    report = assert_equivalent(layer, conv, (N_IN,), input_map=flat_to(SHAPE))
+    assert report.equivalent
+    conv.bias = None
+    with pytest.raises(NotEquivalentError) as info:
+        assert_equivalent(layer, conv, (N_IN,), input_map=flat_to(SHAPE))
+    message = str(info.value)
+    assert "NOT EQUIVALENT: not the same function" in message and "max abs difference" in message
+
+
+def test_mismatched_output_sizes():
+    with pytest.raises(NotEquivalentError, match=r"The outputs cannot be compared element by element: "
+                                                 r"the reference gives \(2, 3\) .* candidate \(2, 4\)"):
+        compare(nn.Linear(5, 3), nn.Linear(5, 4), (5,))
+    with pytest.raises(NotEquivalentError, match="output_map"):
+        compare(nn.Linear(5, 3), nn.Linear(5, 4), (5,))
+
+
+@pytest.mark.parametrize(("args", "kwargs", "message"), [
+    ((torch.zeros(3), nn.Linear(3, 2), (3,)), {}, "compare expects the reference to be a torch.nn.Module"),
+    ((nn.Linear(3, 2), "conv", (3,)), {}, "compare expects the candidate to be a torch.nn.Module"),
+    ((nn.Linear(3, 2), nn.Linear(3, 2), "x"), {}, "example_inputs must be a batch tensor"),
+    ((nn.Linear(3, 2), nn.Linear(3, 2), (3, 0)), {}, "example_inputs as a shape must hold positive sizes"),
+    ((nn.Linear(3, 2), nn.Linear(3, 2), torch.zeros(0, 3)), {}, "Example input 0 has shape"),
+    ((nn.Linear(3, 2), nn.Linear(3, 2), (3,)), {"input_map": 3}, "input_map must be a callable"),
+    ((nn.Linear(3, 2), nn.Linear(3, 2), (3,)), {"output_map": 3}, "output_map must be a callable"),
+    ((nn.Linear(3, 2), nn.Linear(3, 2), (3,)), {"seed": 1.5}, "seed must be an int"),
+    ((nn.Linear(3, 2), nn.Conv2d(1, 2, 2), (3,)), {}, "Running the candidate .Conv2d. on an input of shape"),
+    ((nn.Linear(3, 2), nn.Linear(4, 2), (4,)), {}, "Running the reference .Linear."),
+    ((nn.LSTM(3, 2), nn.LSTM(3, 2), (1, 3)), {}, "The reference returned tuple"),
+])
+def test_bad_arguments(args, kwargs, message):
+    with pytest.raises(FcconvError, match=message):
+        compare(*args, **kwargs)
+
+
+def test_candidate_run_failure_suggests_input_map():
+    with pytest.raises(FcconvError, match="pass input_map"):
+        compare(nn.Linear(4, 2), nn.Conv2d(1, 2, 2), (4,))
+
+
+@pytest.mark.parametrize("layer_type", [nn.Dropout, nn.BatchNorm1d])
+def test_training_mode_with_stochastic_layers_is_refused(layer_type):
+    model = nn.Sequential(nn.Linear(4, 4), layer_type(4) if layer_type is nn.BatchNorm1d else layer_type())
+    before = snapshot(model)
+    with pytest.raises(FcconvError, match=r"The reference is in training mode and contains .* at '1'.*"
+                                          r"call reference.eval\(\) first"):
+        compare(model, copy.deepcopy(model).eval(), (4,))
+    assert_unchanged(model, before)
+    assert compare(model.eval(), copy.deepcopy(model).eval(), (4,)).equivalent
+
+
+def test_integer_outputs_are_refused():
+    class Argmax(nn.Module):
+        def forward(self, x):
+            return x.argmax(1, keepdim=True)
+
+    with pytest.raises(FcconvError, match="Compare the logits"):
+        compare(Argmax(), Argmax(), (4,))

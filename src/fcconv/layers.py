@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from fcconv._shapes import check_input_shape, format_shape
 from fcconv.errors import FcconvError, NotEquivalentError
@@ -45,6 +46,7 @@ __all__ = [
 _CONV_CLASSES: dict[int, type[nn.Conv1d | nn.Conv2d | nn.Conv3d]] = {
     1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d,
 }
+_LAYOUTS = ("dense", "csr", "coo")
 # A dense matrix above this size is refused: it would exhaust memory before it is useful.
 _MAX_DENSE_BYTES = 16 * 2**30
 
@@ -56,9 +58,19 @@ def _type_error(module: object, expected: str, fn: str) -> FcconvError:
     )
 
 
+def _check_initialised(module: nn.Module, fn: str) -> None:
+    if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+        raise FcconvError(
+            f"{fn} needs the weights of {type(module).__name__}, which it does not have yet: a "
+            "Lazy module infers its shapes on its first call. Run one forward pass on a sample "
+            "input first, then convert it."
+        )
+
+
 def _check_linear(module: object, fn: str) -> nn.Linear:
     if not isinstance(module, nn.Linear):
         raise _type_error(module, "an nn.Linear", fn)
+    _check_initialised(module, fn)
     return module
 
 
@@ -69,8 +81,10 @@ def _check_conv(module: object, fn: str, *, transpose_ok: bool = False) -> _Conv
             "Use fcconv.conv_matrix(module, input_shape) or fcconv.conv_to_linear for its exact "
             "matrix."
         )
-    if not isinstance(module, _ConvNd) or type(module).__name__.startswith("Lazy"):
-        raise _type_error(module, "an initialised nn.Conv1d, nn.Conv2d or nn.Conv3d", fn)
+    if not isinstance(module, _ConvNd):
+        expected = "an nn.Conv1d, nn.Conv2d or nn.Conv3d"
+        raise _type_error(module, expected + (" (or ConvTranspose)" if transpose_ok else ""), fn)
+    _check_initialised(module, fn)
     return module
 
 
@@ -81,7 +95,16 @@ def _parameter(data: Tensor, like: Tensor) -> nn.Parameter:
 def _weight_data(source: Tensor, shape: Sequence[int], share: bool) -> Tensor:
     """``source`` reshaped to ``shape``: a view of its storage when sharing, else a new copy."""
     data = source.detach()
-    return data.view(*shape) if share else data.reshape(*shape).clone()
+    if not share:
+        return data.reshape(*shape).clone()
+    try:
+        return data.view(*shape)
+    except RuntimeError:
+        raise FcconvError(
+            f"share_weights=True needs a weight that can be viewed as {format_shape(shape)} without "
+            f"a copy; this one of shape {format_shape(data.shape)} has strides {data.stride()}. "
+            "Pass share_weights=False to copy it, or make the weight contiguous first."
+        ) from None
 
 
 def _new_conv(ndim: int, c_in: int, c_out: int, kernel: tuple[int, ...], weight: nn.Parameter,
@@ -206,14 +229,29 @@ def _check_conv_input(conv: _ConvNd, input_shape: Sequence[int], fn: str) -> tup
     return shape
 
 
+def _per_dim(conv: _ConvNd, name: str) -> tuple[int, ...]:
+    """A conv's ``stride``, ``dilation``... with one value per spatial dim.
+
+    PyTorch keeps a one-element tuple as given (``nn.Conv2d(..., stride=(2,))``) and broadcasts it
+    in the forward; so do we.
+    """
+    value = getattr(conv, name)
+    n = len(conv.kernel_size)
+    if isinstance(value, int):
+        return (value,) * n
+    value = tuple(value)
+    return value * n if len(value) == 1 else value
+
+
 def _transpose_geometry(conv: _ConvTransposeNd, spatial: tuple[int, ...]) -> tuple[int, ...]:
     """The output spatial size of a transposed conv: the input size of its adjoint conv."""
-    if not isinstance(conv.padding, tuple):
+    if isinstance(conv.padding, str):
         raise FcconvError(f"Unsupported padding {conv.padding!r} on {type(conv).__name__}.")
     return tuple(
         (i - 1) * s - 2 * p + d * (k - 1) + op + 1
-        for i, s, p, d, k, op in zip(spatial, conv.stride, conv.padding, conv.dilation,
-                                     conv.kernel_size, conv.output_padding)
+        for i, s, p, d, k, op in zip(spatial, _per_dim(conv, "stride"), _per_dim(conv, "padding"),
+                                     _per_dim(conv, "dilation"), conv.kernel_size,
+                                     _per_dim(conv, "output_padding"))
     )
 
 
@@ -278,6 +316,11 @@ def conv_matrix(conv: nn.Module, input_shape: Sequence[int], *, layout: str = "d
         torch.Size([4, 9])
     """
     conv = _check_conv(conv, "conv_matrix", transpose_ok=True)
+    if layout not in _LAYOUTS:
+        raise FcconvError(
+            f"layout must be one of {', '.join(map(repr, _LAYOUTS))}; got {layout!r}. Use 'csr' "
+            "or 'coo' for a sparse matrix whose memory grows with its nonzeros."
+        )
     shape = _check_conv_input(conv, input_shape, "conv_matrix")
     out_shape = conv_output_shape(conv, shape)
     if layout == "dense":
@@ -290,20 +333,49 @@ def conv_matrix(conv: nn.Module, input_shape: Sequence[int], *, layout: str = "d
                 "Use layout='csr', or a smaller input_shape."
             )
     if isinstance(conv, _ConvTransposeNd):
-        # A transposed conv is the adjoint of the conv with the same weight that maps its output
-        # back to its input: its matrix is that conv's matrix, transposed.
-        matrix = conv_weight_matrix(
-            conv.weight, out_shape[1:], stride=conv.stride, padding=conv.padding,
-            dilation=conv.dilation, groups=conv.groups, layout="coo" if layout != "dense" else layout,
-        )
-        if layout == "dense":
-            return matrix.t().contiguous()
-        transposed = matrix.t().coalesce()
-        return transposed if layout == "coo" else coo_to_csr(transposed)
+        return _transpose_matrix(conv, shape, out_shape, layout)
     return conv_weight_matrix(
         conv.weight, shape[1:], stride=conv.stride, padding=conv.padding,
         dilation=conv.dilation, groups=conv.groups, padding_mode=conv.padding_mode, layout=layout,
     )
+
+
+def _transpose_matrix(conv: _ConvTransposeNd, shape: tuple[int, ...], out_shape: tuple[int, ...],
+                      layout: str) -> Tensor:
+    """A transposed conv's matrix: the adjoint conv's (same weight, output back to input), transposed.
+
+    That conv, on the transposed conv's output, gives at least the input's positions: with
+    ``output_padding`` it can give more, rows that no input reads, which are cropped.
+    """
+    matrix = conv_weight_matrix(
+        conv.weight, out_shape[1:], stride=conv.stride, padding=conv.padding,
+        dilation=conv.dilation, groups=conv.groups, layout="coo" if layout != "dense" else layout,
+    )
+    adjoint_out = conv_geometry(out_shape[1:], conv.kernel_size, stride=conv.stride,
+                                padding=conv.padding, dilation=conv.dilation).out_spatial
+    extra = adjoint_out != shape[1:]
+    if layout == "dense":
+        if extra:
+            view = matrix.view(shape[0], *adjoint_out, -1)
+            for d, size in enumerate(shape[1:]):
+                view = view.narrow(1 + d, 0, size)
+            matrix = view.reshape(math.prod(shape), -1)
+        return matrix.t().contiguous()
+    row, col = matrix.indices()
+    values = matrix.values()
+    if extra:
+        coords = torch.unravel_index(row, (shape[0], *adjoint_out))
+        keep = torch.ones_like(row, dtype=torch.bool)
+        for c, size in zip(coords[1:], shape[1:]):
+            keep &= c < size
+        row = coords[0][keep]
+        for c, size in zip(coords[1:], shape[1:]):
+            row = row * size + c[keep]
+        col, values = col[keep], values[keep]
+    transposed = torch.sparse_coo_tensor(
+        torch.stack((col, row)), values, (matrix.shape[1], math.prod(shape)), check_invariants=False
+    ).coalesce()  # only reorders: no two entries share a position
+    return transposed if layout == "coo" else coo_to_csr(transposed)
 
 
 def _covering_kernel(conv: _ConvNd, shape: tuple[int, ...]) -> bool:
@@ -312,7 +384,7 @@ def _covering_kernel(conv: _ConvNd, shape: tuple[int, ...]) -> bool:
         not isinstance(conv, _ConvTransposeNd)
         and conv.groups == 1
         and tuple(conv.kernel_size) == shape[1:]
-        and all(d == 1 or k == 1 for d, k in zip(conv.dilation, conv.kernel_size))
+        and all(d == 1 or k == 1 for d, k in zip(_per_dim(conv, "dilation"), conv.kernel_size))
         and not _geometry(conv, shape[1:]).pads
     )
 

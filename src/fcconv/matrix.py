@@ -16,6 +16,7 @@ The module-level wrapper is :func:`fcconv.conv_matrix`.
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Sequence
@@ -229,6 +230,73 @@ def _tap_index(geom: ConvGeometry, padding_mode: str) -> tuple[Tensor, Tensor | 
     return index, valid
 
 
+def _tap_runs(size: int, kernel: int, stride: int, dilation: int, left: int,
+              out: int) -> list[tuple[int, int, int, int]]:
+    """Along one axis, under zero padding: runs of consecutive taps that read a real input position
+    for the same range of output positions, as ``(first tap, taps, first output, outputs)``.
+
+    Tap ``k`` at output ``o`` reads input ``o * stride + k * dilation - left``, so each tap is valid on
+    an interval of outputs, and taps with the same interval form one strided block of the matrix.
+    """
+    runs: list[tuple[int, int, int, int]] = []
+    for k in range(kernel):
+        offset = k * dilation - left
+        o_lo = max(0, -(offset // stride))  # first o with o * stride + offset >= 0
+        o_hi = min(out, (size - 1 - offset) // stride + 1)  # past the last o reading < size
+        if o_hi <= o_lo:
+            continue
+        if runs and runs[-1][0] + runs[-1][1] == k and runs[-1][2:] == (o_lo, o_hi - o_lo):
+            k0, nk, _, _ = runs[-1]
+            runs[-1] = (k0, nk + 1, o_lo, o_hi - o_lo)
+        else:
+            runs.append((k, 1, o_lo, o_hi - o_lo))
+    return runs
+
+
+def _write_dense(matrix: Tensor, weight: Tensor, geom: ConvGeometry, groups: int) -> None:
+    """Write the kernel into the zero matrix of a conv without folded padding, block by block.
+
+    The matrix, seen as ``(groups, C_out/g, *out_spatial, groups, C_in/g, *in_spatial)``, holds
+    weight ``w[g, co, ci, k]`` at ``[g, co, o, g, ci, o * stride + k * dilation - pad]``: for a block
+    of taps valid on a box of outputs this is one ``as_strided`` view of the matrix with dims
+    ``(g, co, ci, o_1, k_1, ..., o_n, k_n)``, where moving along ``o_d`` moves both the row and the
+    column. Each block is filled by one broadcasting ``copy_``: the number of ops is the product over
+    axes of the number of tap runs (one per tap near a zero-padded border, one for all interior taps),
+    so building the matrix costs little more than allocating it. No two taps of one row share a
+    column, so the views do not overlap and every entry is a weight, bit for bit.
+    """
+    n = geom.ndim
+    c_out, c_in_g = weight.shape[0], weight.shape[1]
+    c_out_g = c_out // groups
+    p_numel, q_numel = math.prod(geom.out_spatial), math.prod(geom.in_spatial)
+    cols = c_in_g * groups * q_numel
+    p_strides = [math.prod(geom.out_spatial[d + 1:]) for d in range(n)]
+    q_strides = [math.prod(geom.in_spatial[d + 1:]) for d in range(n)]
+    runs = [
+        _tap_runs(geom.in_spatial[d], geom.kernel[d], geom.stride[d], geom.dilation[d],
+                  geom.pad_left[d], geom.out_spatial[d])
+        for d in range(n)
+    ]
+    w = weight.reshape(groups, c_out_g, c_in_g, *geom.kernel)
+    size_head = [groups, c_out_g, c_in_g]
+    stride_head = [c_out_g * p_numel * cols + c_in_g * q_numel, p_numel * cols, q_numel]
+    o_strides, k_strides = [], []
+    for d in range(n):
+        o_strides.append(p_strides[d] * cols + geom.stride[d] * q_strides[d])
+        k_strides.append(geom.dilation[d] * q_strides[d])
+    for block in itertools.product(*runs):
+        sizes, strides = list(size_head), list(stride_head)
+        offset = 0
+        taps: list[slice | None] = [slice(None)] * 3
+        for d, (k0, nk, o0, no) in enumerate(block):
+            sizes += [no, nk]
+            strides += [o_strides[d], k_strides[d]]
+            offset += o0 * p_strides[d] * cols
+            offset += (o0 * geom.stride[d] + k0 * geom.dilation[d] - geom.pad_left[d]) * q_strides[d]
+            taps += [None, slice(k0, k0 + nk)]
+        matrix.as_strided(sizes, strides, offset).copy_(w[tuple(taps)])
+
+
 def conv_weight_matrix(
     weight: Tensor,
     in_spatial: Sequence[int],
@@ -283,12 +351,9 @@ def conv_weight_matrix(
     geom = conv_geometry(in_spatial, weight.shape[2:], stride=stride, padding=padding,
                          dilation=dilation)
     _check_padding_mode(geom, padding_mode)
-    index, valid = _tap_index(geom, padding_mode)
     weight = weight.detach()
     device = weight.device
-    index = index.to(device)
-    valid = None if valid is None else valid.to(device)
-    p_numel, k_numel = index.shape
+    p_numel, k_numel = math.prod(geom.out_spatial), math.prod(geom.kernel)
     q_numel = math.prod(geom.in_spatial)
     c_out_g = c_out // groups
     c_in = c_in_g * groups
@@ -298,18 +363,14 @@ def conv_weight_matrix(
 
     if layout == "dense" and not folds:
         matrix = torch.zeros(rows, cols, dtype=weight.dtype, device=device)
-        if valid is None:
-            p_sel = torch.arange(p_numel, device=device).repeat_interleave(k_numel)
-            k_sel = torch.arange(k_numel, device=device).repeat(p_numel)
-        else:
-            p_sel, k_sel = valid.nonzero(as_tuple=True)
-        q_sel = index[p_sel, k_sel]
-        g = torch.arange(groups, device=device).unsqueeze(1)
-        view = matrix.view(groups, c_out_g, p_numel, groups, c_in_g, q_numel)
-        values = weight.reshape(groups, c_out_g, c_in_g, k_numel)[..., k_sel]
-        view[g, :, p_sel, g, :, q_sel] = values.permute(0, 3, 1, 2)
+        _write_dense(matrix, weight, geom, groups)
         return matrix
+    if folds and padding_mode == "circular":
+        return _circular_matrix(weight, geom, groups, layout)
 
+    index, valid = _tap_index(geom, padding_mode)
+    index = index.to(device)
+    valid = None if valid is None else valid.to(device)
     # Entries in (out channel, out position, in channel, tap) order: row-major, so sorted by row,
     # and, under zero padding, by column within a row with no duplicates.
     chan = (torch.arange(groups, device=device).view(groups, 1, 1, 1) * c_in_g
@@ -333,10 +394,20 @@ def conv_weight_matrix(
             matrix = torch.zeros(rows, cols, dtype=weight.dtype, device=device)
             matrix.index_put_((row, col), values, accumulate=True)
             return matrix
-        coo = torch.sparse_coo_tensor(
-            torch.stack((row, col)), values, (rows, cols), check_invariants=False
-        ).coalesce()
-        return coo if layout == "coo" else coo_to_csr(coo)
+        # Sum the taps that land on one entry in tap order, as the dense path and autograd do
+        # (``coalesce`` sums in another order, which can change the last bit).
+        keys, slot = torch.unique(row * cols + col, return_inverse=True)
+        summed = torch.zeros(keys.numel(), dtype=values.dtype, device=device)
+        summed.index_put_((slot,), values, accumulate=True)
+        row, col = keys.div(cols, rounding_mode="floor"), keys.remainder(cols)
+        if layout == "csr":
+            per_row = torch.bincount(row, minlength=rows)
+        else:
+            return torch.sparse_coo_tensor(
+                torch.stack((row, col)), summed, (rows, cols), is_coalesced=True,
+                check_invariants=False,
+            )
+        values = summed
     if layout == "csr":
         crow = torch.zeros(rows + 1, dtype=torch.int64, device=device)
         torch.cumsum(per_row, 0, out=crow[1:])
@@ -349,6 +420,72 @@ def conv_weight_matrix(
     return torch.sparse_coo_tensor(
         torch.stack((row, col)), values, (rows, cols), is_coalesced=True, check_invariants=False
     )
+
+
+def _circular_matrix(weight: Tensor, geom: ConvGeometry, groups: int, layout: str) -> Tensor:
+    """The matrix of a conv with circular padding: fold the padded input's matrix like autograd does.
+
+    A circular-padded conv is an unpadded conv on the padded input, so its matrix is that conv's
+    matrix (one weight per entry) with the columns of the padding added onto the positions they
+    copy. Where several taps land on one position their sum depends on the order of the additions,
+    so they are added in the order of the backward of ``torch.nn.functional.pad(mode="circular")``:
+    spatial dims first to last, in each the right padding, then the left, each step adding two
+    numbers. The entries are then bit-identical to ``torch.func.jacrev`` of the conv.
+    """
+    c_in = weight.shape[1] * groups
+    padded = tuple(s + lo + hi for s, lo, hi in zip(geom.in_spatial, geom.pad_left, geom.pad_right))
+    inner = conv_weight_matrix(weight, padded, stride=geom.stride, dilation=geom.dilation,
+                               groups=groups, layout="dense" if layout == "dense" else "coo")
+    rows = inner.shape[0]
+    # (dim, source start, target start, length) of each addition, in autograd's order.
+    steps = []
+    for d, (size, lo, hi) in enumerate(zip(geom.in_spatial, geom.pad_left, geom.pad_right)):
+        if hi:
+            steps.append((d, lo + size, lo, hi))
+        if lo:
+            steps.append((d, 0, size, lo))
+    if layout == "dense":
+        m = inner.view(rows, c_in, *padded)
+        for d, src, dst, length in steps:
+            m.narrow(2 + d, dst, length).add_(m.narrow(2 + d, src, length))
+        for d, (size, lo) in enumerate(zip(geom.in_spatial, geom.pad_left)):
+            m = m.narrow(2 + d, lo, size)
+        return m.reshape(rows, -1)
+    # Sparse: the same additions on the entries' coordinates; each step sums at most two entries
+    # per position, so the order within a step does not matter.
+    row, col = inner.indices()
+    values = inner.values()
+    full = (c_in, *padded)
+    coords = list(torch.unravel_index(col, full))
+    for d, src, dst, length in steps:
+        axis = coords[1 + d]
+        moved = (axis >= src) & (axis < src + length)
+        coords[1 + d] = torch.where(moved, axis - src + dst, axis)
+        key = row * math.prod(full) + _ravel(coords, full)
+        key, slot = torch.unique(key, return_inverse=True)
+        values = torch.zeros(key.numel(), dtype=values.dtype, device=values.device).index_put_(
+            (slot,), values, accumulate=True)
+        row = key.div(math.prod(full), rounding_mode="floor")
+        coords = list(torch.unravel_index(key.remainder(math.prod(full)), full))
+    inside = torch.ones_like(row, dtype=torch.bool)
+    for d, (size, lo) in enumerate(zip(geom.in_spatial, geom.pad_left)):
+        coords[1 + d] = coords[1 + d] - lo
+        inside &= (coords[1 + d] >= 0) & (coords[1 + d] < size)
+    shape = (c_in, *geom.in_spatial)
+    col = _ravel([c[inside] for c in coords], shape)
+    row, values = row[inside], values[inside]
+    cols = math.prod(shape)
+    coo = torch.sparse_coo_tensor(torch.stack((row, col)), values, (rows, cols),
+                                  is_coalesced=True, check_invariants=False)
+    return coo if layout == "coo" else coo_to_csr(coo)
+
+
+def _ravel(coords: Sequence[Tensor], shape: Sequence[int]) -> Tensor:
+    """The flat row-major index of ``coords`` in a tensor of ``shape``."""
+    flat = coords[0]
+    for c, size in zip(coords[1:], shape[1:]):
+        flat = flat * size + c
+    return flat
 
 
 def coo_to_csr(coo: Tensor) -> Tensor:

@@ -7,6 +7,7 @@ Example:
 
 from fcconv.errors import FcconvError, NotEquivalentError
 from fcconv.explain import Explanation, explain
+from fcconv.fcn import FullyConvolutional, convolutionalize, sliding_window
 from fcconv.layers import (
     conv_matrix,
     conv_output_shape,
@@ -15,18 +16,26 @@ from fcconv.layers import (
     linear_to_pointwise,
     pointwise_to_linear,
 )
+from fcconv.verify import EquivalenceReport, assert_equivalent, compare, ulp_distance
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EquivalenceReport",
     "Explanation",
     "FcconvError",
+    "FullyConvolutional",
     "NotEquivalentError",
+    "assert_equivalent",
+    "compare",
     "conv_matrix",
     "conv_output_shape",
     "conv_to_linear",
+    "convolutionalize",
     "explain",
     "linear_to_conv",
     "linear_to_pointwise",
     "pointwise_to_linear",
+    "sliding_window",
+    "ulp_distance",
 ]

@@ -326,6 +326,23 @@ def test_folded_padding_needs_parameter_rounding():
                    input_map=lambda x: x.flatten(1)).equivalent
 
 
+def test_cancelling_outputs_pass_within_the_single_layer_bound():
+    # A zero-sum kernel on a flat input: the exact outputs are ~0, both float64 results are pure
+    # rounding, so their relative difference exceeds 1e-10, yet lies within float64's rounding bound.
+    torch.manual_seed(7)
+    conv = nn.Conv2d(16, 2, 3, bias=False)
+    with torch.no_grad():
+        conv.weight -= conv.weight.mean((1, 2, 3), keepdim=True)
+    lin = conv_to_linear(conv, (16, 5, 5))
+    x = torch.full((2, 16, 5, 5), 0.37)
+    x[1] = -3.1
+    report = compare(conv, lin, x, input_map=lambda x: x.flatten(1))
+    assert report.float64_max_rel > FLOAT64_RTOL
+    assert report.outputs.float64_bound_ratio <= 1 and report.outputs.bound_single_layer
+    assert report.equivalent and "within the float64 rounding bound of this single layer" in report.reason
+    assert report.max_rel > 0.1 and report.bound_ok  # float32 max_rel alone would be alarming
+
+
 def test_parameter_rounding_does_not_hide_real_mistakes(layer):
     conv = linear_to_conv(layer, SHAPE)
     with torch.no_grad():
@@ -395,8 +412,21 @@ def test_vgg16_fc6_as_7x7_conv(fc6, dtype):
     assert report.bound_ok is True and report.outputs.bound_single_layer
     assert report.dtype == dtype and report.num_outputs == 8 * 4096
     if dtype == torch.float32:
-        assert report.bit_identical_fraction < 0.5  # == fails for most outputs; compare does not
+        assert report.bit_identical_fraction < 0.5  # == fails for most outputs
     assert lin.weight.dtype == dtype and conv.weight.dtype == dtype
+
+
+def test_vgg16_fc6_one_weight_off_by_1e4(fc6):
+    conv = linear_to_conv(fc6, (512, 7, 7))
+    with torch.no_grad():
+        conv.weight[100, 3, 2, 1] *= 1 + 1e-4
+    x = torch.randn(2, 25088, generator=torch.Generator().manual_seed(0))
+    off = compare(fc6, conv, x, input_map=flat_to((512, 7, 7)))
+    # The change hides inside float32 noise: float32 differences of the size rounding makes...
+    assert off.max_rel < 1e-5 and off.bound_ok is True
+    # ...but not in float64, which points at the output that uses the weight.
+    assert not off.equivalent and off.float64_max_rel > 100 * FLOAT64_RTOL
+    assert off.outputs.float64_worst.index == (100,)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import ctypes.util
 import gc
 import math
 import os
@@ -63,8 +65,25 @@ def cases() -> list[Case]:
     ]
 
 
+def _malloc_trim() -> Callable[[int], object]:
+    """glibc's ``malloc_trim``, or a no-op elsewhere."""
+    try:
+        trim: Callable[[int], object] = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        return trim
+    except (OSError, AttributeError):
+        return lambda pad: None
+
+
+TRIM = _malloc_trim()
+
+
 def timed(fn: Callable[[], object]) -> float:
+    """One run of ``fn`` from the same state every time: garbage collected, and freed heap memory
+    handed back to the OS, so that every large allocation gets fresh pages. Without this a matrix
+    may or may not land in memory an earlier one left mapped, and ``torch.zeros`` takes 3 ms or 35 ms
+    for the same 81 MiB depending on what ran before."""
     gc.collect()
+    TRIM(0)
     start = time.perf_counter()
     result = fn()
     elapsed = time.perf_counter() - start
@@ -130,9 +149,9 @@ def run_case(case: Case, rounds: int, slow_rounds: int) -> tuple[Row, list[tuple
     if not torch.equal(csr.to_dense(), dense):
         raise SystemExit("conv_matrix csr != dense: fix fcconv before timing it")
     contenders: dict[str, Callable[[], object]] = {
+        "torch.zeros": lambda: torch.zeros(rows, cols),
         "conv_matrix dense": lambda: conv_matrix(conv, shape),
         "conv_matrix csr": lambda: conv_matrix(conv, shape, layout="csr"),
-        "torch.zeros": lambda: torch.zeros(rows, cols),
     }
     valid = {}
     for name, fn in baselines(conv, shape).items():

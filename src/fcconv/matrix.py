@@ -9,7 +9,14 @@ This module builds ``M`` directly from the kernel: every entry is one weight, wr
 output position and the column of the input position it touches, so nothing is differentiated and no
 arithmetic is done on the values (the entries are bit-identical to the kernel's). Zero padding drops the
 taps that fall outside the input; ``reflect``, ``replicate`` and ``circular`` padding fold them back
-onto the input positions they read, where they are summed.
+onto the input positions they read, where they are summed, in the order in which the backward of
+PyTorch's padding sums them: on the CPU every entry, in every layout, is bit-identical to the
+Jacobian that ``torch.func.jacrev`` computes (on CUDA, ``reflect`` and ``replicate`` sums are
+accumulated atomically, in no fixed order, so their last bit may differ).
+
+The dense matrix is written block by block through strided views (one ``copy_`` per run of taps
+along each axis), so building it costs little more than ``torch.zeros`` of its size; the script
+``bench/conv_matrix.py`` measures it against ``jacrev``, ``jacfwd`` and ``jacobian``.
 
 The module-level wrapper is :func:`fcconv.conv_matrix`.
 """
@@ -324,7 +331,9 @@ def conv_weight_matrix(
     Returns:
         ``M`` of shape ``(C_out * prod(out_spatial), C_in * prod(in_spatial))``, rows and columns in
         ``torch.flatten(x, 1)`` order (channel first), with the weight's dtype and device, detached
-        from autograd. Under ``zeros`` padding its nonzeros are exactly the kernel's values.
+        from autograd. Under ``zeros`` padding its nonzeros are exactly the kernel's values; under
+        folded padding modes an entry sums the taps that read one input position, in autograd's
+        order (see the module docstring).
 
     Raises:
         FcconvError: for an unknown layout or padding mode, inconsistent groups, or a kernel larger

@@ -572,18 +572,18 @@ def spatial_descriptors(gm: fx.GraphModule, shapes: dict[fx.Node, NodeValue], nd
     seen_input = False
 
     def primary(node: fx.Node) -> tuple[fx.Node | None, Shape | None, Desc | None]:
-        """The input whose shape best matches the output: same shape, else the first tensor."""
-        best: tuple[fx.Node | None, Shape | None, Desc | None] = (None, None, None)
+        """The input that best explains the output: same shape and varying with the input size,
+        else same shape, else varying, else the first tensor."""
         shape = shapes.get(node)
+        best: tuple[fx.Node | None, Shape | None, Desc | None] = (None, None, None)
+        best_rank = -1
         for i in data_inputs(node):
             s, d = shapes.get(i), out.get(i)
             if not isinstance(s, tuple) or not isinstance(d, tuple):
                 continue
-            if best[0] is None:
-                best = (i, s, d)
-            if s == shape and (best[1] != shape or (
-                    depends_on_input_size(d) and not depends_on_input_size(best[2]))):
-                best = (i, s, d)
+            rank = 2 * (s == shape) + depends_on_input_size(d)
+            if rank > best_rank:
+                best, best_rank = (i, s, d), rank
         return best
 
     def merged(node: fx.Node, shape: Shape, base: Desc) -> Desc:

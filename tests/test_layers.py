@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from copy import deepcopy
 from typing import Any, cast
 
 import pytest
@@ -81,13 +82,10 @@ def gamma(n: int, u: float) -> float:
 
 def abs_layer(module: nn.Module) -> nn.Module:
     """A float64 copy of ``module`` with |weight| and |bias|: run on |x| it gives sum|w x| + |b|."""
-    copy = type(module).__new__(type(module))
-    copy.__dict__ = {**module.__dict__, "_parameters": {}, "_modules": {}, "_buffers": {}}
-    for name, p in module.named_parameters(recurse=False):
-        copy.register_parameter(name, nn.Parameter(p.detach().double().abs(), requires_grad=False))
-    for name in ("bias",):
-        if name in module._parameters and module._parameters[name] is None:
-            copy.register_parameter(name, None)
+    copy = deepcopy(module).double()
+    with torch.no_grad():
+        for p in copy.parameters():
+            p.abs_()
     return copy
 
 

@@ -116,12 +116,19 @@ def test_grid_equals_jacrev(ndim: int, mode: str, padding: object, stride: int, 
 @pytest.mark.parametrize("ndim", (1, 2, 3))
 @pytest.mark.parametrize("bias", (True, False))
 def test_zero_padding_entries_are_the_weights(ndim: int, bias: bool) -> None:
-    # Under zero padding every nonzero is a weight, copied: each weight appears once per output
-    # position whose tap reads a real input, so the nonzeros of one row are a subset of the kernel.
+    # Under zero padding every nonzero is a weight, copied. The row of an output position whose
+    # taps all read real inputs (position 1 on every axis, with padding 1) holds the whole kernel
+    # of its channel, each weight once; every other row a part of it.
     conv = make_conv(ndim, 3, 4, KERNEL[ndim], padding=1, bias=bias)
-    dense = check_exact(conv, (3, *SPATIAL[ndim]))
-    weights = set(conv.weight.detach().flatten().tolist())
-    assert set(dense[dense != 0].tolist()) <= weights
+    shape = (3, *SPATIAL[ndim])
+    dense = check_exact(conv, shape)
+    w = conv.weight.detach()
+    out_spatial = conv(torch.zeros(1, *shape, dtype=torch.float64)).shape[2:]
+    position = sum(math.prod(out_spatial[d + 1:]) for d in range(ndim))  # (1, ..., 1), flattened
+    for co in range(4):
+        row = dense[co * math.prod(out_spatial) + position]
+        assert torch.equal(row[row != 0].sort().values, w[co].flatten().sort().values)
+    assert set(dense[dense != 0].tolist()) <= set(w.flatten().tolist())
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
@@ -152,7 +159,7 @@ def test_low_precision_dtypes(dtype: torch.dtype, mode: str) -> None:
         assert bool(((low.double() - exact).abs() <= bound).all())
 
 
-def test_transposed_layout_of_groups() -> None:
+def test_groups_give_a_block_diagonal_matrix() -> None:
     # groups do not mix: the matrix is block-diagonal over the groups.
     conv = make_conv(2, 4, 6, (3, 3), groups=2, padding=1)
     m = check_exact(conv, (4, 4, 4)).view(2, 3 * 16, 2, 2 * 16)

@@ -410,11 +410,13 @@ def test_one_and_three_spatial_dims(net: type[nn.Module], shape: tuple[int, ...]
     assert len(fcn.window_of((1,) * len(size))) == 2 * len(size)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("kernel", [(2, 3, 2), (1, 1, 1)])
 @pytest.mark.parametrize("ndim", [1, 2, 3])
-def test_unfold_matmul_equals_conv(ndim: int) -> None:
+def test_unfold_matmul_equals_conv(ndim: int, kernel: tuple[int, ...], batch: int) -> None:
     torch.manual_seed(6)
-    conv = [nn.Conv1d, nn.Conv2d, nn.Conv3d][ndim - 1](3, 4, (2, 3, 2)[:ndim]).to(DTYPE)
-    x = torch.randn(2, 3, *(5, 6, 4)[:ndim], dtype=DTYPE)
+    conv = [nn.Conv1d, nn.Conv2d, nn.Conv3d][ndim - 1](3, 4, kernel[:ndim]).to(DTYPE)
+    x = torch.randn(batch, 3, *(5, 6, 4)[:ndim], dtype=DTYPE)
     torch.testing.assert_close(_unfold_matmul(x, conv.weight, conv.bias), conv(x), **TOL)
     unbiased = conv(x) - conv.bias.view(-1, *[1] * ndim)
     torch.testing.assert_close(_unfold_matmul(x, conv.weight, None), unbiased, **TOL)

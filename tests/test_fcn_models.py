@@ -148,6 +148,9 @@ def test_vgg11_geometry_and_head_at_224() -> None:
     gm = fcn.graph_module
     first, second = gm.get_submodule("classifier.0"), gm.get_submodule("classifier.3")
     assert isinstance(first, UnfoldConv2d) and first.kernel_size == (7, 7) and first.method == "auto"
-    assert type(second) is nn.Conv2d and second.kernel_size == (1, 1)
+    assert isinstance(second, UnfoldConv2d) and second.kernel_size == (1, 1)
+    conv_head = convolutionalize(build("vgg11"), (3, 224, 224), head="conv").graph_module
+    assert type(conv_head.get_submodule("classifier.0")) is nn.Conv2d
+    assert type(conv_head.get_submodule("classifier.3")) is nn.Conv2d
     assert not hasattr(gm, "avgpool")
     assert fcn.grid_shape((320, 320)) == (4, 4) and fcn.min_size == (224, 224)

@@ -63,26 +63,32 @@ _AUTO_MATMUL_MAX_BYTES = 256 * 2**20
 
 
 def _unfold_matmul(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """A stride-1, unpadded, ungrouped convolution computed as unfold (im2col) + one matmul."""
+    """A stride-1, unpadded, ungrouped convolution computed as unfold (im2col) + one matmul.
+
+    All windows of all samples form the columns of one ``(C*k, N*L)`` matrix, so the weight, the
+    bulk of the memory traffic of a classifier head, is read once.
+    """
     kernel = tuple(weight.shape[2:])
-    n, out_channels = x.shape[0], weight.shape[0]
-    w2d = weight.reshape(out_channels, -1)
-    if len(kernel) == 2:
-        cols = F.unfold(x, kernel)  # (N, C*kh*kw, L), channel-major like the weight
-        out_spatial = tuple(s - k + 1 for s, k in zip(x.shape[2:], kernel))
-        out = torch.matmul(w2d, cols)  # (N, O, L)
-        if bias is not None:
-            out = out + bias[:, None]
-        return out.reshape(n, out_channels, *out_spatial)
     ndim = len(kernel)
-    patches = x
-    for i, k in enumerate(kernel):
-        patches = patches.unfold(2 + i, k, 1)  # (N, C, *out_spatial, *kernel)
-    out_spatial = tuple(patches.shape[2:2 + ndim])
-    order = (0, *range(2, 2 + ndim), 1, *range(2 + ndim, 2 + 2 * ndim))
-    rows = patches.permute(order).reshape(n, math.prod(out_spatial), -1)
-    out = F.linear(rows, w2d, bias)  # (N, L, O)
-    return out.transpose(1, 2).reshape(n, out_channels, *out_spatial)
+    n, out_channels = x.shape[0], weight.shape[0]
+    out_spatial = tuple(s - k + 1 for s, k in zip(x.shape[2:], kernel))
+    cells = math.prod(out_spatial)
+    w2d = weight.reshape(out_channels, -1)
+    if all(k == 1 for k in kernel):
+        cols = x.reshape(n, x.shape[1], cells)  # a pointwise conv: no unfolding, a view
+    elif ndim == 2:
+        cols = F.unfold(x, kernel)  # (N, C*kh*kw, L), channel-major like the weight
+    else:
+        patches = x
+        for i, k in enumerate(kernel):
+            patches = patches.unfold(2 + i, k, 1)  # (N, C, *out_spatial, *kernel)
+        order = (0, 1, *range(2 + ndim, 2 + 2 * ndim), *range(2, 2 + ndim))
+        cols = patches.permute(order).reshape(n, w2d.shape[1], cells)
+    matrix = cols[0] if n == 1 else cols.transpose(0, 1).reshape(w2d.shape[1], n * cells)
+    out = torch.addmm(bias[:, None], w2d, matrix) if bias is not None else w2d @ matrix
+    if n == 1:
+        return out.reshape(1, out_channels, *out_spatial)
+    return out.reshape(out_channels, n, *out_spatial).transpose(0, 1).contiguous()
 
 
 class _UnfoldMixin:
@@ -119,7 +125,9 @@ class UnfoldConv2d(_UnfoldMixin, nn.Conv2d):
     """``nn.Conv2d`` computed as unfold + matmul (``method='matmul'``), or chosen per device.
 
     Its parameters and state dict are those of the ``nn.Conv2d``; ``method='auto'`` uses the matmul
-    on CPU (oneDNN's large-kernel convs are slow on small maps) and ``F.conv2d`` elsewhere.
+    on CPU (oneDNN's convs are slow on the small maps of a classifier head: 3.6x for vgg's 7x7
+    head conv, 3x for its 4096 -> 4096 pointwise ones, with two threads) and ``F.conv2d``
+    elsewhere.
     """
 
 
@@ -637,12 +645,14 @@ def _convert_head_node(p: _Pass, node: fx.Node) -> _Layout | None:
             if kind == "window":
                 conv: nn.Module = linear_to_conv(module, (layout.channels, *layout.spatial),
                                                  share_weights=True)
-                if p.head != "conv" and any(s > 1 for s in layout.spatial):
+                if p.head != "conv":
                     conv = _as_unfold_conv(conv, p.head)  # type: ignore[arg-type]
                 p.set_module(target, conv, ("window", layout))
             elif kind == "channels":
-                p.set_module(target, linear_to_pointwise(module, p.ndim, share_weights=True),
-                             ("channels", layout))
+                pointwise: nn.Module = linear_to_pointwise(module, p.ndim, share_weights=True)
+                if p.head != "conv":
+                    pointwise = _as_unfold_conv(pointwise, p.head)  # type: ignore[arg-type]
+                p.set_module(target, pointwise, ("channels", layout))
             elif kind == "map" and layout.point and layout.channel_position == p.ndim + 1:
                 return _Layout("map", module.out_features, layout.spatial, layout.order)
             else:
@@ -992,10 +1002,11 @@ def convolutionalize(model: nn.Module, input_shape: Sequence[int], *, inplace: b
         leaf_modules: module types, module instances or qualified names that tracing keeps
             whole (for submodules with data-dependent control flow); they must work on larger
             inputs as they are.
-        head: how the large-kernel head conv (the first Linear after flattening an ``h x w``
-            map, e.g. vgg's 7x7) computes: ``"conv"`` a standard ``nn.ConvNd`` (portable,
-            exportable), ``"matmul"`` unfold + matmul, ``"auto"`` (default) matmul on CPU,
-            where oneDNN's large-kernel conv is slow on small maps, conv elsewhere.
+        head: how the convs that replace the Linear layers compute: ``"conv"`` standard
+            ``nn.ConvNd`` (portable, exportable), ``"matmul"`` unfold + one matmul
+            (:class:`UnfoldConv2d`), ``"auto"`` (default) the matmul on CPU, where oneDNN's
+            convs are slow on the small maps of a head (vgg's 7x7 over 512 channels on 10x10),
+            and the conv on other devices.
 
     Returns:
         A :class:`FullyConvolutional` with the converted ``graph_module`` and its geometry.

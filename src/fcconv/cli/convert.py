@@ -156,7 +156,8 @@ The output loads with torch.load(OUT, weights_only=True); fcconv verify reads it
                    "the model its weights fill.")
 @click.option("--kwargs", default="", metavar="'K=V, ...'", help="Keyword arguments for the factory.")
 @click.option("--head", type=click.Choice(HEADS), default="auto", show_default=True,
-              help="fcn only: the large-kernel head as a conv, as unfold+matmul, or the fastest here.")
+              help="fcn only: the converted Linear layers as convs, as unfold+matmul, "
+                   "or the fastest for the device.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random weights.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 def command(model: str, to: str, input_shape: tuple[int, ...] | None, output: Path, factory: str | None,

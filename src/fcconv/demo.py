@@ -27,7 +27,6 @@ import contextlib
 import copy
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from fcconv._io import atomic_output
 from fcconv.digits import (
     BACKGROUND,
     MARGIN,
@@ -342,28 +342,6 @@ def check_output_path(path: str | os.PathLike[str]) -> Path:
     return out
 
 
-@contextlib.contextmanager
-def _atomic_path(out: Path) -> Iterator[Path]:
-    """A temporary file next to ``out``, renamed to ``out`` on success and removed on failure.
-
-    It is created at once, so an unwritable place fails before any work.
-    """
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix, dir=out.parent)
-    except OSError as error:
-        raise FcconvError(
-            f"Cannot write the demo picture to {str(out)!r}: {error.strerror or error}. Choose another path."
-        ) from None
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _best_time(fn: Callable[[], Tensor], repeats: int) -> tuple[float, Tensor]:
     best, result = float("inf"), None
     for _ in range(repeats):
@@ -562,7 +540,8 @@ def run_demo(
     """
     out = check_output_path(picture)
     say: Echo = echo if echo is not None else (lambda _line: None)
-    with _atomic_path(out) as tmp:  # fails here, before any work, if out cannot be written
+    # The temporary file is created first, so an unwritable place fails before any work.
+    with atomic_output(out, what="the demo picture") as tmp:
         book = textbook()
         model = load_digits_model()
         images, labels = load_heldout()

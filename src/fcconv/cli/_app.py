@@ -15,7 +15,6 @@ import importlib
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ from typing import Any, NoReturn
 
 import click
 
+from fcconv._io import atomic_output
 from fcconv.errors import FcconvError
 
 __all__ = [
@@ -261,28 +261,5 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
 
     A failed or interrupted write leaves no file behind and ``path`` as it was.
     """
-    try:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as error:
-        raise FcconvError(
-            f"Cannot write {str(path)!r}: {error.strerror or error}. Choose another output path."
-        ) from None
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o666 & ~umask)  # the permissions of a file created as usual, not mkstemp's 0600
+    with atomic_output(path) as tmp:
         write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
-        raise FcconvError(
-            f"Cannot write {str(path)!r}: {error.strerror or error}. Nothing was written; free some "
-            "space or choose another output path."
-        ) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -49,7 +49,7 @@ __all__ = [
 # Tracing
 
 
-def _leaf_matchers(model: nn.Module, leaf_modules: object) -> tuple[tuple[type, ...], set[str]]:
+def leaf_matchers(model: nn.Module, leaf_modules: object) -> tuple[tuple[type, ...], set[str]]:
     """Split ``leaf_modules`` into module types and qualified names (instances become names)."""
     if isinstance(leaf_modules, (type, nn.Module, str)):
         leaf_modules = (leaf_modules,)
@@ -121,7 +121,7 @@ def trace(model: nn.Module, leaf_modules: object = ()) -> fx.GraphModule:
         NotEquivalentError: if tracing fails (data-dependent control flow, unsupported Python on
             proxies...); the message names the module being traced and suggests ``leaf_modules``.
     """
-    types, names = _leaf_matchers(model, leaf_modules)
+    types, names = leaf_matchers(model, leaf_modules)
     tracer = _LeafTracer(types, names)
     try:
         graph = tracer.trace(model)

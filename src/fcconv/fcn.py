@@ -812,32 +812,6 @@ def _convert(p: _Pass, desc: _fx.Descriptors) -> None:
     gm.recompile()
 
 
-def _resolve_leaf_modules(model: nn.Module, leaf_modules: object) -> list[Any]:
-    """Module instances become their qualified names, so they survive the deep copy."""
-    if isinstance(leaf_modules, (type, nn.Module, str)):
-        leaf_modules = (leaf_modules,)
-    try:
-        items = list(leaf_modules)  # type: ignore[call-overload]
-    except TypeError:
-        raise FcconvError(
-            f"leaf_modules must be a sequence of module types, instances or qualified names; got "
-            f"{leaf_modules!r}."
-        ) from None
-    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
-    resolved = []
-    for item in items:
-        if isinstance(item, nn.Module):
-            if id(item) not in names:
-                raise FcconvError(
-                    f"leaf_modules holds a {type(item).__name__} that is not a submodule of the "
-                    "model. Pass the model's own submodule, its type or its qualified name."
-                )
-            resolved.append(names[id(item)])
-        else:
-            resolved.append(item)
-    return resolved
-
-
 def _node_failure(error: _fx.NodeFailure, gm: fx.GraphModule, shape: Sequence[int], when: str,
                   todo: str) -> NotEquivalentError:
     return NotEquivalentError(
@@ -1029,7 +1003,9 @@ def convolutionalize(model: nn.Module, input_shape: Sequence[int], *, inplace: b
     if head not in _HEADS:
         raise FcconvError(f"head must be one of {', '.join(map(repr, _HEADS))}; got {head!r}.")
     ndim = len(shape) - 1
-    leaves = _resolve_leaf_modules(model, leaf_modules)
+    # Module instances become their qualified names here, so they survive the deep copy.
+    types, names = _fx.leaf_matchers(model, leaf_modules)
+    leaves = [*types, *sorted(names)]
     source = model if inplace else copy.deepcopy(model)
     gm = _fx.trace(source, leaves)
     try:

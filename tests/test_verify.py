@@ -597,3 +597,19 @@ def test_integer_outputs_are_refused():
 
     with pytest.raises(FcconvError, match="Compare the logits"):
         compare(Argmax(), Argmax(), (4,))
+
+
+def test_division_by_an_integer_tensor_keeps_the_bound() -> None:
+    class ScaledLinear(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x) / torch.tensor([2, 3])
+
+    model = ScaledLinear()
+    report = compare(model, model, (4,))
+    assert report.unsupported is None
+    assert report.bound_ok is True
+    assert report.equivalent

@@ -571,6 +571,8 @@ def _r_rsub(op: _Op, ch: int) -> Bound:
 def _power_of_two(v: Tensor | float) -> Tensor | bool:
     """Where ``v`` is 0 or +-2**k: multiplying or dividing by it is exact (barring under/overflow)."""
     if isinstance(v, Tensor):
+        if not v.is_floating_point():  # an integer or bool operand (x / torch.tensor([2, 3]))
+            v = v.double()
         return (v == 0) | (torch.frexp(v).mantissa.abs() == 0.5)
     return v == 0 or math.frexp(float(v))[0] in (0.5, -0.5)
 

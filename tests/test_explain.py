@@ -145,3 +145,16 @@ def test_explain_does_not_build_the_matrix_of_a_large_layer() -> None:
     assert ex.matrix_shape == (64 * 224 * 224, 3 * 224 * 224)
     assert ex.matrix_nnz == 64 * 3 * (222 * 222 * 9 + 4 * 222 * 6 + 4 * 4)
     assert math.isclose(ex.density, ex.matrix_nnz / math.prod(ex.matrix_shape))
+
+
+@pytest.mark.parametrize("shape", [(True, 2, 2), (1.0, 2, 2), ("1", 2, 2)])
+def test_input_shape_must_hold_integers(shape: tuple[object, ...]) -> None:
+    with pytest.raises(FcconvError, match=r"^input_shape must hold integers"):
+        explain(nn.Linear(4, 2), shape)  # type: ignore[arg-type]
+
+
+def test_input_shape_accepts_torch_size_and_numpy_ints() -> None:
+    import numpy as np
+
+    assert explain(nn.Linear(4, 2), torch.Size([1, 2, 2])).input_shape == (1, 2, 2)
+    assert explain(nn.Linear(4, 2), (np.int64(1), 2, 2)).input_shape == (1, 2, 2)

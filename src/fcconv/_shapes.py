@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 from fcconv.errors import FcconvError
@@ -30,16 +31,14 @@ def check_input_shape(input_shape: object, *, what: str = "input_shape") -> tupl
             f"{what} must be a per-sample shape (C, *spatial) such as (3, 32, 32); "
             f"got {input_shape!r}. Pass a tuple of 2 to 4 positive integers, without the batch size."
         )
-    shape = tuple(input_shape)
-    if not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
-        try:
-            shape = tuple(int(s) for s in shape)  # torch.Size, numpy ints
-        except (TypeError, ValueError):
-            raise FcconvError(
-                f"{what} must hold integers; got {input_shape!r}. Pass e.g. (3, 32, 32)."
-            ) from None
-        if any(s != t for s, t in zip(shape, input_shape)):
-            raise FcconvError(f"{what} must hold integers; got {input_shape!r}.")
+    try:
+        if any(isinstance(s, bool) for s in input_shape):
+            raise TypeError
+        shape = tuple(operator.index(s) for s in input_shape)  # ints, numpy ints, 0-d int tensors
+    except TypeError:
+        raise FcconvError(
+            f"{what} must hold integers; got {input_shape!r}. Pass e.g. (3, 32, 32)."
+        ) from None
     if not 2 <= len(shape) <= 4:
         raise FcconvError(
             f"{what} must have rank 2 to 4, (C, L), (C, H, W) or (C, D, H, W), for Conv1d/2d/3d; "

@@ -535,6 +535,16 @@ def test_verify_needs_an_input_shape() -> None:
     assert "Missing option '--input'" in result.stderr
 
 
+@needs_verify
+def test_verify_a_candidate_that_cannot_run_gets_command_line_advice() -> None:
+    result = run("verify", "Conv2d(1, 10, 3)", "Conv2d(2, 10, 3)", "--input", "1,8,8")
+    line = assert_one_line_error(
+        result, "Running the candidate Conv2d(2, 10, 3) on inputs of shape (2, 1, 8, 8)"
+    )
+    assert "--input" in line
+    assert "input_map" not in line and "example_inputs" not in line  # Python advice has no place here
+
+
 def test_verify_bad_reference() -> None:
     assert_one_line_error(run("verify", "resnet18", "Linear(4, 2)", "--input", "4,1,1"), "Unknown model")
 

@@ -6,7 +6,7 @@ Every error fcconv raises on bad input is an :class:`FcconvError`, itself a :cla
 
 from __future__ import annotations
 
-__all__ = ["FcconvError", "NotEquivalentError"]
+__all__ = ["FcconvError", "ModuleRunError", "NotEquivalentError"]
 
 
 class FcconvError(ValueError):
@@ -15,3 +15,19 @@ class FcconvError(ValueError):
 
 class NotEquivalentError(FcconvError):
     """A module cannot become what was asked, or two modules are not the same function."""
+
+
+class ModuleRunError(FcconvError):
+    """A module given to fcconv failed when run on the inputs fcconv made for it.
+
+    Attributes:
+        role: which module failed (``"reference"``, ``"candidate"``, ...).
+        input_shape: the shape of the input it was given.
+        cause: the module's own error message.
+    """
+
+    def __init__(self, message: str, *, role: str, input_shape: tuple[int, ...], cause: str) -> None:
+        super().__init__(message)
+        self.role = role
+        self.input_shape = input_shape
+        self.cause = cause

@@ -81,7 +81,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fcconv._rounding import AbsCache, Bound, Tracker, scale_bound, sum_bounds
-from fcconv.errors import FcconvError, NotEquivalentError
+from fcconv.errors import FcconvError, ModuleRunError, NotEquivalentError
 
 __all__ = [
     "FLOAT64_RTOL",
@@ -525,9 +525,10 @@ def _run(module: nn.Module, x: Tensor, role: str) -> Any:
             "example_inputs are the reference's inputs: per-sample shapes without the batch dimension, "
             "or batch tensors it accepts."
         )
-        raise FcconvError(
+        raise ModuleRunError(
             f"Running the {role} ({type(module).__name__}) on an input of shape {tuple(x.shape)} "
-            f"({_dtype_name(x.dtype)}) failed: {err} {advice}"
+            f"({_dtype_name(x.dtype)}) failed: {err} {advice}",
+            role=role, input_shape=tuple(x.shape), cause=str(err),
         ) from err
 
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from fcconv._shapes import format_shape
 from fcconv.cli._app import InputShape, step
 from fcconv.cli._loading import LoadedModel, as_fcn_source, load_model
+from fcconv.errors import FcconvError, ModuleRunError
 
 __all__ = ["OverChannels", "adapt_to_input", "command"]
 
@@ -125,8 +126,17 @@ def command(reference: str, candidate: str, input_shape: tuple[int, ...] | None,
         if note and not quiet:
             click.echo(f"{name} is a Linear on inputs {format_shape(shape)}: {note}.")
     with step(f"Comparing on inputs {format_shape(shape)}", quiet=quiet):
-        report = compare(modules[0], modules[1], shape, grad=grad, seed=seed,
-                         parameter_rounding=parameter_rounding)
+        try:
+            report = compare(modules[0], modules[1], shape, grad=grad, seed=seed,
+                             parameter_rounding=parameter_rounding)
+        except ModuleRunError as error:
+            name = reference if error.role == "reference" else candidate
+            raise FcconvError(
+                f"Running the {error.role} {name} on inputs of shape {format_shape(error.input_shape)} "
+                f"failed: {error.cause}. Both models get inputs of shape (N, *--input): give --input the "
+                "per-sample shape both accept, e.g. the candidate written by `fcconv convert` for the "
+                "reference."
+            ) from None
     if not quiet:
         click.echo(str(report))
     verdict = "equivalent" if report.equivalent else "NOT equivalent"

@@ -9,6 +9,16 @@ import click
 __all__ = ["command"]
 
 
+def _output_path(ctx: click.Context, param: click.Parameter, value: Path) -> Path:
+    from fcconv.demo import check_output_path
+    from fcconv.errors import FcconvError
+
+    try:
+        return check_output_path(value)
+    except FcconvError as error:
+        raise click.BadParameter(str(error), ctx, param) from None
+
+
 @click.command(
     "demo",
     epilog="""\b
@@ -16,7 +26,7 @@ Examples:
   fcconv demo
   fcconv demo --output /tmp/demo.png --seed 3 --no-progress""",
 )
-@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), callback=_output_path,
               default=Path("fcconv-demo.png"), show_default=True,
               help="Where to write the picture (.png, .pdf, .svg or .jpg).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,

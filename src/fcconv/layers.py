@@ -11,7 +11,9 @@ Two equivalences from the textbook, and their general form:
 
 Every function returns new modules and never changes its argument. The results keep the source's
 dtype, device, ``requires_grad`` and train/eval mode. With ``share_weights=True`` the new parameters
-are *aliases*: views of the source's parameter storage, so writing to one changes the other.
+are *aliases*: views of the source's parameter storage, so writing to one (an in-place update, an
+optimizer step) changes the other. They are still separate ``nn.Parameter`` objects: autograd puts a
+gradient on the one that was used, not on both.
 """
 
 from __future__ import annotations

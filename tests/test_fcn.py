@@ -205,9 +205,58 @@ def test_new_modules_keep_dtype_and_requires_grad() -> None:
 
 
 def test_train_mode_flags_kept() -> None:
-    model = lenet().train()
-    fcn = convolutionalize(model, (3, 32, 32))
-    assert fcn.training and fcn.graph_module.bn.training and fcn.graph_module.fc1.training
+    # A model in training mode without BatchNorm or Dropout converts, and keeps its mode.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5),
+                          nn.GELU(), nn.Linear(5, 3)).to(DTYPE).train()
+    fcn = convolutionalize(model, (3, 8, 8))
+    assert fcn.training and all(m.training for m in fcn.graph_module.modules())
+    x = torch.randn(2, 3, 8, 8, dtype=DTYPE)
+    torch.testing.assert_close(fcn(x).flatten(1), model(x), **TOL)
+
+
+def _bn_dropout_head() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(72, 3), nn.BatchNorm1d(3),
+                         nn.Dropout())
+
+
+def test_training_mode_with_batchnorm_or_dropout_is_refused() -> None:
+    model = _bn_dropout_head().train()
+    before = _state(model)
+    with pytest.raises(FcconvError, match=r"^Sequential is in training mode and contains BatchNorm1d "
+                       r"'3', Dropout '4', whose output depends on the batch or on chance.*"
+                       r"Call model\.eval\(\) first"):
+        convolutionalize(model, (1, 8, 8))
+    # fcconv never switches the user's model to eval, nor changes it
+    assert all(m.training for m in model.modules())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    # in eval mode the same model converts
+    fcn = convolutionalize(model.eval(), (1, 8, 8))
+    assert isinstance(fcn.graph_module.get_submodule("3"), nn.BatchNorm2d)
+
+
+def test_submodule_left_in_training_mode_is_refused() -> None:
+    model = _bn_dropout_head().eval()
+    model[4].train()
+    with pytest.raises(FcconvError, match=r"^Sequential contains, in training mode, Dropout '4'"):
+        convolutionalize(model, (1, 8, 8))
+
+
+class FunctionalDropout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.fc = nn.Linear(72, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.dropout(self.conv(x).flatten(1), 0.5, training=self.training))
+
+
+def test_functional_dropout_in_training_mode_is_refused() -> None:
+    with pytest.raises(FcconvError, match=r"^FunctionalDropout is in training mode and contains "
+                       r"node 'dropout' \(dropout\(\.\.\., training=True\)\)"):
+        convolutionalize(FunctionalDropout().train(), (1, 8, 8))
+    convolutionalize(FunctionalDropout().eval(), (1, 8, 8))
 
 
 def test_gradients_flow_through_the_fcn() -> None:
@@ -552,6 +601,93 @@ class FixedReshape(nn.Module):
 def test_unconvertible_graphs_name_the_node(model: type[nn.Module], message: str) -> None:
     with pytest.raises(NotEquivalentError, match=message):
         convolutionalize(model().eval(), (3, 8, 8))
+
+
+class PermutedFlatten(nn.Module):
+    """A conv, then the map's dims permuted by ``how``, then flatten and a Linear."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.c = nn.Conv2d(1, 2, 3)
+        self.fc = nn.Linear(72, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c(x)
+        if self.how == "nhwc":
+            y = y.permute(0, 2, 3, 1)
+        elif self.how == "transpose":
+            y = y.transpose(2, 3)
+        elif self.how == "movedim":
+            y = torch.relu(torch.movedim(y, 1, -1))
+        elif self.how == "swapaxes":
+            y = y.swapaxes(1, 3)
+        elif self.how == "round_trip":  # permuted and back: the identity, converts
+            y = y.permute(0, 2, 3, 1).permute(0, 3, 1, 2)
+        return self.fc(y.flatten(1))
+
+
+@pytest.mark.parametrize(("how", "node", "order", "fix"), [
+    ("nhwc", "permute", r"\(N, H, W, C\)", r"view\(-1, 6, 6, 2\)\.permute\(0, 3, 1, 2\)"),
+    ("transpose", "transpose", r"\(N, C, W, H\)", r"view\(-1, 2, 6, 6\)\.permute\(0, 1, 3, 2\)"),
+    ("movedim", "movedim", r"\(N, H, W, C\)", r"permute\(0, 3, 1, 2\)"),
+    ("swapaxes", "swapaxes", r"\(N, W, H, C\)", r"permute\(0, 3, 2, 1\)"),
+])
+def test_flatten_of_a_permuted_map_is_refused(how: str, node: str, order: str, fix: str) -> None:
+    with pytest.raises(NotEquivalentError, match=(
+            r"^Cannot convolutionalize node 'flatten' \(method Tensor\.flatten\): it flattens a "
+            rf"\(\d+, \d+, \d+\) map whose dims node '{node}' .* put in the order {order} instead of "
+            r"\(N, C, H, W\); a flatten of a permuted \(e\.g\. NHWC, channels-last\) map is not "
+            r"supported.*Flatten the NCHW map.*permute the Linear's weight columns to NCHW order.*"
+            rf"model\.fc\.weight\.data = .*{fix}")):
+        convolutionalize(PermutedFlatten(how).eval(), (1, 8, 8))
+
+
+def test_suggested_fix_for_a_channels_last_flatten_works() -> None:
+    torch.manual_seed(3)
+    model = PermutedFlatten("nhwc").to(DTYPE).eval()
+    fixed = copy.deepcopy(model)
+    fixed.how = "none"  # flatten the NCHW map...
+    fixed.fc.weight.data = fixed.fc.weight.data.view(-1, 6, 6, 2).permute(0, 3, 1, 2).reshape(
+        fixed.fc.out_features, -1)  # ...with the weight columns in NCHW order, as the error says
+    x = torch.randn(2, 1, 8, 8, dtype=DTYPE)
+    fcn = convolutionalize(fixed, (1, 8, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(fcn(x).flatten(1), model(x), **TOL)
+
+
+def test_permutation_undone_before_the_flatten_converts() -> None:
+    torch.manual_seed(4)
+    model = PermutedFlatten("round_trip").to(DTYPE).eval()
+    fcn = convolutionalize(model, (1, 8, 8))
+    x = torch.randn(1, 1, 11, 9, dtype=DTYPE)
+    dense, reference = _dense_and_reference(model, fcn, x)
+    torch.testing.assert_close(dense, reference, **TOL)
+
+
+class PermutedAfterPool(nn.Module):
+    """The permute comes after an adaptive pooling that is the identity, inside the head."""
+
+    def __init__(self, pool_after: bool) -> None:
+        super().__init__()
+        self.pool_after = pool_after
+        self.c = nn.Conv2d(1, 2, 3)
+        self.pool = nn.AdaptiveAvgPool2d((6, 6))
+        self.fc = nn.Linear(72, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool_after:  # transpose, then the pooling to the training size
+            return self.fc(self.pool(self.c(x).transpose(2, 3)).flatten(1))
+        return self.fc(self.pool(self.c(x)).permute(0, 2, 3, 1).flatten(1))
+
+
+def test_permuted_map_in_the_head_is_refused() -> None:
+    with pytest.raises(NotEquivalentError, match=r"^Cannot convolutionalize node 'flatten' .*it flattens a "
+                       r"\(6, 6, 2\) map whose dims node 'permute' .*\(N, H, W, C\).*not supported"):
+        convolutionalize(PermutedAfterPool(False).eval(), (1, 8, 8))
+    with pytest.raises(NotEquivalentError, match=r"^Cannot convolutionalize node 'pool' .*it pools a "
+                       r"\(2, 6, 6\) map whose dims node 'transpose' .*\(N, C, W, H\).*not supported"):
+        convolutionalize(PermutedAfterPool(True).eval(), (1, 8, 8))
 
 
 def test_model_without_head_or_map_is_refused() -> None:

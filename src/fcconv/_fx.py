@@ -40,6 +40,9 @@ __all__ = [
     "arg",
     "data_inputs",
     "describe",
+    "dim_labels",
+    "permutation_of",
+    "permuted_dims",
     "record_shapes",
     "spatial_descriptors",
     "trace",
@@ -550,7 +553,77 @@ class Descriptors:
     collapses: list[fx.Node] = field(default_factory=list)
 
 
-_PERMUTES = {"permute"}
+_PERMUTE_METHODS = {"permute"}
+_SWAP_METHODS = {"transpose", "swapaxes", "swapdims"}
+_MOVE_METHODS = {"movedim", "moveaxis"}
+
+
+def _dims(value: Any) -> tuple[int, ...] | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,)
+    if isinstance(value, (tuple, list, torch.Size)) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return tuple(value)
+    return None
+
+
+def permutation_of(node: fx.Node, rank: int) -> tuple[int, ...] | None:
+    """The dim order of a ``permute``/``transpose``/``swapaxes``/``movedim`` node, else None.
+
+    ``result[i]`` is the input dim found at position ``i`` of the output (``rank`` is the input's
+    number of dims). None when the node is none of these, or its dims are not constant ints.
+    """
+    is_method, is_fn = node.op == "call_method", node.op == "call_function"
+    target = node.target
+    name = target if is_method else getattr(target, "__name__", None) if is_fn else None
+    if is_fn and getattr(torch, str(name), None) is not target:
+        return None  # only torch.permute, torch.transpose, ... (not same-named functions elsewhere)
+    if name in _PERMUTE_METHODS:
+        order = _dims(node.args[1:] if is_method and len(node.args) > 2 else arg(node, 1, "dims"))
+        if order is None or len(order) != rank or sorted(d % rank for d in order) != list(range(rank)):
+            return None
+        return tuple(d % rank for d in order)
+    if name in _SWAP_METHODS:
+        d0, d1 = _dims(arg(node, 1, "dim0")), _dims(arg(node, 2, "dim1"))
+        if d0 is None or d1 is None or len(d0) != 1 or len(d1) != 1 or rank == 0:
+            return None
+        swapped = list(range(rank))
+        a, b = d0[0] % rank, d1[0] % rank
+        swapped[a], swapped[b] = swapped[b], swapped[a]
+        return tuple(swapped)
+    if name in _MOVE_METHODS:
+        source = _dims(arg(node, 1, "source"))
+        destination = _dims(arg(node, 2, "destination"))
+        if source is None or destination is None or len(source) != len(destination) or rank == 0:
+            return None
+        moved: list[int | None] = [None] * rank
+        for s, d in zip(source, destination):
+            moved[d % rank] = s % rank
+        rest = iter(i for i in range(rank) if i not in {s % rank for s in source})
+        return tuple(next(rest) if m is None else m for m in moved)
+    return None
+
+
+def permuted_dims(desc: Desc | None) -> bool:
+    """True if a spatial dim of a map sits elsewhere than at position ``2 + k`` (NHWC, H/W swapped)."""
+    return desc is not None and any(
+        isinstance(e, Spatial) and e.k != i - 2 for i, e in enumerate(desc))
+
+
+def dim_labels(desc: Desc, ndim: int) -> tuple[str, ...] | None:
+    """``('N', 'H', 'W', 'C')`` for the descriptor of a channels-last map; None if unreadable."""
+    names = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}[ndim]
+    labels = []
+    for i, e in enumerate(desc):
+        if isinstance(e, Spatial):
+            labels.append(names[e.k])
+        elif e is None:
+            labels.append("N" if i == 0 else "C")
+        else:
+            return None
+    if sorted(labels) != sorted(("N", "C", *names)):
+        return None
+    return tuple(labels)
 
 
 def spatial_descriptors(gm: fx.GraphModule, shapes: dict[fx.Node, NodeValue], ndim: int,
@@ -709,27 +782,11 @@ def spatial_descriptors(gm: fx.GraphModule, shapes: dict[fx.Node, NodeValue], nd
                         pads.append(node)
                 out[node] = tuple(entries)
                 continue
-        if (node.op == "call_method" and node.target in _PERMUTES) or (
-                node.op == "call_function" and node.target is torch.permute):
-            src, src_shape, src_desc = primary(node)
-            order: tuple[Any, ...] = (
-                tuple(node.args[1:]) if node.op == "call_method" else (arg(node, 1, "dims"),))
-            if len(order) == 1 and isinstance(order[0], (tuple, list)):
-                order = tuple(order[0])
-            if src_desc is not None and all(isinstance(d, int) for d in order) and len(order) == len(
-                    src_desc):
-                out[node] = tuple(src_desc[d] for d in order)
-                continue
-        if (node.op == "call_method" and node.target == "transpose") or (
-                node.op == "call_function" and node.target is torch.transpose):
-            src, src_shape, src_desc = primary(node)
-            d0, d1 = arg(node, 1, "dim0"), arg(node, 2, "dim1")
-            if src_desc is not None and isinstance(d0, int) and isinstance(d1, int):
-                entries = list(src_desc)
-                r = len(entries)
-                entries[d0 % r], entries[d1 % r] = entries[d1 % r], entries[d0 % r]
-                out[node] = tuple(entries)
-                continue
+        src, src_shape, src_desc = primary(node)
+        perm = permutation_of(node, len(src_desc)) if src_desc is not None else None
+        if perm is not None and src_desc is not None:
+            out[node] = tuple(src_desc[d] for d in perm)
+            continue
         if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), nn.Linear):
             src, src_shape, src_desc = primary(node)
             if src_desc is not None and src_desc:

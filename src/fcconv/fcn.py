@@ -287,7 +287,9 @@ class FullyConvolutional(nn.Module):
         """Rebuild a saved FCN: convert ``model`` (the architecture) again and load the weights.
 
         Args:
-            model: an instance of the original architecture (its weights do not matter).
+            model: an instance of the original architecture (its weights and its mode do not
+                matter: it may be in training mode; the FCN has its mode, call ``.eval()`` on the
+                result for inference).
             state_dict: ``fcn.state_dict()``, or a checkpoint ``{"state_dict": ..., "geometry": ...}``.
             geometry: ``fcn.geometry()``; taken from the checkpoint when omitted.
             leaf_modules: as for :func:`convolutionalize`.
@@ -308,8 +310,11 @@ class FullyConvolutional(nn.Module):
                 "'input_shape'); got none. Save {'state_dict': fcn.state_dict(), 'geometry': "
                 "fcn.geometry()}."
             )
-        fcn = convolutionalize(model, tuple(geometry["input_shape"]), leaf_modules=leaf_modules,
-                               head=str(geometry.get("head", "auto")))
+        # The weights and statistics are replaced, so the model's mode does not matter here: a
+        # freshly built architecture (in training mode) is accepted, and the FCN keeps its mode.
+        fcn = _convolutionalize(model, tuple(geometry["input_shape"]), inplace=False,
+                                leaf_modules=leaf_modules, head=str(geometry.get("head", "auto")),
+                                check_training=False)
         for key in ("stride", "window", "min_size"):
             if key in geometry and tuple(geometry[key]) != getattr(fcn, key):
                 raise FcconvError(
@@ -395,6 +400,8 @@ class _Pass:
     ndim: int
     head: str
     shapes: dict[fx.Node, _fx.NodeValue]
+    # per node, how its dims depend on the input size (from _fx.spatial_descriptors)
+    descs: dict[fx.Node, Any] = field(default_factory=dict)
     layouts: dict[fx.Node, _Layout] = field(default_factory=dict)
     converted: dict[str, tuple[Any, nn.Module]] = field(default_factory=dict)
     # Nodes to drop, and what replaces them; applied at the end so that layouts stay keyed by
@@ -535,6 +542,10 @@ def _collapse(p: _Pass, node: fx.Node, src: fx.Node) -> _Layout:
     adaptive = _fx.adaptive_output_size(node, gm)
     reduction = _fx.reduction_of(node)
     out_shape = p.shape(node)
+    src_desc = p.descs.get(src)
+    if isinstance(src_desc, tuple) and _fx.permuted_dims(src_desc) and len(src_shape) == ndim + 2 and (
+            _is_flatten_like(node, gm) or (adaptive is not None and any(o != 1 for o in adaptive[2]))):
+        raise _permuted_map_error(p, node, _permuting_node(p, src), src_shape, _fx.dim_labels(src_desc, ndim))
     if adaptive is not None and len(src_shape) == ndim + 2:
         _, kind, size = adaptive
         kernel = []
@@ -571,6 +582,57 @@ def _collapse(p: _Pass, node: fx.Node, src: fx.Node) -> _Layout:
         "Only a flatten (torch.flatten, view, reshape, nn.Flatten), an adaptive pooling that is "
         "the identity or global, or a mean/amax over all spatial dims can feed the head",
     )
+
+
+def _canonical_labels(ndim: int) -> tuple[str, ...]:
+    return ("N", "C", *{1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}[ndim])
+
+
+def _permuting_node(p: _Pass, src: fx.Node) -> fx.Node:
+    """The first node of the chain ending at ``src`` whose output has permuted spatial dims."""
+    node = src
+    while True:
+        before = [i for i in _fx.data_inputs(node)
+                  if isinstance(p.descs.get(i), tuple) and _fx.permuted_dims(p.descs[i])]
+        if not before:
+            return node
+        node = before[0]
+
+
+def _permuted_map_error(p: _Pass, node: fx.Node, permuted_by: fx.Node, shape: tuple[int, ...],
+                        labels: tuple[str, ...] | None) -> NotEquivalentError:
+    """A flatten (or fixed pooling) of a map whose dims are not in (N, C, *spatial) order."""
+    canonical = _canonical_labels(p.ndim)
+    order = f"({', '.join(labels)})" if labels else "a permuted order"
+    linear = next((f"model.{n.target}" for n in _downstream(node)
+                   if n.op == "call_module" and isinstance(p.module(n), nn.Linear)), "linear")
+    todo = (f"Flatten the {''.join(canonical)} map instead (x.flatten(1) before any permute), or "
+            f"permute the Linear's weight columns to {''.join(canonical)} order before converting "
+            "(both, to keep the model's function)")
+    if labels and labels[0] == "N":
+        to_canonical = tuple(labels.index(c) for c in canonical)
+        view = ", ".join(map(str, shape[1:]))
+        todo += (f": {linear}.weight.data = {linear}.weight.data.view(-1, {view})"
+                 f".permute{to_canonical}.reshape({linear}.out_features, -1)")
+    what = "flattens" if _is_flatten_like(node, p.gm) else "pools"
+    return p.fail(
+        node, f"it {what} a {format_shape(shape[1:])} map whose dims {_fx.describe(permuted_by, p.gm)} "
+        f"put in the order {order} instead of ({', '.join(canonical)}); a flatten of a permuted "
+        "(e.g. NHWC, channels-last) map is not supported: fcconv turns the Linear after the flatten "
+        f"into a conv over the {''.join(canonical)} map, which expects the features in "
+        f"{''.join(canonical)} order", todo)
+
+
+def _downstream(node: fx.Node) -> list[fx.Node]:
+    """The nodes that read ``node``, directly or not, breadth first."""
+    seen: dict[fx.Node, None] = {}
+    frontier = list(node.users)
+    while frontier:
+        n = frontier.pop(0)
+        if n not in seen:
+            seen[n] = None
+            frontier.extend(n.users)
+    return list(seen)
 
 
 def _replace_by_pool(p: _Pass, node: fx.Node, src: fx.Node, kind: str, kernel: tuple[int, ...], *,
@@ -727,13 +789,10 @@ def _convert_head_node(p: _Pass, node: fx.Node) -> _Layout | None:
                 return layout
             if kind == "map" and layout.channel_position == p.ndim + 1:
                 return layout
-    if (is_method and target == "permute") or (is_fn and target is torch.permute):
-        dims: tuple[Any, ...] = tuple(node.args[1:]) if is_method else (_fx.arg(node, 1, "dims"),)
-        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
-            dims = tuple(dims[0])
-        if kind == "map" and all(isinstance(d, int) for d in dims):
-            return _Layout("map", layout.channels, layout.spatial,
-                           tuple(layout.order[d] for d in dims))
+    if kind == "map":
+        perm = _fx.permutation_of(node, p.ndim + 2)
+        if perm is not None:
+            return _Layout("map", layout.channels, layout.spatial, tuple(layout.order[d] for d in perm))
     raise p.fail(node, f"fcconv does not know how it acts on the {kind} features of the head",
                  _TODO_HEAD)
 
@@ -752,6 +811,17 @@ def _reshape_node(p: _Pass, node: fx.Node, src: fx.Node, layout: _Layout) -> _La
     if layout.kind in ("channels", "window") and out == src_shape:
         p.remove(node, src)
         return layout
+    if layout.kind == "map" and len(out) == 2:
+        canonical = _canonical_labels(p.ndim)
+        labels = tuple(canonical[d] for d in layout.order)
+        permuted_by = src
+        while True:  # back to the first permuting node of the head
+            before = [i for i in _fx.data_inputs(permuted_by)
+                      if i in p.layouts and p.layouts[i].order not in ((), tuple(range(p.ndim + 2)))]
+            if not before:
+                break
+            permuted_by = before[0]
+        raise _permuted_map_error(p, node, permuted_by, src_shape, labels)
     if layout.kind == "channels" and len(out) == p.ndim + 2 and out[:2] == src_shape and all(
             s == 1 for s in out[2:]):
         p.remove(node, src)
@@ -952,6 +1022,52 @@ def _geometry(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> _Geometry:
     return _Geometry(stride, min_size, window, exact, out_shape[1])
 
 
+# Modules whose output, in training mode, depends on the rest of the batch or on chance.
+_TRAINING_MODULES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, nn.RReLU,
+)
+# Functions that fx traces with ``training=self.training`` frozen to a constant.
+_TRAINING_FUNCTIONS: set[Any] = {
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+    F.batch_norm, F.rrelu,
+}
+
+
+def _training_error(model: nn.Module, found: list[str]) -> FcconvError:
+    shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+    mode = "is in training mode and contains" if model.training else "contains, in training mode,"
+    return FcconvError(
+        f"{type(model).__name__} {mode} {shown}, whose output depends on "
+        "the batch or on chance: converted as they are, each cell of the score map would be "
+        "normalised over the whole map or randomly dropped, not scored like its window. Call "
+        "model.eval() first (fcconv never changes the model's mode itself)."
+    )
+
+
+def _check_not_training(model: nn.Module) -> None:
+    """Refuse a model whose BatchNorm, Dropout or RReLU modules are in training mode."""
+    found = [f"{type(m).__name__} '{name}'" if name else type(m).__name__
+             for name, m in model.named_modules()
+             if isinstance(m, _TRAINING_MODULES) and m.training]
+    if found:
+        raise _training_error(model, found)
+
+
+def _check_no_training_calls(model: nn.Module, gm: fx.GraphModule) -> None:
+    """Refuse traced calls like ``F.dropout(x, training=self.training)`` of a model in training mode."""
+    if not model.training:
+        return
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _TRAINING_FUNCTIONS:
+            continue
+        pair = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
+        if pair is not None and pair.kwargs.get("training", node.target is not F.batch_norm) is True:
+            found.append(f"node '{node.name}' ({node.target.__name__}(..., training=True))")
+    if found:
+        raise _training_error(model, found)
+
+
 def convolutionalize(model: nn.Module, input_shape: Sequence[int], *, inplace: bool = False,
                      leaf_modules: object = (), head: str = "auto") -> FullyConvolutional:
     """Turn a classifier into a fully convolutional network that returns dense score maps.
@@ -965,8 +1081,11 @@ def convolutionalize(model: nn.Module, input_shape: Sequence[int], *, inplace: b
     After: ``features -> AvgPool2d(7, stride=1) -> Conv2d(512, 1000, 1)``.
 
     Args:
-        model: the classifier, in eval mode (it is traced as it is; BatchNorm1d and Dropout are
-            converted for eval). Torchvision classifiers work as they are.
+        model: the classifier, in eval mode: a model whose BatchNorm, Dropout (or RReLU)
+            modules are in training mode is refused, as their output depends on the batch or on
+            chance (call ``model.eval()`` first; fcconv never changes the model's mode). A
+            model in training mode without them converts, and the FCN keeps every module's mode.
+            Torchvision classifiers in eval mode work as they are.
         input_shape: the per-sample training shape ``(C, *spatial)``, e.g. ``(3, 224, 224)``;
             1, 2 or 3 spatial dims.
         inplace: if False (default) the model is deep-copied first and never changes. If True it
@@ -986,7 +1105,9 @@ def convolutionalize(model: nn.Module, input_shape: Sequence[int], *, inplace: b
         A :class:`FullyConvolutional` with the converted ``graph_module`` and its geometry.
 
     Raises:
-        FcconvError: on a malformed ``input_shape`` or ``head``.
+        FcconvError: on a malformed ``input_shape`` or ``head``, or a model in training mode
+            that contains BatchNorm, Dropout or RReLU modules (or traced ``F.dropout``,
+            ``F.batch_norm`` calls with ``training=True``).
         NotEquivalentError: if tracing fails (the message names the module and suggests
             ``leaf_modules``), or a node cannot be converted or slid (the message names it).
 
@@ -995,6 +1116,13 @@ def convolutionalize(model: nn.Module, input_shape: Sequence[int], *, inplace: b
         >>> fcn(torch.rand(1, 3, 320, 320)).shape, fcn.stride
         (torch.Size([1, 1000, 4, 4]), (32, 32))
     """
+    return _convolutionalize(model, input_shape, inplace=inplace, leaf_modules=leaf_modules,
+                             head=head, check_training=True)
+
+
+def _convolutionalize(model: nn.Module, input_shape: Sequence[int], *, inplace: bool,
+                      leaf_modules: object, head: str, check_training: bool) -> FullyConvolutional:
+    """:func:`convolutionalize`; ``check_training=False`` converts a model in training mode too."""
     if not isinstance(model, nn.Module):
         raise FcconvError(
             f"convolutionalize expects an nn.Module; got {type(model).__name__}. Pass the model."
@@ -1003,11 +1131,15 @@ def convolutionalize(model: nn.Module, input_shape: Sequence[int], *, inplace: b
     if head not in _HEADS:
         raise FcconvError(f"head must be one of {', '.join(map(repr, _HEADS))}; got {head!r}.")
     ndim = len(shape) - 1
+    if check_training:
+        _check_not_training(model)
     # Module instances become their qualified names here, so they survive the deep copy.
     types, names = _fx.leaf_matchers(model, leaf_modules)
     leaves = [*types, *sorted(names)]
     source = model if inplace else copy.deepcopy(model)
     gm = _fx.trace(source, leaves)
+    if check_training:
+        _check_no_training_calls(model, gm)
     try:
         shapes = _fx.record_shapes(gm, shape)
     except _fx.NodeFailure as error:
@@ -1015,7 +1147,7 @@ def convolutionalize(model: nn.Module, input_shape: Sequence[int], *, inplace: b
                             "Pass the per-sample shape the model was trained on as input_shape, "
                             "e.g. (3, 224, 224)") from None
     desc = _fx.spatial_descriptors(gm, shapes, ndim, _flatten_points(gm, shapes, ndim))
-    state = _Pass(gm, source, inplace, ndim, head, shapes)
+    state = _Pass(gm, source, inplace, ndim, head, shapes, dict(desc.desc))
     _convert(state, desc)
     geometry = _geometry(gm, shape)
     return FullyConvolutional(

@@ -15,6 +15,11 @@ built on torch.fx: the model is traced, shapes come from one run on ``meta`` ten
   feeds the head becomes a stride-1 pooling whose kernel is the training feature size;
 * global poolings inside the feature extractor (squeeze-and-excitation blocks) stay global.
 
+The model must be in eval mode where it matters: BatchNorm, Dropout or RReLU modules in training
+mode are refused (their output depends on the batch or on chance; call ``model.eval()``). A flatten
+of a map whose dims were permuted (NHWC, swapped H and W) is refused at the flatten, naming the
+permuting node.
+
 :func:`sliding_window` is the naive reference: the model on every crop, in batches.
 
 Example:

@@ -28,7 +28,7 @@ then use ``n = in_features + 1 + K``, since ``gamma_a + gamma_b <= gamma_(a+b)``
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from copy import deepcopy
 from typing import Any, cast
 
@@ -50,19 +50,11 @@ from fcconv.layers import (
 )
 
 pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
     pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel:UserWarning"),
     pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning"),  # inside torch.func
 ]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Run these many tiny ops on one thread: on a busy machine, waking a second one costs more than
-    the op (the results do not depend on it: the checks are exact or bounded for any order)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 CONVS: dict[int, Any] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 TRANSPOSED: dict[int, Any] = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}

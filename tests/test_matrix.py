@@ -9,7 +9,6 @@ conv_weight_matrix adds the taps in the order of the padding's backward.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -27,19 +26,11 @@ from fcconv.matrix import (
 )
 
 pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
     pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel:UserWarning"),
     pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning"),  # inside torch.func
 ]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Run these many tiny ops on one thread: on a busy machine, waking a second one costs more than
-    the op (the results do not depend on it: the checks are exact or bounded for any order)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 CONVS: dict[int, Any] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 MODES = ("zeros", "reflect", "replicate", "circular")

@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 import click
 
 from fcconv._io import atomic_output
+from fcconv._shapes import check_input_shape
 from fcconv.errors import FcconvError
 
 __all__ = [
@@ -188,12 +189,15 @@ class InputShape(click.ParamType):
             shape = tuple(int(p) for p in parts)
         except ValueError:
             shape = ()
-        if not shape or not 2 <= len(shape) <= 4 or any(s <= 0 for s in shape):
+        if not shape:
             self.fail(
                 f"expected a per-sample shape C,H,W of 2 to 4 positive integers such as 3,224,224 "
                 f"or 3x224x224 (no batch size); got {value!r}.", param, ctx,
             )
-        return shape
+        try:  # rank and sizes: the library's one check, so the CLI accepts what the API accepts
+            return check_input_shape(shape, what="--input")
+        except FcconvError as error:
+            self.fail(f"{error} On the command line: e.g. 3,224,224 or 3x224x224.", param, ctx)
 
 
 class NumberList(click.ParamType):

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint typecheck bench clean
+.PHONY: demo test test-fast lint typecheck bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -11,7 +11,7 @@ $(BIN)/python:
 
 # Stamps re-run the install when pyproject.toml changes.
 $(VENV)/.installed-cli: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e ".[cli]"
+	$(BIN)/python -m pip install --quiet -e ".[cli,models]"
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
@@ -23,6 +23,11 @@ demo: $(VENV)/.installed-cli
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/mypy
+
+test-fast: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q -m "not slow"
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/mypy
 

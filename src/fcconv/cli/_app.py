@@ -157,7 +157,7 @@ class LazyGroup(click.Group):
 def _unavailable(name: str, short_help: str, error: BaseException) -> click.Command:
     """A stand-in for a command whose module cannot be imported: it explains why and exits 1."""
     if isinstance(error, ModuleNotFoundError) and error.name and not error.name.startswith("fcconv"):
-        fix = f"install it, e.g. pip install 'fcconv[cli,vision]' (missing module {error.name!r})"
+        fix = f"install it, e.g. pip install 'fcconv[cli,models]' (missing module {error.name!r})"
     else:
         fix = f"its module failed to import: {type(error).__name__}: {one_line(error)}"
 

@@ -81,7 +81,7 @@ def _torchvision_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
     except ImportError:
         raise FcconvError(
             f"torchvision:{name} needs torchvision, which is not installed. "
-            "Install it with pip install 'fcconv[vision]'."
+            "Install it with pip install 'fcconv[models]'."
         ) from None
     names = models.list_models()
     if name not in names:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
 import math
 
 import pytest
@@ -13,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from fcconv.certify import FLOAT64_RTOL, EquivalenceReport, assert_equivalent, compare, ulp_distance
+from fcconv.certify import FLOAT64_RTOL, assert_equivalent, compare
 from fcconv.errors import FcconvError, NotEquivalentError
 from fcconv.layers import conv_to_linear, linear_to_conv, linear_to_pointwise, pointwise_to_linear
 
@@ -43,126 +41,6 @@ def assert_unchanged(module: nn.Module, before: dict) -> None:
         assert now_requires_grad == requires_grad, name
         assert grad is None and now_grad is None, name
         assert torch.equal(now.view(torch.uint8) if now.dtype == torch.bool else now, value), name
-
-
-# ------------------------------------------------------------------------------------------------
-# ULP distance, by hand
-# ------------------------------------------------------------------------------------------------
-
-
-def bits_to(value: int, dtype: torch.dtype) -> torch.Tensor:
-    int_dtype = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
-                 torch.float64: torch.int64}[dtype]
-    width = torch.iinfo(int_dtype).bits
-    signed = value - (1 << width) if value >= 1 << (width - 1) else value
-    return torch.tensor([signed], dtype=int_dtype).view(dtype)
-
-
-@pytest.mark.parametrize(("dtype", "a", "b", "expected"), [
-    # float32: neighbours, 5 apart, across the binade boundary 2 = 0x40000000
-    (torch.float32, 0x3F800000, 0x3F800001, 1),
-    (torch.float32, 0x3F800000, 0x3F800005, 5),
-    (torch.float32, 0x3FFFFFFF, 0x40000000, 1),
-    # across zero: 1.0 and -1.0 are 2 * 0x3F800000 apart; +0 / -0 are equal
-    (torch.float32, 0x3F800000, 0xBF800000, 2 * 0x3F800000),
-    (torch.float32, 0x00000000, 0x80000000, 0),
-    (torch.float32, 0x00000001, 0x80000001, 2),  # smallest subnormals +-1.4e-45
-    (torch.float32, 0x80000000, 0x00000001, 1),  # -0 to the smallest positive subnormal
-    (torch.float32, 0x7F7FFFFF, 0x7F800000, 1),  # largest finite to +inf
-    # bfloat16: 1.0 = 0x3F80, its neighbour 1.0078125, 2.0 = 0x4000, -1.0
-    (torch.bfloat16, 0x3F80, 0x3F81, 1),
-    (torch.bfloat16, 0x3F80, 0x4000, 0x80),
-    (torch.bfloat16, 0x3F80, 0xBF80, 2 * 0x3F80),
-    (torch.bfloat16, 0x0001, 0x8001, 2),
-    # float16: 1.0 = 0x3C00 and 2.0 = 0x4000 are 1024 apart (10 mantissa bits)
-    (torch.float16, 0x3C00, 0x4000, 1024),
-    # float64: 1.0 and the next double; -1.0 and 1.0
-    (torch.float64, 0x3FF0000000000000, 0x3FF0000000000001, 1),
-    (torch.float64, 0x3FF0000000000000, 0xBFF0000000000000, 2 * 0x3FF0000000000000),
-    (torch.float64, 0x0000000000000000, 0x8000000000000000, 0),
-])
-def test_ulp_distance_hand_computed(dtype, a, b, expected):
-    x, y = bits_to(a, dtype), bits_to(b, dtype)
-    assert int(ulp_distance(x, y)) == expected
-    assert int(ulp_distance(y, x)) == expected
-
-
-def test_ulp_distance_values_saturation_and_nan():
-    # Values, not bit patterns: 1.0 and 1 + 2**-23 in float32; 1 + 2**-8 rounds to 1 in bfloat16.
-    assert ulp_distance(torch.tensor([1.0]), torch.tensor([1.0 + 2**-23])).tolist() == [1]
-    assert ulp_distance(torch.tensor([1.0 + 2**-8], dtype=torch.bfloat16),
-                        torch.tensor([1.0], dtype=torch.bfloat16)).tolist() == [0]
-    big = torch.finfo(torch.float64).max
-    assert int(ulp_distance(torch.tensor([-big], dtype=torch.float64),
-                            torch.tensor([big], dtype=torch.float64))) == 2**63 - 1
-    nan = torch.tensor([math.nan, math.nan, 1.0])
-    assert ulp_distance(nan, torch.tensor([math.nan, 1.0, 1.0])).tolist() == [0, 2**63 - 1, 0]
-    assert ulp_distance(torch.tensor([[1.0], [2.0]]), torch.tensor([1.0, 2.0])).shape == (2, 2)
-
-
-def test_ulp_distance_rejects_mixed_dtypes():
-    with pytest.raises(FcconvError, match="ulp_distance expects two floating-point tensors of one dtype"):
-        ulp_distance(torch.zeros(2), torch.zeros(2, dtype=torch.float64))
-    with pytest.raises(FcconvError, match="ulp_distance expects two tensors"):
-        ulp_distance(torch.zeros(2), [0.0, 0.0])
-
-
-# ------------------------------------------------------------------------------------------------
-# Report arithmetic
-# ------------------------------------------------------------------------------------------------
-
-
-def identity_linear(scale_last: float = 1.0) -> nn.Linear:
-    lin = nn.Linear(2, 2, bias=False)
-    with torch.no_grad():
-        lin.weight.copy_(torch.diag(torch.tensor([1.0, scale_last])))
-    return lin
-
-
-def test_report_arithmetic_by_hand():
-    # reference gives x itself, the candidate multiplies the second feature by 1.5.
-    x = torch.tensor([[1.0, 4.0], [-8.0, 2.0]])
-    report = compare(identity_linear(), identity_linear(1.5), inputs=x)
-    # outputs [[1, 4], [-8, 2]] vs [[1, 6], [-8, 3]]: differences 0, 2, 0, 1
-    assert report.max_abs == 2.0
-    assert report.max_rel == 2.0 / 8.0  # over the largest reference magnitude, not per element
-    assert report.bit_identical_fraction == 0.5
-    assert report.max_ulp == 2**22  # 4 = 1.0 * 2**2 and 6 = 1.5 * 2**2: half a binade of 2**23
-    assert report.num_compared == 4 and report.samples == 2 and report.batches == 1
-    assert report.float64_max_rel == 0.25
-    worst = report.output_agreement.worst
-    assert (worst.batch, worst.sample, worst.index) == (0, 0, (1,))
-    assert (worst.reference, worst.candidate) == (4.0, 6.0)
-    assert not report.equivalent
-    assert "largest difference at batch 0 (batch 0), sample 0, element (1,): reference 4" in report.reason
-
-
-def test_single_layer_bound_is_the_dot_product_bound():
-    # For one Linear vs its conv the bound per output is 2 * n * eps * sum|w x| (n counts the bias).
-    lin = nn.Linear(75, 6)
-    conv = linear_to_conv(lin, (3, 5, 5))
-    x = torch.randn(4, 75) * torch.logspace(-3, 3, 4).unsqueeze(1)
-    report = compare(lin, conv, inputs=x, input_map=flat_to((3, 5, 5)))
-    with torch.no_grad():
-        diff = (lin(x).double() - conv(x.reshape(-1, 3, 5, 5)).flatten(1).double()).abs()
-        magnitude = x.double().abs() @ lin.weight.double().abs().t() + lin.bias.double().abs()
-    bound = 2 * 76 * torch.finfo(torch.float32).eps * magnitude + torch.finfo(torch.float32).tiny
-    expected = float(torch.where(diff == 0, 0.0, diff / bound).max())
-    assert report.output_agreement.bound_single_layer is True
-    assert report.output_agreement.bound_ratio == pytest.approx(expected, rel=1e-9)
-    assert report.bound_ok and report.equivalent
-
-
-def test_max_rel_uses_largest_reference_magnitude_not_elementwise():
-    # A near-zero reference output with a small absolute error must not blow max_rel up.
-    ref = nn.Linear(1, 2, bias=False)
-    cand = nn.Linear(1, 2, bias=False)
-    with torch.no_grad():
-        ref.weight.copy_(torch.tensor([[1e-6], [1.0]]))
-        cand.weight.copy_(torch.tensor([[2e-6], [1.0]]))
-    report = compare(ref, cand, inputs=torch.ones(1, 1))
-    assert report.max_abs == pytest.approx(1e-6, rel=1e-3)
-    assert report.max_rel == pytest.approx(1e-6, rel=1e-3)  # elementwise it would be 1.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -520,22 +398,6 @@ def test_generated_inputs_are_seeded():
     assert other != a  # other inputs, other numbers
 
 
-def test_report_table_and_dict():
-    lin = nn.Linear(6, 3)
-    report = compare(lin, linear_to_conv(lin, (6, 1)), (6,), input_map=flat_to((6, 1)), grad=True)
-    text = str(report)
-    for row in ("max abs difference", "max rel difference", "max ULP (float32)", "bit-identical",
-                "diff / rounding bound", "float64 copies: max rel", "same function",
-                "input gradients", "EQUIVALENT: same function"):
-        assert row in text
-    assert text.splitlines()[0] == "Linear (reference) vs Conv1d (candidate): 8 samples in 4 batches, float32"
-    data = json.loads(json.dumps(report.as_dict()))
-    assert data["dtype"] == "float32" and data["equivalent"] is True
-    assert data["output_agreement"]["count"] == 24
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        report.equivalent = False  # type: ignore[misc]
-    assert isinstance(report, EquivalenceReport)
-
 
 # ------------------------------------------------------------------------------------------------
 # assert_equivalent and errors
@@ -622,3 +484,35 @@ def test_division_by_an_integer_tensor_keeps_the_bound() -> None:
     assert report.unsupported is None
     assert report.bound_ok is True
     assert report.equivalent
+
+
+def test_certify_uses_no_other_part_of_fcconv() -> None:
+    # certify is used by models, layers, the CLI and the demo, and uses none of them.
+    import ast
+    from pathlib import Path
+
+    import fcconv.certify
+
+    allowed = ("fcconv.certify", "fcconv.errors", "fcconv._shapes")
+    root = Path(fcconv.certify.__file__).parent
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                if name.startswith("fcconv"):
+                    assert name.startswith(allowed), f"{path.name} imports {name}"
+
+
+def test_positional_input_shape_and_keyword_inputs_agree() -> None:
+    lin = nn.Linear(4, 2)
+    by_shape = compare(lin, copy.deepcopy(lin), (4,))
+    assert by_shape == compare(lin, copy.deepcopy(lin), input_shape=(4,)) and by_shape.batches == 4
+    x = torch.randn(3, 4)
+    assert compare(lin, copy.deepcopy(lin), inputs=x).samples == 3
+    with pytest.raises(FcconvError, match=r"input_shape is the reference's per-sample input shape.*inputs=x"):
+        compare(lin, copy.deepcopy(lin), x)

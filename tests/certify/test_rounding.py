@@ -143,3 +143,15 @@ def test_an_op_without_a_rule_stops_the_propagation() -> None:
     with tracker:
         torch.cumsum(x, 0)
     assert tracker.unsupported == "aten.cumsum"
+
+
+def test_padding_built_by_writes_stays_exact() -> None:
+    # Circular padding copies exact values into a new tensor: the conv after it is a single rounded
+    # dot product, not a second one (which would mark the bound deep and loose).
+    conv = torch.nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular").double()
+    x = data(2, 2, 4, 4, seed=1).double()
+    tracker = Tracker((EPS32,))
+    with tracker, torch.no_grad():
+        y = conv(x)
+    assert tracker.unsupported is None and tracker.bound(y, 0) is not None
+    assert not tracker.deep(y)

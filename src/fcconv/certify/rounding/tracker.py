@@ -125,7 +125,7 @@ class BoundTable:
             self._store(target, bounds, aux, deep)
             return
         numel = target.untyped_storage().nbytes() // target.element_size()
-        laid_out = []
+        laid_out: list[Tensor | None] = []
         for ch in range(len(self.eps)):
             laid = torch.zeros(numel, dtype=_F64, device=target.device)
             for e in sharing:
@@ -135,11 +135,14 @@ class BoundTable:
             new = bounds[ch]
             view = laid.as_strided(target.shape, target.stride(), target.storage_offset())
             view.copy_(new.expand(target.shape) if new is not None else torch.zeros((), dtype=_F64))
-            laid_out.append(laid)
+            # Exact values written into exact storage (padding built by writes) stay exact: None,
+            # so that a dot product reading them does not count as a second rounded one.
+            laid_out.append(laid if bool(laid.any()) else None)
         deep = deep or any(e.deep for e in sharing)
         for e in [*sharing, _Entry(target, [], aux, deep)]:
-            read: list[Bound] = [laid.as_strided(e.t.shape, e.t.stride(), e.t.storage_offset())
-                                  for laid in laid_out]
+            read: list[Bound] = [None if laid is None else
+                                 laid.as_strided(e.t.shape, e.t.stride(), e.t.storage_offset())
+                                 for laid in laid_out]
             self.entries[id(e.t)] = _Entry(e.t, read, aux if e.t is target else None, deep or e.deep)
 
 

@@ -19,6 +19,7 @@ from fcconv.certify.rounding.registry import (
     sum_bounds,
 )
 from fcconv.certify.rounding.rules_norm import channel_view, normalized_bound
+from fcconv.certify.rounding.rules_reduce import linear_sum
 
 
 @rule_for("convolution_backward")
@@ -258,3 +259,22 @@ def _r_log_softmax_backward(op: Op, ch: int) -> Bound:
         None if eo is None else gsum.abs() * s * eo,
         op.rnd(ch, "own", lambda: op.abs(op.out) + s * op.abs(g).sum(dim, keepdim=True), factor=n + 3),
     )
+
+
+def _backward_window(op: Op) -> float:
+    return float(math.prod(op.args[2]))
+
+
+# The backward of average pools and padding: linear sums of the gradient.
+register({
+    "avg_pool2d_backward": linear_sum(_backward_window),
+    "avg_pool3d_backward": linear_sum(_backward_window),
+    "_adaptive_avg_pool2d_backward": linear_sum(lambda op: float(2 ** (op.args[1].dim() - 2)) + 1),
+    "_adaptive_avg_pool3d_backward": linear_sum(lambda op: float(2 ** (op.args[1].dim() - 2)) + 1),
+    "reflection_pad1d_backward": linear_sum(lambda op: 3.0),
+    "reflection_pad2d_backward": linear_sum(lambda op: 9.0),
+    "reflection_pad3d_backward": linear_sum(lambda op: 27.0),
+    "replication_pad1d_backward": linear_sum(lambda op: float(1 + max(op.args[2]))),
+    "replication_pad2d_backward": linear_sum(lambda op: float((1 + max(op.args[2])) ** 2)),
+    "replication_pad3d_backward": linear_sum(lambda op: float((1 + max(op.args[2])) ** 3)),
+})

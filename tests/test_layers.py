@@ -3,33 +3,18 @@
 Each conversion test checks four things: the structure of the result, its outputs against the
 source's, the round trip back, and that the source module is unchanged.
 
-How close "equal outputs" must be is derived, not guessed. The source and the result compute each
-output as a dot product of length ``n`` (``n`` products plus the bias: ``in_features + 1`` terms for
-the Linear side; a conv sums fewer, non-zero, terms). In floating point with unit roundoff ``u`` (half
-the machine epsilon), whatever the order of the additions (Higham, *Accuracy and Stability of
-Numerical Algorithms*, 2nd ed., eq. 3.5)::
-
-    |fl(y) - y| <= gamma_n * sum_i |w_i x_i|,    gamma_n = n u / (1 - n u),
-
-so two computations of the same output differ by at most ``2 gamma_n sum|w x|`` (about
-``n * eps * sum|w x|``). ``sum|w x|`` (the bias counted as ``|b| * 1``) is computed exactly enough by
-running the same layer with ``|w|`` and ``|b|`` on ``|x|`` in float64. Where the Linear's weights are
-themselves sums of up to ``K = prod(kernel)`` taps rounded in the working precision (folded padding
-modes), each weight carries an error ``<= gamma_K sum|taps|``, which adds ``gamma_K sum|w x|``: we
-then use ``n = in_features + 1 + K``, since ``gamma_a + gamma_b <= gamma_(a+b)``.
-
-* float64: the bound is below ``1e-12 * sum|w x|`` for every size used here, and 1e-12 relative (to
-  ``sum|w x|``, the scale of the terms) is what is asserted;
-* float32: ``u = 2**-24``;
-* bfloat16: ``u = 2**-8`` (eps ``2**-7``). The bound assumes only that each operation rounds to the
-  working precision or better (PyTorch accumulates bfloat16 in float32, which is better), so it holds.
+"Equal outputs" are certified with the library's own :func:`fcconv.certify.assert_equivalent` on
+the test's inputs: the float64 copies of source and result must be the same function, and the
+working-precision differences must lie within the rounding bound derived for the computation
+(``report.bound_ok``), never a guessed tolerance. Conversions that compute weights (``conv_to_linear``
+with reflect, replicate or circular padding sums the taps folded onto one input) round them once in
+the working dtype: there ``parameter_rounding=True`` allows that one rounding per weight.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from copy import deepcopy
 from typing import Any, cast
 
 import pytest
@@ -39,6 +24,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvTransposeNd
 
+from fcconv.certify import assert_equivalent
 from fcconv.errors import FcconvError, NotEquivalentError
 from fcconv.layers import (
     conv_matrix,
@@ -63,34 +49,17 @@ SHAPES = {1: (3, 5), 2: (2, 3, 4), 3: (2, 2, 3, 2)}  # per-sample input shapes (
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-# Helpers: the error bound, snapshots of a module, the four checks.
+# Helpers: the certificate, snapshots of a module, the four checks.
 
 
-def gamma(n: int, u: float) -> float:
-    """Higham's gamma_n = n u / (1 - n u), for n u < 1."""
-    assert n * u < 1, "the bound needs n * u < 1: use a smaller layer"
-    return n * u / (1 - n * u)
-
-
-def abs_layer(module: nn.Module) -> nn.Module:
-    """A float64 copy of ``module`` with |weight| and |bias|: run on |x| it gives sum|w x| + |b|."""
-    copy = deepcopy(module).double()
-    with torch.no_grad():
-        for p in copy.parameters():
-            p.abs_()
-    return copy
-
-
-def assert_outputs_match(got: Tensor, expected: Tensor, scale: Tensor, n_terms: int) -> None:
-    """``|got - expected| <= bound * scale`` elementwise, with the bound of the module docstring."""
-    assert got.shape == expected.shape and got.dtype == expected.dtype
-    if got.dtype == torch.float64:
-        bound = 1e-12
-        assert 2 * gamma(n_terms, 2.0**-53) < bound  # the derived bound is tighter still
-    else:
-        bound = 2 * gamma(n_terms, torch.finfo(got.dtype).eps / 2)
-    err = (got.double() - expected.double()).abs()
-    assert bool((err <= bound * scale).all()), f"max error {err.max().item():.3g} > bound"
+def assert_outputs_match(source: nn.Module, result: nn.Module, x: Tensor, *,
+                         input_map: Callable[[Tensor], Tensor] | None = None,
+                         output_map: Callable[[Tensor], Tensor] | None = None,
+                         parameter_rounding: bool = False) -> None:
+    """``result`` computes ``source``'s function on the batch ``x`` (the source's input), certified."""
+    report = assert_equivalent(source, result, inputs=x, input_map=input_map, output_map=output_map,
+                               parameter_rounding=parameter_rounding)
+    assert report.bound_ok is True, report
 
 
 def snapshot(module: nn.Module) -> dict[str, object]:
@@ -188,10 +157,7 @@ def check_linear_to_conv(linear: Any, shape: tuple[int, ...], share: bool) -> An
     assert conv_output_shape(conv, shape) == (linear.out_features,) + (1,) * ndim
     # Outputs.
     x = sample(shape, linear.weight.dtype)
-    with torch.no_grad():
-        got, expected = conv(x).flatten(1), linear(x.flatten(1))
-        scale = abs_layer(linear)(x.flatten(1).double().abs())
-    assert_outputs_match(got, expected, scale, linear.in_features + 1)
+    assert_outputs_match(linear, conv, x.flatten(1), input_map=lambda v: v.reshape(-1, *shape))
     # Round trip: the kernel reshaped back, bit for bit.
     back = conv_to_linear(conv, shape, share_weights=share)
     assert type(back) is nn.Linear and back.weight.shape == linear.weight.shape
@@ -250,11 +216,8 @@ def check_linear_to_pointwise(linear: Any, ndim: int, share: bool) -> Any:
     assert conv.padding == (0,) * ndim and conv.groups == 1
     assert_same_kind(conv, linear)
     x = sample((linear.in_features, *(2, 3, 2)[:ndim]), linear.weight.dtype)
-    with torch.no_grad():
-        got = conv(x)
-        expected = linear(x.movedim(1, -1)).movedim(-1, 1)
-        scale = abs_layer(linear)(x.double().abs().movedim(1, -1)).movedim(-1, 1)
-    assert_outputs_match(got, expected, scale, linear.in_features + 1)
+    assert_outputs_match(linear, conv, x.movedim(1, -1), input_map=lambda v: v.movedim(-1, 1),
+                         output_map=lambda y: y.movedim(1, -1))
     back = pointwise_to_linear(conv, share_weights=share)
     assert type(back) is nn.Linear and torch.equal(back.weight, linear.weight)
     assert (back.bias is None and linear.bias is None) or torch.equal(back.bias, linear.bias)
@@ -313,10 +276,8 @@ def check_conv_to_linear(conv: Any, shape: tuple[int, ...]) -> Any:
     assert (linear.bias is None) == (conv.bias is None)
     assert_same_kind(linear, conv)
     x = sample(shape, conv.weight.dtype)
-    with torch.no_grad():
-        got, expected = linear(x.flatten(1)), conv(x).flatten(1)
-        scale = abs_layer(conv)(x.double().abs()).flatten(1)
-    assert_outputs_match(got, expected, scale, linear.in_features + 1 + math.prod(conv.kernel_size))
+    folded = getattr(conv, "padding_mode", "zeros") != "zeros"  # taps summed in the working dtype
+    assert_outputs_match(conv, linear, x, input_map=lambda v: v.flatten(1), parameter_rounding=folded)
     # The weight is the exact matrix (and the kernel itself, reshaped, where it covers the input).
     assert torch.equal(linear.weight, conv_matrix(conv, shape))
     # Round trip through scenario 1: a covering conv with the same matrix, bit for bit.
@@ -425,11 +386,8 @@ def test_pointwise_to_linear(ndim: int, groups: int, dtype: torch.dtype, kwargs:
     assert type(linear) is nn.Linear and (linear.in_features, linear.out_features) == (4, 6)
     assert_same_kind(linear, conv)
     x = sample((4, *(2, 3, 2)[:ndim]), dtype)
-    with torch.no_grad():
-        got = linear(x.movedim(1, -1)).movedim(-1, 1)
-        expected = conv(x)
-        scale = abs_layer(conv)(x.double().abs())
-    assert_outputs_match(got, expected, scale, 4 + 1)
+    assert_outputs_match(conv, linear, x, input_map=lambda v: v.movedim(1, -1),
+                         output_map=lambda y: y.movedim(-1, 1))
     w = conv.weight.detach().reshape(6, 4 // groups)
     if groups == 1:
         assert torch.equal(linear.weight, w)

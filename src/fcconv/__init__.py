@@ -5,6 +5,7 @@ Example:
     >>> conv = fcconv.linear_to_conv(torch.nn.Linear(4, 2), (1, 2, 2))
 """
 
+from fcconv.certify import EquivalenceReport, assert_equivalent, compare, ulp_distance
 from fcconv.errors import FcconvError, NotEquivalentError
 from fcconv.explain import Explanation, explain
 from fcconv.fcn import FullyConvolutional, convolutionalize, sliding_window
@@ -16,7 +17,6 @@ from fcconv.layers import (
     linear_to_pointwise,
     pointwise_to_linear,
 )
-from fcconv.verify import EquivalenceReport, assert_equivalent, compare, ulp_distance
 
 __version__ = "0.1.0"
 

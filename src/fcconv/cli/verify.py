@@ -117,7 +117,7 @@ def command(reference: str, candidate: str, input_shape: tuple[int, ...] | None,
         raise click.UsageError(
             "Missing option '--input': give the per-sample input shape, e.g. --input 3,32,32."
         )
-    from fcconv.verify import compare
+    from fcconv.certify import compare
 
     modules = []
     for name, loaded in (("REFERENCE", ref), ("CANDIDATE", cand)):
@@ -127,7 +127,7 @@ def command(reference: str, candidate: str, input_shape: tuple[int, ...] | None,
             click.echo(f"{name} is a Linear on inputs {format_shape(shape)}: {note}.")
     with step(f"Comparing on inputs {format_shape(shape)}", quiet=quiet):
         try:
-            report = compare(modules[0], modules[1], shape, grad=grad, seed=seed,
+            report = compare(modules[0], modules[1], input_shape=shape, grad=grad, seed=seed,
                              parameter_rounding=parameter_rounding)
         except ModuleRunError as error:
             name = reference if error.role == "reference" else candidate

@@ -37,7 +37,7 @@ def _has(module: str) -> bool:
     return True
 
 
-needs_fcn = pytest.mark.skipif(not _has("fcconv.fcn"), reason="fcconv.fcn is not there yet")
+needs_fcn = pytest.mark.skipif(not _has("fcconv.models"), reason="fcconv.models is not there yet")
 needs_verify = pytest.mark.skipif(not _has("fcconv.verify"), reason="fcconv.verify is not there yet")
 
 
@@ -556,7 +556,7 @@ def test_verify_bad_reference() -> None:
 def _digits_png(path: Path) -> None:
     from PIL import Image
 
-    from fcconv.digits import make_canvas
+    from fcconv.demo.digits import make_canvas
 
     canvas = make_canvas(32, 64, seed=1)
     pixels = (canvas.image[0] * 255).round().to(torch.uint8).numpy()
@@ -569,8 +569,8 @@ def test_heatmap_of_the_digits_model(tmp_path: Path) -> None:
 
     image, out = tmp_path / "canvas.png", tmp_path / "map.png"
     _digits_png(image)
-    result = run("heatmap", "fcconv.digits:load_digits_model", str(image), "--input", "1,12,12",
-                 "--labels", "fcconv.digits:CLASS_NAMES", "--hide", "background", "-o", str(out))
+    result = run("heatmap", "fcconv.demo.digits:load_digits_model", str(image), "--input", "1,12,12",
+                 "--labels", "fcconv.demo.digits:CLASS_NAMES", "--hide", "background", "-o", str(out))
     assert result.exit_code == 0, result.output
     assert "window (12, 12), stride (2, 2): a 11x27 map" in result.output
     assert "Top classes: background" in result.output
@@ -579,7 +579,7 @@ def test_heatmap_of_the_digits_model(tmp_path: Path) -> None:
         colours = picture.convert("RGB").getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 50  # not blank
     assert files_in(tmp_path) == ["canvas.png", "map.png"]
-    result = run("heatmap", "fcconv.digits:load_digits_model", str(image), "--input", "1,12,12",
+    result = run("heatmap", "fcconv.demo.digits:load_digits_model", str(image), "--input", "1,12,12",
                  "--hide", "background", "-o", str(tmp_path / "other.png"))
     assert_one_line_error(result, "--hide 'background' is not a class name; the names are 0, 1, 2")
     assert files_in(tmp_path) == ["canvas.png", "map.png"]

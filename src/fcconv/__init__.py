@@ -7,7 +7,6 @@ Example:
 
 from fcconv.errors import FcconvError, NotEquivalentError
 from fcconv.explain import Explanation, explain
-from fcconv.fcn import FullyConvolutional, convolutionalize, sliding_window
 from fcconv.layers import (
     conv_matrix,
     conv_output_shape,
@@ -16,6 +15,7 @@ from fcconv.layers import (
     linear_to_pointwise,
     pointwise_to_linear,
 )
+from fcconv.models import FullyConvolutional, convolutionalize, sliding_window
 from fcconv.verify import EquivalenceReport, assert_equivalent, compare, ulp_distance
 
 __version__ = "0.1.0"

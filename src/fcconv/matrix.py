@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from fcconv._shapes import format_shape
+from fcconv._shapes import format_shape, per_dim
 from fcconv.errors import FcconvError
 
 __all__ = [
@@ -51,17 +51,6 @@ Layout = Literal["dense", "csr", "coo"]
 PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
 _LAYOUTS = ("dense", "csr", "coo")
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-
-
-def _per_dim(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * n
-    out = tuple(int(v) for v in value)
-    if len(out) == 1:
-        return out * n
-    if len(out) != n:
-        raise FcconvError(f"{name} must have {n} values, one per spatial dim; got {value!r}.")
-    return out
 
 
 @dataclass(frozen=True)
@@ -132,9 +121,9 @@ def conv_geometry(
     """
     in_spatial = tuple(int(s) for s in in_spatial)
     n = len(in_spatial)
-    kernel_t = _per_dim(tuple(kernel), n, "kernel_size")
-    stride_t = _per_dim(stride, n, "stride")
-    dilation_t = _per_dim(dilation, n, "dilation")
+    kernel_t = per_dim(tuple(kernel), n, "kernel_size", allow_one=True)
+    stride_t = per_dim(stride, n, "stride", allow_one=True)
+    dilation_t = per_dim(dilation, n, "dilation", allow_one=True)
     if isinstance(padding, str):
         if padding == "valid":
             left = right = (0,) * n
@@ -145,7 +134,7 @@ def conv_geometry(
         else:
             raise FcconvError(f"padding must be an int, a tuple, 'same' or 'valid'; got {padding!r}.")
     else:
-        left = right = _per_dim(padding, n, "padding")
+        left = right = per_dim(padding, n, "padding", allow_one=True)
     out = []
     for i, (size, k, s, d, lo, hi) in enumerate(
         zip(in_spatial, kernel_t, stride_t, dilation_t, left, right)

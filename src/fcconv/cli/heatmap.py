@@ -20,6 +20,7 @@ from fcconv._shapes import format_shape
 from fcconv.cli._app import InputShape, NumberList, OutputPath, fail, step, write_atomically
 from fcconv.cli._loading import as_fcn_source, import_attribute, load_model
 from fcconv.errors import FcconvError
+from fcconv.models.modules import HEAD_IMPLS
 
 __all__ = ["command", "load_image"]
 
@@ -167,8 +168,8 @@ def _draw(image: Tensor, winner: Tensor, confidence: Tensor, fcn: Any, labels: l
     "heatmap",
     epilog="""\b
 Examples:
-  fcconv heatmap fcconv.digits:load_digits_model canvas.png --input 1,12,12 \\
-      --labels fcconv.digits:CLASS_NAMES --hide background -o digits-map.png
+  fcconv heatmap fcconv.demo.digits:load_digits_model canvas.png --input 1,12,12 \\
+      --labels fcconv.demo.digits:CLASS_NAMES --hide background -o digits-map.png
   fcconv heatmap weights.pt street.jpg --factory torchvision:resnet18 --input 3,224,224 \\
       --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 -o map.png
   fcconv heatmap resnet18-fcn.pt photo.jpg -o map.png   (a file from fcconv convert --to fcn)""",
@@ -191,15 +192,17 @@ Examples:
               help="Resize the image by this factor first.")
 @click.option("--alpha", type=click.FloatRange(0, 1), default=0.6, show_default=True,
               help="Opacity of the overlay at confidence 1 (a quarter of it at confidence 0).")
-@click.option("--head", type=click.Choice(("auto", "conv", "matmul")), default="auto", show_default=True,
-              help="How the converted head computes (same result).")
+@click.option("--head-impl", "--head", "head_impl", type=click.Choice(HEAD_IMPLS), default="auto",
+              show_default=True,
+              help="How the convs of the converted head compute (same result; --head is the old name).")
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True,
               help="Classes in the summary.")
 @click.option("--device", default="cpu", show_default=True, help="Where to run the model, e.g. cuda.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 def command(model: str, image: Path, output: Path, input_shape: tuple[int, ...] | None, factory: str | None,
             kwargs: str, mean: tuple[float, ...] | None, std: tuple[float, ...] | None, labels: str | None,
-            hide: str, scale: float, alpha: float, head: str, top: int, device: str, quiet: bool) -> None:
+            hide: str, scale: float, alpha: float, head_impl: str, top: int, device: str,
+            quiet: bool) -> None:
     """Draw the dense class map of the classifier MODEL over IMAGE into OUTPUT.
 
     MODEL follows the loading rules of every command (torchvision:NAME, package.module:factory, a
@@ -227,10 +230,10 @@ def command(model: str, image: Path, output: Path, input_shape: tuple[int, ...] 
     if converted:
         fcn: nn.Module = loaded.module
     else:
-        from fcconv.fcn import convolutionalize
+        from fcconv.models import convolutionalize
 
         with step("Convolutionalizing", quiet=quiet):
-            fcn = convolutionalize(as_fcn_source(loaded.module), input_shape, head=head)
+            fcn = convolutionalize(as_fcn_source(loaded.module), input_shape, head_impl=head_impl)
     pixels = load_image(image, input_shape[0], scale=scale)
     window = tuple(fcn.window)  # type: ignore[arg-type]
     if any(s < w for s, w in zip(pixels.shape[1:], window)):

@@ -1,4 +1,4 @@
-"""Tests for fcconv.fcn: convolutionalize, FullyConvolutional and sliding_window on small models.
+"""Tests for fcconv.models: convolutionalize, FullyConvolutional and sliding_window on small models.
 
 The torchvision zoo is in test_fcn_models.py. Every comparison runs in float64, where the
 converted model and the reference differ only by summation order (~1e-16 relative).
@@ -17,14 +17,14 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fcconv.errors import FcconvError, NotEquivalentError
-from fcconv.fcn import (
+from fcconv.models import (
     ChannelLayerNorm,
     FullyConvolutional,
     UnfoldConv2d,
-    _unfold_matmul,
     convolutionalize,
     sliding_window,
 )
+from fcconv.models.modules import _unfold_matmul
 
 DTYPE = torch.float64
 TOL = {"rtol": 1e-12, "atol": 1e-12}
@@ -84,7 +84,7 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_lenet_structure_and_geometry() -> None:
-    fcn = convolutionalize(lenet(), (3, 32, 32), head="conv")
+    fcn = convolutionalize(lenet(), (3, 32, 32), head_impl="conv")
     gm = fcn.graph_module
     assert not any(isinstance(m, nn.Linear) for m in gm.modules())
     assert isinstance(gm.fc1, nn.Conv2d) and gm.fc1.kernel_size == (5, 5)
@@ -93,7 +93,7 @@ def test_lenet_structure_and_geometry() -> None:
     assert "view" not in gm.code and "size" not in gm.code
     assert fcn.stride == (4, 4) and fcn.window == (32, 32) and fcn.min_size == (32, 32)
     assert fcn.exact_sliding_window
-    assert fcn.outputs == 10
+    assert fcn.num_classes == 10
     assert fcn.grid_shape((32, 32)) == (1, 1)
     assert fcn.grid_shape((45, 33)) == (4, 1)
     assert fcn.window_of((1, 2)) == (4, 8, 36, 40)
@@ -103,7 +103,7 @@ def test_lenet_structure_and_geometry() -> None:
 @pytest.mark.parametrize("size", [(32, 32), (44, 32), (45, 33), (57, 71), (36, 35), (64, 40)])
 def test_lenet_dense_equals_sliding_window(head: str, size: tuple[int, int]) -> None:
     model = lenet()
-    fcn = convolutionalize(model, (3, 32, 32), head=head)
+    fcn = convolutionalize(model, (3, 32, 32), head_impl=head)
     x = torch.randn(2, 3, *size, dtype=DTYPE)
     dense, reference = _dense_and_reference(model, fcn, x)
     assert dense.shape[2:] == fcn.grid_shape(size)
@@ -187,7 +187,7 @@ def test_source_model_unchanged() -> None:
 def test_inplace_changes_and_shares_the_source() -> None:
     model = lenet()
     weight = model.fc1.weight
-    fcn = convolutionalize(model, (3, 32, 32), inplace=True, head="conv")
+    fcn = convolutionalize(model, (3, 32, 32), inplace=True, head_impl="conv")
     assert isinstance(model.fc1, nn.Conv2d) and isinstance(model.bn, nn.BatchNorm2d)
     assert fcn.graph_module.fc1 is model.fc1
     assert model.fc1.weight.data_ptr() == weight.data_ptr()
@@ -196,7 +196,7 @@ def test_inplace_changes_and_shares_the_source() -> None:
 def test_new_modules_keep_dtype_and_requires_grad() -> None:
     model = lenet()
     model.fc1.weight.requires_grad_(False)
-    fcn = convolutionalize(model, (3, 32, 32), head="conv")
+    fcn = convolutionalize(model, (3, 32, 32), head_impl="conv")
     gm = fcn.graph_module
     assert gm.fc1.weight.dtype == DTYPE and not gm.fc1.weight.requires_grad
     assert gm.fc1.bias.requires_grad and gm.fc2.weight.requires_grad
@@ -260,7 +260,7 @@ def test_functional_dropout_in_training_mode_is_refused() -> None:
 
 
 def test_gradients_flow_through_the_fcn() -> None:
-    fcn = convolutionalize(lenet(), (3, 32, 32), head="matmul")
+    fcn = convolutionalize(lenet(), (3, 32, 32), head_impl="matmul")
     fcn(torch.randn(1, 3, 40, 40, dtype=DTYPE)).sum().backward()
     assert fcn.graph_module.fc1.weight.grad is not None
 
@@ -450,7 +450,7 @@ def test_one_and_three_spatial_dims(net: type[nn.Module], shape: tuple[int, ...]
                                     size: tuple[int, ...], head: str) -> None:
     torch.manual_seed(5)
     model = net().to(DTYPE).eval()
-    fcn = convolutionalize(model, shape, head=head)
+    fcn = convolutionalize(model, shape, head_impl=head)
     assert fcn.exact_sliding_window and fcn.stride == (2,) * len(size)
     x = torch.randn(2, shape[0], *size, dtype=DTYPE)
     dense, reference = _dense_and_reference(model, fcn, x)
@@ -706,7 +706,7 @@ def test_model_failing_at_input_shape() -> None:
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"input_shape": (3, 0, 32)}, r"^input_shape sizes must be positive"),
-    ({"input_shape": (3, 32, 32), "head": "fast"}, r"^head must be one of"),
+    ({"input_shape": (3, 32, 32), "head_impl": "fast"}, r"^head_impl must be one of"),
     ({"input_shape": (3, 32, 32), "leaf_modules": [nn.Linear(2, 2)]}, r"^leaf_modules holds a Linear"),
     ({"input_shape": (3, 32, 32), "leaf_modules": 3}, r"^leaf_modules must be"),
 ])
@@ -729,7 +729,7 @@ def test_geometry_methods_and_checks() -> None:
     geometry = fcn.geometry()
     assert geometry == {
         "input_shape": (3, 32, 32), "stride": (4, 4), "window": (32, 32), "min_size": (32, 32),
-        "exact_sliding_window": True, "head": "auto", "outputs": 10,
+        "exact_sliding_window": True, "head_impl": "auto", "num_classes": 10,
     }
     assert "stride=(4, 4)" in repr(fcn) and "exact_sliding_window=True" in repr(fcn)
     assert fcn.grid_shape(40) == (3, 3)
@@ -748,7 +748,7 @@ def test_geometry_methods_and_checks() -> None:
 @pytest.mark.parametrize("head", ["conv", "matmul"])
 def test_checkpoint_round_trip(head: str) -> None:
     model = lenet()
-    fcn = convolutionalize(model, (3, 32, 32), head=head)
+    fcn = convolutionalize(model, (3, 32, 32), head_impl=head)
     with torch.no_grad():
         for p in fcn.parameters():
             p.mul_(1.5)
@@ -764,7 +764,7 @@ def test_checkpoint_round_trip(head: str) -> None:
         torch.testing.assert_close(loaded(x), fcn(x), **TOL)
     # the state dict does not depend on the head: a conv-head checkpoint loads into matmul
     other_head = "conv" if head == "matmul" else "matmul"
-    other = convolutionalize(LeNet().to(DTYPE).eval(), (3, 32, 32), head=other_head)
+    other = convolutionalize(LeNet().to(DTYPE).eval(), (3, 32, 32), head_impl=other_head)
     other.load_state_dict(checkpoint["state_dict"])
 
 

@@ -1,25 +1,4 @@
-"""``fcconv demo``: the textbook's two equivalences, then a digit classifier that becomes a detector.
-
-Three acts, all offline and in a few seconds on a laptop CPU:
-
-1. **The textbook.** With ``torch.manual_seed(123)``, ``Linear(4, 2)`` on ``[[1., 2., 3., 4.]]`` gives
-   ``[[-0.4775, -2.1469]]``; the conv from :func:`fcconv.linear_to_conv` (the kernel covers the 2x2
-   input) and the one from :func:`fcconv.linear_to_pointwise` (a 1x1 kernel over 4 channels) give the
-   same numbers, bit for bit.
-2. **A classifier becomes a detector.** The packaged 12x12 digit classifier (:mod:`fcconv.digits`),
-   convolutionalized by :func:`fcconv.fcn.convolutionalize`, reads a whole canvas of held-out digits in
-   one pass and returns one class score vector per 12x12 window, every 2 pixels. Because no layer
-   pads, that map equals :func:`fcconv.fcn.sliding_window` (crop, classify, repeat) exactly, checked in
-   float64; the demo times both. Cells whose winning class is a digit, kept by non-maximum
-   suppression, are the detections, scored against the known positions.
-3. **A picture** (``fcconv-demo.png``): the canvas, and over it the winning class of every cell, its
-   confidence as opacity, and the detections.
-
-Example:
-    >>> result = run_demo("fcconv-demo.png", progress=False, echo=None)
-    >>> result.textbook.conv_identical, result.exact, len(result.canvas.labels)
-    (True, True, 24)
-"""
+"""The demo run: the textbook numbers, the dense map against the sliding window, the summary."""
 
 from __future__ import annotations
 
@@ -36,9 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from fcconv._io import atomic_output
-from fcconv.digits import (
-    BACKGROUND,
-    MARGIN,
+from fcconv.demo.detection import Detection, detect, match_detections
+from fcconv.demo.digits import (
     NUM_CLASSES,
     WINDOW,
     Canvas,
@@ -47,34 +25,14 @@ from fcconv.digits import (
     load_heldout,
     make_canvas,
 )
+from fcconv.demo.picture import draw_picture
 from fcconv.errors import FcconvError
 from fcconv.layers import linear_to_conv, linear_to_pointwise
 
-__all__ = [
-    "CANVAS_SIZE",
-    "FIGURE_DPI",
-    "FIGURE_SIZE",
-    "DemoResult",
-    "Detection",
-    "TextbookResult",
-    "detect",
-    "draw_picture",
-    "match_detections",
-    "run_demo",
-    "textbook",
-]
+__all__ = ["CANVAS_SIZE", "DemoResult", "Equality", "TextbookResult", "run_demo", "summary", "textbook"]
 
 CANVAS_SIZE = (64, 192)
 """Height and width of the demo's canvas, in pixels."""
-FIGURE_SIZE = (12.0, 8.0)
-"""Size of the picture in inches; with :data:`FIGURE_DPI` it is 1200 x 800 pixels (width x height)."""
-FIGURE_DPI = 100
-THRESHOLD = 0.5
-"""A cell is a candidate detection when its winning class is a digit with at least this probability."""
-NMS_RADIUS = 5.0
-"""Non-maximum suppression drops candidates within this many pixels (per axis) of a stronger one."""
-TOLERANCE = 2.0
-"""A detection is right when it names the digit and its centre is within this many pixels (per axis)."""
 SLIDING_BATCH = 256
 """Batch size of the sliding-window reference the dense map is timed against."""
 _BOUND_MARGIN = 1.01
@@ -137,96 +95,6 @@ def textbook() -> TextbookResult:
 
 
 # --------------------------------------------------------------------------------------------
-# Act 2: detection on the dense map
-
-
-@dataclass(frozen=True)
-class Detection:
-    """A digit found on the dense map.
-
-    Attributes:
-        cell: ``(i, j)`` index of the map cell.
-        center: ``(y, x)`` centre of the cell's window, in continuous pixel coordinates.
-        label: the winning digit, 0 to 9.
-        confidence: its softmax probability.
-        correct: whether it matched a ground-truth digit (set by :func:`match_detections`).
-    """
-
-    cell: tuple[int, int]
-    center: tuple[float, float]
-    label: int
-    confidence: float
-    correct: bool = False
-
-    @property
-    def box(self) -> tuple[float, float, float, float]:
-        """``(top, left, bottom, right)`` of the 8x8 digit a centred window holds."""
-        half = WINDOW / 2 - MARGIN
-        y, x = self.center
-        return (y - half, x - half, y + half, x + half)
-
-
-def detect(
-    probabilities: Tensor,
-    window_of: Callable[[tuple[int, int]], tuple[int, ...]],
-    *,
-    threshold: float = THRESHOLD,
-    radius: float = NMS_RADIUS,
-) -> list[Detection]:
-    """Digits on a class-probability map: cells won by a digit above ``threshold``, then greedy NMS.
-
-    Args:
-        probabilities: ``(classes, H', W')`` softmax over the classes, background last.
-        window_of: maps a cell ``(i, j)`` to its window ``(top, left, bottom, right)`` in pixels.
-        threshold: minimum winning probability of a candidate.
-        radius: a candidate closer than or at this distance (per axis, pixels) to a kept, stronger
-            one is dropped.
-
-    Returns:
-        The kept detections, strongest first.
-
-    Example:
-        >>> dets = detect(fcn(canvas).softmax(1)[0], fcn.window_of)
-    """
-    confidence, winner = probabilities.max(0)
-    candidates = ((winner != BACKGROUND) & (confidence >= threshold)).nonzero().tolist()
-    candidates.sort(key=lambda ij: -float(confidence[ij[0], ij[1]]))
-    kept: list[Detection] = []
-    for i, j in candidates:
-        top, left, bottom, right = window_of((i, j))
-        center = ((top + bottom) / 2, (left + right) / 2)
-        if any(max(abs(center[0] - d.center[0]), abs(center[1] - d.center[1])) <= radius for d in kept):
-            continue
-        kept.append(Detection((i, j), center, int(winner[i, j]), float(confidence[i, j])))
-    return kept
-
-
-def match_detections(
-    detections: Sequence[Detection], canvas: Canvas, *, tolerance: float = TOLERANCE
-) -> tuple[list[Detection], list[bool]]:
-    """Match detections to the canvas's digits: the right digit within ``tolerance`` pixels per axis.
-
-    Each ground-truth digit matches at most one detection, strongest first.
-
-    Returns:
-        ``(detections, found)``: the detections with ``correct`` set, and for each ground-truth digit
-        whether a detection found it. Precision is the fraction of correct detections, recall the
-        fraction of digits found.
-    """
-    found = [False] * len(canvas.labels)
-    marked: list[Detection] = []
-    for det in sorted(detections, key=lambda d: -d.confidence):
-        hit = False
-        for k, ((y, x), label) in enumerate(zip(canvas.centers, canvas.labels)):
-            close = max(abs(det.center[0] - y), abs(det.center[1] - x)) <= tolerance
-            if not found[k] and close and det.label == label:
-                found[k] = hit = True
-                break
-        marked.append(Detection(det.cell, det.center, det.label, det.confidence, hit))
-    return marked, found
-
-
-# --------------------------------------------------------------------------------------------
 # The whole demo
 
 
@@ -261,7 +129,7 @@ class DemoResult:
         heldout_accuracy: the classifier's accuracy on the packaged held-out digits, centred.
         canvas: the test image and its ground truth.
         grid_shape: cells of the dense map, ``(rows, cols)``.
-        exact_sliding_window: what :func:`~fcconv.fcn.convolutionalize` says: no layer pads, so the
+        exact_sliding_window: what :func:`~fcconv.models.convolutionalize` says: no layer pads, so the
             map must equal the sliding window.
         window: the window each cell classifies, ``(height, width)``; the training input size.
         stride: pixels between neighbouring cells, ``(rows, cols)``.
@@ -394,7 +262,7 @@ def rounding_bound(model: nn.Module, windows: Tensor) -> Tensor:
     order (a dense map and a sliding window, say) therefore differ by at most twice this bound.
 
     Args:
-        model: a :class:`~fcconv.digits.DigitsCNN` (conv, linear, ReLU, max-pool and flatten layers).
+        model: a :class:`~fcconv.demo.digits.DigitsCNN` (conv, linear, ReLU, max-pool and flatten layers).
         windows: the inputs, ``(N, 1, 12, 12)``, in the dtype whose rounding is bounded.
 
     Returns:
@@ -469,7 +337,7 @@ def _flops(model: nn.Module, x: Tensor) -> int:
 
 def _dense_and_sliding(model: nn.Module, canvas: Canvas, *, progress: bool) -> tuple[Tensor, _Comparison]:
     """The float32 dense map of ``canvas``, timed against the sliding window and checked against it."""
-    from fcconv.fcn import convolutionalize, sliding_window  # the demo sits above the model passes
+    from fcconv.models import convolutionalize, sliding_window  # the demo sits above the model passes
 
     batch = canvas.image.unsqueeze(0)
     input_shape = (1, WINDOW, WINDOW)
@@ -625,112 +493,3 @@ def summary(result: DemoResult) -> list[str]:
         "",
         f"3. Picture: {result.picture}",
     ]
-
-
-def draw_picture(
-    result: DemoResult,
-    probabilities: Tensor,
-    path: str | os.PathLike[str],
-    window_of: Callable[[tuple[int, int]], tuple[int, ...]],
-) -> None:
-    """Draw the demo's picture: the canvas, then the dense map and the detections over it.
-
-    The figure is :data:`FIGURE_SIZE` inches at :data:`FIGURE_DPI` (1200 x 800 pixels). Top: the
-    canvas with the true digits. Bottom: each map cell coloured by its winning digit, opacity its
-    confidence (background cells stay clear), the ink drawn over it, detections boxed and labelled
-    (green right, red wrong), missed digits dashed.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.colors import ListedColormap, Normalize
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch, Rectangle
-
-    canvas = result.canvas
-    image = canvas.image[0].detach().cpu().float()
-    h, w = image.shape
-    confidence, winner = probabilities.detach().cpu().float().max(0)
-    gh, gw = winner.shape
-
-    colors = [matplotlib.colormaps["tab10"](d)[:3] for d in range(10)]
-    palette = torch.tensor(colors, dtype=torch.float32)
-    overlay = torch.zeros(gh, gw, 4)
-    overlay[..., :3] = palette[winner.clamp(max=9)]
-    overlay[..., 3] = torch.where(winner != BACKGROUND, _alpha(confidence), torch.zeros(()))
-    ink = torch.zeros(h, w, 4)
-    ink[..., 3] = 0.8 * image.clamp(0, 1)  # let the class colours show through the ink
-    # Cell (i, j) stands for the window window_of((i, j)); draw it as a stride-sized block around
-    # the window's centre (in imshow's coordinates pixel p spans [p - 0.5, p + 0.5]).
-    t0, l0, b0, r0 = window_of((0, 0))
-    sy, sx = result.stride
-    cy, cx = (t0 + b0) / 2 - 0.5, (l0 + r0) / 2 - 0.5
-    extent = (cx - sx / 2, cx - sx / 2 + gw * sx, cy - sy / 2 + gh * sy, cy - sy / 2)
-
-    fig = Figure(figsize=FIGURE_SIZE, dpi=FIGURE_DPI)
-    grid = fig.add_gridspec(2, 2, width_ratios=(1, 0.1), left=0.02, right=0.93, top=0.86, bottom=0.03,
-                            hspace=0.16, wspace=0.03)
-    top, bottom = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[1, 0])
-    n = len(canvas.labels)
-    fig.suptitle(
-        f"A {result.window[0]}x{result.window[1]} digit classifier, convolutionalized, reads the whole "
-        f"{h}x{w} canvas in one pass\n{gh}x{gw} windows, "
-        f"{'equal to the sliding window' if result.exact else 'NOT equal to the sliding window'}, "
-        f"{result.speedup:.0f}x faster. Detection: precision {result.precision:.0%}, "
-        f"recall {result.recall:.0%}",
-        fontsize=13,
-    )
-
-    top.imshow(image.numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
-    top.set_title(f"Input: {n} held-out digits the model never saw in training (true labels in grey)",
-                  fontsize=10, loc="left")
-    for (_, _, gt_bottom, gt_right), label in zip(canvas.boxes, canvas.labels):
-        top.text(gt_right, gt_bottom - 0.5, str(label), ha="left", va="bottom", fontsize=9, color="0.45")
-
-    bottom.imshow(overlay.numpy(), extent=extent, interpolation="nearest")
-    bottom.imshow(ink.numpy(), interpolation="nearest")
-    bottom.set_title("Output: each cell coloured by its winning digit, opacity = confidence; "
-                     "detections boxed and labelled", fontsize=10, loc="left")
-    for det in result.detections:
-        t, left, b, r = det.box
-        color = _RIGHT if det.correct else _WRONG
-        bottom.add_patch(Rectangle((left - 1, t - 1), r - left + 1, b - t + 1, fill=False, lw=1.5,
-                                   ec=color))
-        bottom.text(left - 1, t - 1.3, str(det.label), ha="left", va="bottom", fontsize=11,
-                    fontweight="bold", color=color)
-    for (gt_top, gt_left, gt_bottom, gt_right), hit in zip(canvas.boxes, result.found):
-        if not hit:
-            bottom.add_patch(Rectangle((gt_left - 1.5, gt_top - 1.5), gt_right - gt_left + 2,
-                                       gt_bottom - gt_top + 2, fill=False, lw=1.5, ec=_MISSED, ls="--"))
-    for ax in (top, bottom):
-        ax.set_xlim(-0.5, w - 0.5)
-        ax.set_ylim(h - 0.5, -0.5)
-        ax.set_xticks([])
-        ax.set_yticks([])
-
-    side = grid[1, 1].subgridspec(1, 2, width_ratios=(1, 0.35), wspace=0.2)
-    legend_ax = fig.add_subplot(side[0, 0])
-    legend_ax.axis("off")
-    handles = [Patch(color=colors[d], label=str(d)) for d in range(10)]
-    handles += [
-        Patch(fill=False, ec=_RIGHT, lw=1.5, label="right"),
-        Patch(fill=False, ec=_WRONG, lw=1.5, label="wrong"),
-        Patch(fill=False, ec=_MISSED, lw=1.5, ls="--", label="missed"),
-    ]
-    legend_ax.legend(handles=handles, loc="center", fontsize=9, title="digit", title_fontsize=9,
-                     frameon=False, handlelength=1.2)
-    bar_ax = fig.add_subplot(side[0, 1])
-    levels = torch.linspace(0, 1, 101)
-    grey = ListedColormap([(0.35, 0.35, 0.35, float(a)) for a in _alpha(levels)])
-    fig.colorbar(matplotlib.cm.ScalarMappable(norm=Normalize(0, 1), cmap=grey), cax=bar_ax)
-    bar_ax.set_title("confidence", fontsize=9, loc="right")
-    bar_ax.tick_params(labelsize=8)
-    fig.savefig(path, dpi=FIGURE_DPI, format=Path(path).suffix.lstrip(".").lower().replace("jpg", "jpeg"))
-
-
-_RIGHT, _WRONG, _MISSED = "#1a9850", "#d73027", "#f46d43"
-
-
-def _alpha(confidence: Tensor) -> Tensor:
-    """Opacity of a map cell: faint below the detection threshold, strong above."""
-    return 0.1 + 0.8 * confidence.clamp(0, 1)

@@ -27,7 +27,7 @@ from fcconv.demo import (
     run_demo,
     textbook,
 )
-from fcconv.digits import BACKGROUND, NUM_CLASSES, Canvas, load_digits_model, make_canvas
+from fcconv.demo.digits import BACKGROUND, NUM_CLASSES, Canvas, load_digits_model, make_canvas
 from fcconv.errors import FcconvError
 
 FIGURE_PIXELS = (int(FIGURE_SIZE[0] * FIGURE_DPI), int(FIGURE_SIZE[1] * FIGURE_DPI))  # (1200, 800)

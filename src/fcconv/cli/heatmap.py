@@ -16,6 +16,7 @@ import click
 import torch
 from torch import Tensor, nn
 
+from fcconv._io import IMAGE_SUFFIXES, image_format
 from fcconv._shapes import format_shape
 from fcconv.cli._app import InputShape, NumberList, OutputPath, fail, step, write_atomically
 from fcconv.cli._loading import as_fcn_source, import_attribute, load_model
@@ -24,7 +25,6 @@ from fcconv.models.modules import HEAD_IMPLS
 
 __all__ = ["command", "load_image"]
 
-_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg")
 
 
 def load_image(path: Path, channels: int, *, scale: float = 1.0) -> Tensor:
@@ -111,30 +111,18 @@ def _normalize(image: Tensor, mean: tuple[float, ...] | None, std: tuple[float, 
 
 
 def _draw(image: Tensor, winner: Tensor, confidence: Tensor, fcn: Any, labels: list[str],
-          hidden: set[int], title: str, alpha: float, path: Path, fmt: str) -> None:
-    from matplotlib import colormaps
+          hidden: set[int], title: str, alpha: float, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch, Rectangle
+
+    from fcconv.demo.picture import class_colour, draw_score_map
 
     grid_h, grid_w = winner.shape
     height, width = image.shape[1:]
     top0, left0, bottom0, right0 = fcn.window_of((0, 0))
     stride_y, stride_x = fcn.stride
-    # Cell (i, j) is drawn as a stride x stride square centred on the centre of its window.
-    cy, cx = (top0 + bottom0) / 2, (left0 + right0) / 2
-    extent = (cx - stride_x / 2, cx + (grid_w - 0.5) * stride_x,
-              cy + (grid_h - 0.5) * stride_y, cy - stride_y / 2)
-
-    classes = sorted(set(winner.flatten().tolist()))
-    palette = colormaps["tab20"] if len(labels) > 10 else colormaps["tab10"]
-    colours = {c: palette(i % palette.N) for i, c in enumerate(classes)}
-    rgba = torch.zeros(grid_h, grid_w, 4)
-    for c in classes:
-        rgba[winner == c] = torch.tensor(colours[c], dtype=rgba.dtype)
-    rgba[..., 3] = alpha * (0.25 + 0.75 * confidence)  # visible even where no class is sure
-    for c in hidden:
-        rgba[winner == c, 3] = 0.0
+    cy, cx = (top0 + bottom0) / 2 - 0.5, (left0 + right0) / 2 - 0.5  # centre of cell (0, 0)
 
     scale = 8.0 / max(height, width)
     figure = Figure(figsize=(max(4.0, width * scale + 2.5), max(3.0, height * scale + 1.0)), dpi=100)
@@ -145,7 +133,9 @@ def _draw(image: Tensor, winner: Tensor, confidence: Tensor, fcn: Any, labels: l
         axes.imshow(shown[..., 0], cmap="gray", vmin=0, vmax=1)
     else:
         axes.imshow(shown)
-    axes.imshow(rgba.numpy(), extent=extent, interpolation="nearest")
+    # visible even where no class is sure
+    draw_score_map(axes, winner, confidence, fcn.window_of, fcn.stride,
+                   opacity=lambda c: alpha * (0.25 + 0.75 * c), hidden=hidden)
     axes.add_patch(Rectangle((left0 - 0.5, top0 - 0.5), right0 - left0, bottom0 - top0, fill=False,
                              edgecolor="white", linestyle="--", linewidth=1.2))
     if grid_h * grid_w <= 400:
@@ -157,11 +147,12 @@ def _draw(image: Tensor, winner: Tensor, confidence: Tensor, fcn: Any, labels: l
     axes.set_xlim(-0.5, width - 0.5)
     axes.set_ylim(height - 0.5, -0.5)
     axes.set_title(title, fontsize=9)
-    handles = [Patch(color=colours[c], label=labels[c]) for c in classes if c not in hidden][:20]
+    classes = sorted(set(winner.flatten().tolist()) - hidden)
+    handles = [Patch(color=class_colour(c), label=labels[c]) for c in classes][:20]
     axes.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7,
                 title="winning class", title_fontsize=7, frameon=False)
     figure.tight_layout()
-    write_atomically(path, lambda tmp: figure.savefig(tmp, format=fmt))
+    write_atomically(path, lambda tmp: figure.savefig(tmp, format=image_format(path)))
 
 
 @click.command(
@@ -176,7 +167,8 @@ Examples:
 )
 @click.argument("model")
 @click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", "output", type=OutputPath(), required=True,
+@click.option("-o", "--output", "output", type=OutputPath(what="the map", suffixes=IMAGE_SUFFIXES),
+              required=True,
               help="The picture to write (.png; .pdf, .svg and .jpg work too).")
 @click.option("--input", "-i", "input_shape", type=InputShape(),
               help="The model's training input shape C,H,W: the window each map cell classifies.")
@@ -209,10 +201,6 @@ def command(model: str, image: Path, output: Path, input_shape: tuple[int, ...] 
     checkpoint with --factory, or a file from fcconv convert --to fcn). Pixels are read in [0, 1],
     then --mean and --std, if given, normalise them.
     """
-    fmt = output.suffix.lower().lstrip(".") or "png"
-    if fmt not in _FORMATS:
-        raise click.BadParameter(f"expected a .png (or {', '.join(_FORMATS[1:])}) file; got {output.name!r}.",
-                                 param_hint="--output")
     if not image.is_file():
         fail(f"Image {str(image)!r} not found. Check the path.")
     with step(f"Loading {model}", quiet=quiet):
@@ -255,7 +243,7 @@ def command(model: str, image: Path, output: Path, input_shape: tuple[int, ...] 
     title = (f"{model}: {grid[0]}x{grid[1]} cells, stride {format_shape(stride)}, window "
              f"{format_shape(window)} (dashed), on {pixels.shape[2]}x{pixels.shape[1]} pixels")
     with step(f"Drawing {output}", quiet=quiet):
-        _draw(pixels, winner, confidence, fcn, names, hidden, title, alpha, output, fmt)
+        _draw(pixels, winner, confidence, fcn, names, hidden, title, alpha, output)
 
     counts = torch.bincount(winner.flatten(), minlength=scores.shape[1])
     ranked = [int(c) for c in counts.argsort(descending=True)[:top] if counts[c] > 0]

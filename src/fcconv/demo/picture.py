@@ -1,25 +1,76 @@
-"""The demo's picture: the canvas, then the dense map and the detections over it."""
+"""Pictures of score maps: one colour per class, the map over its image, the demo's figure."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from fcconv._io import image_format
 from fcconv.demo.digits import BACKGROUND
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
     from fcconv.demo.run import DemoResult
 
-__all__ = ["FIGURE_DPI", "FIGURE_SIZE", "draw_picture"]
+WindowOf = Callable[[tuple[int, int]], tuple[int, ...]]
+
+__all__ = ["FIGURE_DPI", "FIGURE_SIZE", "class_colour", "draw_picture", "draw_score_map"]
 
 FIGURE_SIZE = (12.0, 8.0)
 """Size of the picture in inches; with :data:`FIGURE_DPI` it is 1200 x 800 pixels (width x height)."""
 FIGURE_DPI = 100
+
+# One colour per class index, the same in every picture. tab10 without its grey (the grey of the
+# colour bar and close to the ink), a dark teal in its place, then tab20's light shades without
+# its light grey; more classes cycle.
+_CLASS_COLOURS: tuple[str, ...] = (
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#005f5f",
+    "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94",
+    "#f7b6d2", "#dbdb8d", "#9edae5",
+)
+
+
+def class_colour(index: int) -> tuple[float, float, float]:
+    """The RGB colour of class ``index`` in every picture fcconv draws (never a grey)."""
+    code = _CLASS_COLOURS[index % len(_CLASS_COLOURS)]
+    return (int(code[1:3], 16) / 255, int(code[3:5], 16) / 255, int(code[5:7], 16) / 255)
+
+
+def _map_extent(window_of: WindowOf, stride: Sequence[int], grid: Sequence[int]
+                ) -> tuple[float, float, float, float]:
+    """imshow's extent for a map whose cell (i, j) is a stride-sized block centred on its window."""
+    t0, l0, b0, r0 = window_of((0, 0))
+    sy, sx = stride
+    cy, cx = (t0 + b0) / 2 - 0.5, (l0 + r0) / 2 - 0.5  # pixel p spans [p - 0.5, p + 0.5]
+    return (cx - sx / 2, cx - sx / 2 + grid[1] * sx, cy - sy / 2 + grid[0] * sy, cy - sy / 2)
+
+
+def draw_score_map(axes: Axes, winner: Tensor, confidence: Tensor, window_of: WindowOf,
+                   stride: Sequence[int], *, opacity: Callable[[Tensor], Tensor],
+                   hidden: Iterable[int] = ()) -> None:
+    """Draw a dense class map over an image on ``axes``: each cell in its winning class's colour.
+
+    Args:
+        axes: matplotlib axes that already show the image, in pixel coordinates.
+        winner: ``(H', W')`` winning class per cell.
+        confidence: ``(H', W')`` its probability.
+        window_of: the FCN's ``window_of``: cell -> ``(top, left, bottom, right)``.
+        stride: pixels between cells, ``(rows, cols)``.
+        opacity: maps the confidence to the cell's opacity.
+        hidden: classes left clear (e.g. background).
+    """
+    rgba = torch.zeros(*winner.shape, 4)
+    palette = torch.tensor([class_colour(c) for c in range(int(winner.max()) + 1)])
+    rgba[..., :3] = palette[winner]
+    rgba[..., 3] = opacity(confidence)
+    for c in hidden:
+        rgba[winner == c, 3] = 0.0
+    axes.imshow(rgba.numpy(), extent=_map_extent(window_of, stride, winner.shape), interpolation="nearest")
 
 
 def draw_picture(
@@ -48,19 +99,8 @@ def draw_picture(
     confidence, winner = probabilities.detach().cpu().float().max(0)
     gh, gw = winner.shape
 
-    colors = [matplotlib.colormaps["tab10"](d)[:3] for d in range(10)]
-    palette = torch.tensor(colors, dtype=torch.float32)
-    overlay = torch.zeros(gh, gw, 4)
-    overlay[..., :3] = palette[winner.clamp(max=9)]
-    overlay[..., 3] = torch.where(winner != BACKGROUND, _alpha(confidence), torch.zeros(()))
     ink = torch.zeros(h, w, 4)
     ink[..., 3] = 0.8 * image.clamp(0, 1)  # let the class colours show through the ink
-    # Cell (i, j) stands for the window window_of((i, j)); draw it as a stride-sized block around
-    # the window's centre (in imshow's coordinates pixel p spans [p - 0.5, p + 0.5]).
-    t0, l0, b0, r0 = window_of((0, 0))
-    sy, sx = result.stride
-    cy, cx = (t0 + b0) / 2 - 0.5, (l0 + r0) / 2 - 0.5
-    extent = (cx - sx / 2, cx - sx / 2 + gw * sx, cy - sy / 2 + gh * sy, cy - sy / 2)
 
     fig = Figure(figsize=FIGURE_SIZE, dpi=FIGURE_DPI)
     grid = fig.add_gridspec(2, 2, width_ratios=(1, 0.1), left=0.02, right=0.93, top=0.86, bottom=0.03,
@@ -82,7 +122,7 @@ def draw_picture(
     for (_, _, gt_bottom, gt_right), label in zip(canvas.boxes, canvas.labels):
         top.text(gt_right, gt_bottom - 0.5, str(label), ha="left", va="bottom", fontsize=9, color="0.45")
 
-    bottom.imshow(overlay.numpy(), extent=extent, interpolation="nearest")
+    draw_score_map(bottom, winner, confidence, window_of, result.stride, opacity=_alpha, hidden=[BACKGROUND])
     bottom.imshow(ink.numpy(), interpolation="nearest")
     bottom.set_title("Output: each cell coloured by its winning digit, opacity = confidence; "
                      "detections boxed and labelled", fontsize=10, loc="left")
@@ -106,7 +146,7 @@ def draw_picture(
     side = grid[1, 1].subgridspec(1, 2, width_ratios=(1, 0.35), wspace=0.2)
     legend_ax = fig.add_subplot(side[0, 0])
     legend_ax.axis("off")
-    handles = [Patch(color=colors[d], label=str(d)) for d in range(10)]
+    handles = [Patch(color=class_colour(d), label=str(d)) for d in range(10)]
     handles += [
         Patch(fill=False, ec=_RIGHT, lw=1.5, label="right"),
         Patch(fill=False, ec=_WRONG, lw=1.5, label="wrong"),
@@ -120,7 +160,7 @@ def draw_picture(
     fig.colorbar(matplotlib.cm.ScalarMappable(norm=Normalize(0, 1), cmap=grey), cax=bar_ax)
     bar_ax.set_title("confidence", fontsize=9, loc="right")
     bar_ax.tick_params(labelsize=8)
-    fig.savefig(path, dpi=FIGURE_DPI, format=Path(path).suffix.lstrip(".").lower().replace("jpg", "jpeg"))
+    fig.savefig(path, dpi=FIGURE_DPI, format=image_format(path))
 
 
 _RIGHT, _WRONG, _MISSED = "#1a9850", "#d73027", "#f46d43"

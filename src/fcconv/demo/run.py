@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import math
 import os
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils.benchmark import Timer
+from torch.utils.flop_counter import FlopCounterMode
 
-from fcconv._io import atomic_output
+from fcconv import EquivalenceReport, compare
+from fcconv._io import IMAGE_SUFFIXES, atomic_output, check_output_path
 from fcconv.demo.detection import Detection, detect, match_detections
 from fcconv.demo.digits import (
     NUM_CLASSES,
@@ -26,8 +25,9 @@ from fcconv.demo.digits import (
     make_canvas,
 )
 from fcconv.demo.picture import draw_picture
-from fcconv.errors import FcconvError
 from fcconv.layers import linear_to_conv, linear_to_pointwise
+from fcconv.models import convolutionalize, sliding_window
+from fcconv.models.sliding import SlidingWindow
 
 __all__ = ["CANVAS_SIZE", "DemoResult", "Equality", "TextbookResult", "run_demo", "summary", "textbook"]
 
@@ -35,8 +35,6 @@ CANVAS_SIZE = (64, 192)
 """Height and width of the demo's canvas, in pixels."""
 SLIDING_BATCH = 256
 """Batch size of the sliding-window reference the dense map is timed against."""
-_BOUND_MARGIN = 1.01
-_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 
 Echo = Callable[[str], None]
 
@@ -100,24 +98,22 @@ def textbook() -> TextbookResult:
 
 @dataclass(frozen=True)
 class Equality:
-    """How the dense map compares with the sliding window, value by value.
+    """How the dense map compares with the sliding window.
 
     Attributes:
-        within_bound: in float64, every value differs by at most the rounding bound of the two
-            computations (:func:`rounding_bound`, twice): equal up to rounding.
-        bitwise_fraction: the fraction of float64 values that are bit-identical.
-        max_difference: largest absolute float64 difference.
-        max_bound: largest float64 bound.
-        max_difference_float32: largest absolute difference in float32, the dtype the detector uses.
+        report: :func:`fcconv.compare` of the sliding window (reference) and the dense map
+            (candidate) on the canvas: the library's certificate, float64 copies and the derived
+            rounding bound.
         same_winner_float32: fraction of cells whose winning class is the same in both float32 maps.
     """
 
-    within_bound: bool
-    bitwise_fraction: float
-    max_difference: float
-    max_bound: float
-    max_difference_float32: float
+    report: EquivalenceReport
     same_winner_float32: float
+
+    @property
+    def within_bound(self) -> bool:
+        """The two compute the same function: equal up to rounding (the report's verdict)."""
+        return self.report.equivalent
 
 
 @dataclass(frozen=True)
@@ -133,7 +129,7 @@ class DemoResult:
             map must equal the sliding window.
         window: the window each cell classifies, ``(height, width)``; the training input size.
         stride: pixels between neighbouring cells, ``(rows, cols)``.
-        equality: how the dense map and the sliding window compare, in float64 and float32.
+        equality: how the dense map and the sliding window compare (:func:`fcconv.compare`).
         dense_seconds: one dense pass over the canvas (float32, one CPU thread; best of 3).
         sliding_seconds: the sliding-window reference (float32, one CPU thread, batches of
             ``SLIDING_BATCH``; best of 3).
@@ -181,120 +177,18 @@ class DemoResult:
         return sum(self.found) / len(self.found) if self.found else 0.0
 
 
-def check_output_path(path: str | os.PathLike[str]) -> Path:
-    """``path`` as a :class:`Path` if a picture can be written there, else an :class:`FcconvError`.
-
-    Example:
-        >>> check_output_path("fcconv-demo.png")
-        PosixPath('fcconv-demo.png')
-    """
-    out = Path(path).expanduser()
-    if out.is_dir():
-        raise FcconvError(f"Cannot write the demo picture to {str(out)!r}: it is a folder. Give a file name.")
-    if out.suffix.lower() not in _SUFFIXES:
-        raise FcconvError(
-            f"Cannot write the demo picture to {str(out)!r}: expected a file name ending in "
-            f"{', '.join(_SUFFIXES)}; got {out.suffix or 'no extension'!r}. Use e.g. fcconv-demo.png."
-        )
-    folder = out.parent
-    if not folder.is_dir():
-        raise FcconvError(
-            f"Cannot write the demo picture to {str(out)!r}: folder {str(folder)!r} does not exist. "
-            "Create it or choose another path."
-        )
-    if not os.access(folder, os.W_OK):
-        raise FcconvError(
-            f"Cannot write the demo picture to {str(out)!r}: folder {str(folder)!r} is not writable. "
-            "Choose another path."
-        )
-    return out
+def _best_of_3(fn: Callable[[], object]) -> float:
+    """Seconds of the fastest of three runs of ``fn`` on one CPU thread, after a warm-up run."""
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=1)
+    timer.timeit(1)  # the first call of a conv sets up its kernels
+    return min(timer.timeit(1).mean for _ in range(3))
 
 
-def _best_time(fn: Callable[[], Tensor], repeats: int) -> tuple[float, Tensor]:
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    if result is None:
-        raise FcconvError("_best_time needs repeats >= 1.")
-    return best, result
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run the block on one CPU thread, then restore torch's setting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _crops(image: Tensor, window: Sequence[int], stride: Sequence[int]) -> Tensor:
-    """Every window of ``image`` ``(1, C, H, W)``, row by row: ``(cells, C, *window)``."""
-    crops = image.unfold(2, window[0], stride[0]).unfold(3, window[1], stride[1])
-    return crops.permute(0, 2, 3, 1, 4, 5).reshape(-1, image.shape[1], *window)
-
-
-def _as_map(per_window: Tensor, shape: Sequence[int]) -> Tensor:
-    """``(cells, classes)`` in row-major cell order -> ``(1, classes, rows, cols)`` like the dense map."""
-    return per_window.reshape(1, shape[2], shape[3], shape[1]).permute(0, 3, 1, 2)
-
-
-def _apply_weight(layer: nn.Conv2d | nn.Linear, weight: Tensor, x: Tensor) -> Tensor:
-    """``layer`` applied to ``x`` with ``weight`` in place of its own, without bias."""
-    if isinstance(layer, nn.Conv2d):
-        return nn.functional.conv2d(x, weight, None, layer.stride, layer.padding, layer.dilation,
-                                    layer.groups)
-    return nn.functional.linear(x, weight)
-
-
-def rounding_bound(model: nn.Module, windows: Tensor) -> Tensor:
-    """An upper bound on the rounding error of ``model(windows)``, whatever the summation order.
-
-    Each Linear or conv computes ``y = W x + b`` with ``K`` products per output; in floating point,
-    summed in *any* order, ``|fl(y) - y| <= gamma(K + 1) (|W| |x| + |b|)`` with
-    ``gamma(n) = n u / (1 - n u)`` and ``u`` the unit roundoff (Higham, *Accuracy and Stability of
-    Numerical Algorithms*, section 3.1). An error ``e`` already in ``x`` adds ``|W| e``; ReLU and max
-    pooling never enlarge it. Two computations of the same network that differ only in summation
-    order (a dense map and a sliding window, say) therefore differ by at most twice this bound.
-
-    Args:
-        model: a :class:`~fcconv.demo.digits.DigitsCNN` (conv, linear, ReLU, max-pool and flatten layers).
-        windows: the inputs, ``(N, 1, 12, 12)``, in the dtype whose rounding is bounded.
-
-    Returns:
-        ``(N, classes)``, the bound for each output.
-    """
-    u = torch.finfo(windows.dtype).eps / 2
-
-    def gamma(n: int) -> float:
-        return n * u / (1 - n * u)
-
-    # The bound is a sum of non-negative terms, computed fast in float32: its own relative rounding
-    # (under 1e-4 for these few layers of at most 289 products) is covered by a 1% margin.
-    model = copy.deepcopy(model).to(torch.float32)
-    x = windows.to(torch.float32)
-    err = torch.zeros_like(x)
-    layers = [*model.features, nn.Flatten(), *model.classifier]  # type: ignore[misc]
-    for layer in layers:
-        if isinstance(layer, (nn.Conv2d, nn.Linear)):
-            weight = layer.weight.abs()
-            bias = layer.bias.abs() if layer.bias is not None else None
-            fan_in = weight[0].numel()
-            magnitude = _apply_weight(layer, weight, x.abs() + err)
-            if bias is not None:
-                magnitude = magnitude + bias.reshape(-1, *([1] * (magnitude.ndim - 2)))
-            err = _apply_weight(layer, weight, err) + gamma(fan_in + 1) * magnitude
-            x = layer(x)
-        elif isinstance(layer, (nn.ReLU, nn.Flatten, nn.MaxPool2d)):
-            x = layer(x)
-            err = layer(err) if not isinstance(layer, nn.ReLU) else err
-        else:
-            raise FcconvError(f"rounding_bound does not know layer {type(layer).__name__}.")
-    return (err * _BOUND_MARGIN).to(windows.dtype)
+def _flops(model: nn.Module, x: Tensor) -> int:
+    """Floating-point operations of ``model(x)``, counted by torch's ``FlopCounterMode``."""
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return int(counter.get_total_flops())
 
 
 @dataclass(frozen=True)
@@ -310,72 +204,27 @@ class _Comparison:
     sliding_flops: int
 
 
-def _flops(model: nn.Module, x: Tensor) -> int:
-    """Floating-point operations of ``model(x)`` in its convs and Linears: 2 per multiply-add.
-
-    The count torch's ``FlopCounterMode`` gives for these layers (bias and activations left out),
-    without its import cost.
-    """
-    total = 0
-
-    def count(layer: nn.Module, _inputs: object, output: Tensor) -> None:
-        nonlocal total
-        if isinstance(layer, nn.Linear):
-            total += 2 * output.numel() * layer.in_features
-        elif isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            total += 2 * output.numel() * (layer.in_channels // layer.groups) * math.prod(layer.kernel_size)
-
-    handles = [m.register_forward_hook(count) for m in model.modules()
-               if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
-    try:
-        model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return total
-
-
 def _dense_and_sliding(model: nn.Module, canvas: Canvas, *, progress: bool) -> tuple[Tensor, _Comparison]:
-    """The float32 dense map of ``canvas``, timed against the sliding window and checked against it."""
-    from fcconv.models import convolutionalize, sliding_window  # the demo sits above the model passes
-
+    """The float32 dense map of ``canvas``, timed against the sliding window and certified equal to it."""
     batch = canvas.image.unsqueeze(0)
-    input_shape = (1, WINDOW, WINDOW)
-    fcn = convolutionalize(model, input_shape)
+    fcn = convolutionalize(model, (1, WINDOW, WINDOW))
     window, stride = tuple(fcn.window), tuple(fcn.stride)
-
-    def slide(net: nn.Module, image: Tensor, show: bool) -> Tensor:
-        return sliding_window(net, image, window=window, stride=stride, batch_size=SLIDING_BATCH,
-                              progress=show)
-
+    sliding = SlidingWindow(model, window=window, stride=stride, batch_size=SLIDING_BATCH)
     with torch.inference_mode():
-        with _one_thread():  # both timed alike: these small convs gain nothing from more threads
-            fcn(batch)  # warm-up: the first call of a conv sets up its kernels
-            dense_seconds, dense = _best_time(lambda: fcn(batch), 3)
-            shows = [progress, False, False]
-            sliding_seconds, sliding = _best_time(lambda: slide(model, batch, shows.pop(0)), 3)
-        # Equal up to rounding: the two sum the same products in different orders (a conv over the
-        # whole canvas against the same layers on each crop), so they may differ in the last bits,
-        # but never by more than the rounding bound of each. Checked in float64, where that bound is
-        # tight enough to catch any real difference (a misplaced window changes values by O(1)).
-        model64 = copy.deepcopy(model).to(torch.float64)
-        dense64 = copy.deepcopy(fcn).to(torch.float64)(batch.double())
-        sliding64 = slide(model64, batch.double(), False)
-        bound64 = 2 * _as_map(rounding_bound(model64, _crops(batch.double(), window, stride)), dense.shape)
-        diff64 = (dense64 - sliding64).abs()
-        equality = Equality(
-            within_bound=bool((diff64 <= bound64).all()),
-            bitwise_fraction=float((dense64 == sliding64).double().mean()),
-            max_difference=float(diff64.max()),
-            max_bound=float(bound64.max()),
-            max_difference_float32=float((dense - sliding).abs().max()),
-            same_winner_float32=float((dense.argmax(1) == sliding.argmax(1)).double().mean()),
-        )
-        dense_flops = _flops(fcn, batch)
-        cells = dense.shape[2] * dense.shape[3]
-        sliding_flops = cells * _flops(model, batch[:, :, : window[0], : window[1]])
+        dense = fcn(batch)
+        slid = sliding_window(model, batch, window=window, stride=stride, batch_size=SLIDING_BATCH,
+                              progress=progress)
+        # Both timed alike, on one thread: these small convs gain nothing from more threads.
+        dense_seconds = _best_of_3(lambda: fcn(batch))
+        sliding_seconds = _best_of_3(lambda: sliding(batch))
+    # Equal up to rounding: the two sum the same products in different orders, so they may differ
+    # in the last bits, never by more than the rounding bound that compare derives.
+    report = compare(sliding, fcn, batch)
+    equality = Equality(report, float((dense.argmax(1) == slid.argmax(1)).double().mean()))
+    cells = dense.shape[2] * dense.shape[3]
     comparison = _Comparison(bool(fcn.exact_sliding_window), window, stride, fcn.window_of, equality,
-                             dense_seconds, sliding_seconds, dense_flops, sliding_flops)
+                             dense_seconds, sliding_seconds, _flops(fcn, batch),
+                             cells * _flops(model, batch[:, :, : window[0], : window[1]]))
     return dense, comparison
 
 
@@ -406,7 +255,7 @@ def run_demo(
         >>> print(f"{result.speedup:.0f}x faster, recall {result.recall:.0%}")
         15x faster, recall 96%
     """
-    out = check_output_path(picture)
+    out = check_output_path(picture, what="the demo picture", suffixes=IMAGE_SUFFIXES)
     say: Echo = echo if echo is not None else (lambda _line: None)
     # The temporary file is created first, so an unwritable place fails before any work.
     with atomic_output(out, what="the demo picture") as tmp:
@@ -479,9 +328,10 @@ def summary(result: DemoResult) -> list[str]:
         f"({'no layer pads' if result.exact_sliding_window else 'a layer pads'}): "
         f"a {gh}x{gw} map, stride {result.stride[0]}",
         f"   exactness  dense map vs sliding window: {verdict}",
-        f"              float64 max |difference| {eq.max_difference:.1e} <= rounding bound "
-        f"{eq.max_bound:.1e} ({eq.bitwise_fraction:.0%} bit-identical)",
-        f"              float32 max |difference| {eq.max_difference_float32:.1e}, same winning class in "
+        f"              certified by fcconv.compare: float64 max relative difference "
+        f"{eq.report.float64_max_rel:.1e}; float32 max |difference| {eq.report.max_abs:.1e}, "
+        f"{eq.report.bit_identical_fraction:.0%} bit-identical",
+        "              same winning class in "
         + ("every cell" if eq.same_winner_float32 == 1.0 else f"{eq.same_winner_float32:.1%} of the cells"),
         f"   time       dense map, one pass {result.dense_seconds * 1e3:.1f} ms | sliding window "
         f"{result.sliding_seconds * 1e3:.1f} ms (batches of {SLIDING_BATCH}) | "

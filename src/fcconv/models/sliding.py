@@ -6,13 +6,13 @@ import itertools
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fcconv._shapes import format_shape, per_dim
 from fcconv.errors import FcconvError
 
-__all__ = ["sliding_window"]
+__all__ = ["SlidingWindow", "sliding_window"]
 
 
 def sliding_window(model: Callable[[Tensor], Tensor], image: Tensor, *, window: Sequence[int] | int,
@@ -94,3 +94,21 @@ def sliding_window(model: Callable[[Tensor], Tensor], image: Tensor, *, window: 
     flat = torch.cat(outputs)  # (N * cells, outputs)
     result = flat.reshape(image.shape[0], *grid, flat.shape[1]).movedim(-1, 1)
     return result[0] if unbatched else result
+
+
+class SlidingWindow(nn.Module):
+    """:func:`sliding_window` as a module, without progress bar: the reference to certify a dense map.
+
+    Example:
+        >>> fcconv.assert_equivalent(SlidingWindow(model, window=fcn.window, stride=fcn.stride), fcn, image)
+    """
+
+    def __init__(self, model: nn.Module, *, window: Sequence[int] | int, stride: Sequence[int] | int,
+                 batch_size: int = 32) -> None:
+        super().__init__()
+        self.model = model
+        self.window, self.stride, self.batch_size = window, stride, batch_size
+
+    def forward(self, image: Tensor) -> Tensor:
+        return sliding_window(self.model, image, window=self.window, stride=self.stride,
+                              batch_size=self.batch_size, progress=False)

@@ -14,6 +14,8 @@ from fcconv.demo.digits import BACKGROUND
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from matplotlib.gridspec import SubplotSpec
 
     from fcconv.demo.run import DemoResult
 
@@ -89,9 +91,7 @@ def draw_picture(
     import matplotlib
 
     matplotlib.use("Agg", force=False)
-    from matplotlib.colors import ListedColormap, Normalize
     from matplotlib.figure import Figure
-    from matplotlib.patches import Patch, Rectangle
 
     canvas = result.canvas
     image = canvas.image[0].detach().cpu().float()
@@ -126,24 +126,44 @@ def draw_picture(
     bottom.imshow(ink.numpy(), interpolation="nearest")
     bottom.set_title("Output: each cell coloured by its winning digit, opacity = confidence; "
                      "detections boxed and labelled", fontsize=10, loc="left")
-    for det in result.detections:
-        t, left, b, r = det.box
-        color = _RIGHT if det.correct else _WRONG
-        bottom.add_patch(Rectangle((left - 1, t - 1), r - left + 1, b - t + 1, fill=False, lw=1.5,
-                                   ec=color))
-        bottom.text(left - 1, t - 1.3, str(det.label), ha="left", va="bottom", fontsize=11,
-                    fontweight="bold", color=color)
-    for (gt_top, gt_left, gt_bottom, gt_right), hit in zip(canvas.boxes, result.found):
-        if not hit:
-            bottom.add_patch(Rectangle((gt_left - 1.5, gt_top - 1.5), gt_right - gt_left + 2,
-                                       gt_bottom - gt_top + 2, fill=False, lw=1.5, ec=_MISSED, ls="--"))
+    _draw_detections(bottom, result)
     for ax in (top, bottom):
         ax.set_xlim(-0.5, w - 0.5)
         ax.set_ylim(h - 0.5, -0.5)
         ax.set_xticks([])
         ax.set_yticks([])
 
-    side = grid[1, 1].subgridspec(1, 2, width_ratios=(1, 0.35), wspace=0.2)
+    _draw_key(fig, grid[1, 1])
+    fig.savefig(path, dpi=FIGURE_DPI, format=image_format(path))
+
+
+_RIGHT, _WRONG, _MISSED = "#1a9850", "#d73027", "#f46d43"
+
+
+def _draw_detections(ax: Axes, result: DemoResult) -> None:
+    """Detections boxed and labelled (green right, red wrong), missed digits dashed."""
+    from matplotlib.patches import Rectangle
+
+    for det in result.detections:
+        t, left, b, r = det.box
+        color = _RIGHT if det.correct else _WRONG
+        ax.add_patch(Rectangle((left - 1, t - 1), r - left + 1, b - t + 1, fill=False, lw=1.5,
+                                   ec=color))
+        ax.text(left - 1, t - 1.3, str(det.label), ha="left", va="bottom", fontsize=11,
+                    fontweight="bold", color=color)
+    for (gt_top, gt_left, gt_bottom, gt_right), hit in zip(result.canvas.boxes, result.found):
+        if not hit:
+            ax.add_patch(Rectangle((gt_left - 1.5, gt_top - 1.5), gt_right - gt_left + 2,
+                                       gt_bottom - gt_top + 2, fill=False, lw=1.5, ec=_MISSED, ls="--"))
+
+
+def _draw_key(fig: Figure, cell: SubplotSpec) -> None:
+    """The legend (a colour per digit, the box styles) and the confidence bar, in ``cell``."""
+    import matplotlib
+    from matplotlib.colors import ListedColormap, Normalize
+    from matplotlib.patches import Patch
+
+    side = cell.subgridspec(1, 2, width_ratios=(1, 0.35), wspace=0.2)
     legend_ax = fig.add_subplot(side[0, 0])
     legend_ax.axis("off")
     handles = [Patch(color=class_colour(d), label=str(d)) for d in range(10)]
@@ -160,10 +180,6 @@ def draw_picture(
     fig.colorbar(matplotlib.cm.ScalarMappable(norm=Normalize(0, 1), cmap=grey), cax=bar_ax)
     bar_ax.set_title("confidence", fontsize=9, loc="right")
     bar_ax.tick_params(labelsize=8)
-    fig.savefig(path, dpi=FIGURE_DPI, format=image_format(path))
-
-
-_RIGHT, _WRONG, _MISSED = "#1a9850", "#d73027", "#f46d43"
 
 
 def _alpha(confidence: Tensor) -> Tensor:

@@ -44,6 +44,12 @@ _SAME_SHAPE_MODULES: tuple[type[nn.Module], ...] = (
 )
 
 
+# Why not torch.fx.passes.shape_prop.ShapeProp: with a FakeTensorMode it gives the same shapes but,
+# measured on torchvision models at 224 (one CPU thread), took 0.7-1.4 s for resnet50, 0.2 s for
+# vgg16_bn and 1.0 s for mobilenet_v3_small, against 0.04, 0.01 and 0.05 s here: it deep-copies the
+# model into fake tensors and runs every BatchNorm's decomposition, and the geometry search runs the
+# graph up to a few dozen times. Here parameters are swapped for meta tensors (functional_call),
+# same-shape modules are skipped on meta, and an op without a meta kernel falls back to real zeros.
 class _ShapeRecorder(fx.Interpreter):
     """Runs a graph and records the shape of every node; a failing node is reported by name."""
 

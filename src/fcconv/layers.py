@@ -29,6 +29,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from fcconv._shapes import check_input_shape, format_shape, per_dim
 from fcconv.errors import FcconvError, NotEquivalentError
 from fcconv.matrix import (
+    LAYOUTS,
     ConvGeometry,
     conv_bias_vector,
     conv_geometry,
@@ -48,7 +49,6 @@ __all__ = [
 _CONV_CLASSES: dict[int, type[nn.Conv1d | nn.Conv2d | nn.Conv3d]] = {
     1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d,
 }
-_LAYOUTS = ("dense", "csr", "coo")
 # A dense matrix above this size is refused: it would exhaust memory before it is useful.
 _MAX_DENSE_BYTES = 16 * 2**30
 
@@ -306,9 +306,9 @@ def conv_matrix(conv: nn.Module, input_shape: Sequence[int], *, layout: str = "d
         torch.Size([4, 9])
     """
     conv = _check_conv(conv, "conv_matrix", transpose_ok=True)
-    if layout not in _LAYOUTS:
+    if layout not in LAYOUTS:
         raise FcconvError(
-            f"layout must be one of {', '.join(map(repr, _LAYOUTS))}; got {layout!r}. Use 'csr' "
+            f"layout must be one of {', '.join(map(repr, LAYOUTS))}; got {layout!r}. Use 'csr' "
             "or 'coo' for a sparse matrix whose memory grows with its nonzeros."
         )
     shape = _check_conv_input(conv, input_shape, "conv_matrix")

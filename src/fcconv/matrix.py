@@ -37,6 +37,7 @@ from fcconv._shapes import format_shape, per_dim
 from fcconv.errors import FcconvError
 
 __all__ = [
+    "LAYOUTS",
     "ConvGeometry",
     "Layout",
     "PaddingMode",
@@ -49,7 +50,8 @@ __all__ = [
 
 Layout = Literal["dense", "csr", "coo"]
 PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
-_LAYOUTS = ("dense", "csr", "coo")
+LAYOUTS: tuple[Layout, ...] = ("dense", "csr", "coo")
+"""The layouts of a conv matrix: a strided tensor, or torch sparse CSR or COO."""
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
@@ -333,8 +335,8 @@ def conv_weight_matrix(
         >>> conv_weight_matrix(w, (2, 2)).shape  # the kernel covers the input: one row per channel
         torch.Size([2, 4])
     """
-    if layout not in _LAYOUTS:
-        raise FcconvError(f"layout must be one of {', '.join(_LAYOUTS)}; got {layout!r}.")
+    if layout not in LAYOUTS:
+        raise FcconvError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}.")
     _check_kernel(weight, in_spatial, groups)
     geom = conv_geometry(in_spatial, weight.shape[2:], stride=stride, padding=padding,
                          dilation=dilation)

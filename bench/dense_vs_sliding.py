@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 import torchvision.models as tvm
 from torch import nn
+from torch.utils.benchmark import Timer
 from torch.utils.flop_counter import FlopCounterMode
 
 from fcconv.models import convolutionalize, sliding_window
@@ -33,14 +33,10 @@ RESULTS: list[tuple[str, bool]] = []
 
 
 def best_time(fn: Callable[[], object], repeats: int) -> float:
-    """Minimum wall time over ``repeats`` runs, after one warm-up run."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    """Minimum wall time over ``repeats`` runs, after one warm-up run (``torch.utils.benchmark.Timer``)."""
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    timer.timeit(1)
+    return min(timer.timeit(1).mean for _ in range(repeats))
 
 
 def flops(fn: Callable[[], object]) -> int:

@@ -29,8 +29,7 @@ from fcconv.demo import (
 )
 from fcconv.demo.digits import BACKGROUND, NUM_CLASSES, Canvas, load_digits_model, make_canvas
 from fcconv.errors import FcconvError
-from fcconv.models import convolutionalize, sliding_window
-from fcconv.models.sliding import SlidingWindow
+from fcconv.models import SlidingWindow, convolutionalize, sliding_window
 
 FIGURE_PIXELS = (int(FIGURE_SIZE[0] * FIGURE_DPI), int(FIGURE_SIZE[1] * FIGURE_DPI))  # (1200, 800)
 SEED_NUMBERS = ("-0.4775", "-2.1469")

@@ -26,8 +26,7 @@ from fcconv.demo.digits import (
 )
 from fcconv.demo.picture import draw_picture
 from fcconv.layers import linear_to_conv, linear_to_pointwise
-from fcconv.models import convolutionalize, sliding_window
-from fcconv.models.sliding import SlidingWindow
+from fcconv.models import SlidingWindow, convolutionalize, sliding_window
 
 __all__ = ["CANVAS_SIZE", "DemoResult", "Equality", "TextbookResult", "run_demo", "summary", "textbook"]
 

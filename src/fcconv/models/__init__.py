@@ -3,11 +3,12 @@ reference it is checked against (:func:`sliding_window`)."""
 
 from fcconv.models.fcn import FullyConvolutional, convolutionalize
 from fcconv.models.modules import ChannelLayerNorm, UnfoldConv1d, UnfoldConv2d, UnfoldConv3d
-from fcconv.models.sliding import sliding_window
+from fcconv.models.sliding import SlidingWindow, sliding_window
 
 __all__ = [
     "ChannelLayerNorm",
     "FullyConvolutional",
+    "SlidingWindow",
     "UnfoldConv1d",
     "UnfoldConv2d",
     "UnfoldConv3d",

@@ -24,6 +24,8 @@ _TODO_LARGER = (
 
 @dataclass
 class Geometry:
+    """The score map's geometry (see :class:`~fcconv.models.FullyConvolutional`'s attributes)."""
+
     stride: tuple[int, ...]
     min_size: tuple[int, ...]
     window: tuple[int, ...]
@@ -32,6 +34,7 @@ class Geometry:
 
 
 def _output_grid(gm: fx.GraphModule, channels: int, spatial: tuple[int, ...], ndim: int) -> tuple[int, ...]:
+    """The spatial size of the converted model's output on an input of ``spatial`` size."""
     try:
         shapes = record_shapes(gm, (channels, *spatial))
     except NodeFailure as error:
@@ -94,6 +97,8 @@ def _search_geometry(gm: fx.GraphModule, input_shape: tuple[int, ...], g0: tuple
 
 
 def measure_geometry(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> Geometry:
+    """Stride, min_size and window of a converted graph: the closed form of its descriptors,
+    checked at two sizes around a step of the grid, else found by probing sizes."""
     ndim = len(input_shape) - 1
     channels, s0 = input_shape[0], tuple(input_shape[1:])
     try:

@@ -578,3 +578,13 @@ def test_deepcopy_of_fcn_works() -> None:
     x = torch.randn(1, 3, 40, 40, dtype=DTYPE)
     with torch.no_grad():
         torch.testing.assert_close(clone(x), fcn(x), rtol=0, atol=0)
+
+
+def test_checkpoint_of_fcconv_0_1_loads() -> None:
+    """fcconv 0.1 saved ``head`` and ``outputs``; they are now ``head_impl`` and ``num_classes``."""
+    fcn = convolutionalize(lenet(), (3, 32, 32), head_impl="matmul")
+    old = {k: v for k, v in fcn.geometry().items() if k not in ("head_impl", "num_classes")}
+    old.update(head="matmul", outputs=10)
+    loaded = FullyConvolutional.from_state_dict(LeNet().to(DTYPE).eval(), fcn.state_dict(), old)
+    assert loaded.head_impl == "matmul" and loaded.num_classes == 10
+    assert loaded.geometry() == fcn.geometry()

@@ -81,7 +81,8 @@ def timed(fn: Callable[[], object]) -> float:
     """One run of ``fn`` from the same state every time: garbage collected, and freed heap memory
     handed back to the OS, so that every large allocation gets fresh pages. Without this a matrix
     may or may not land in memory an earlier one left mapped, and ``torch.zeros`` takes 3 ms or 35 ms
-    for the same 81 MiB depending on what ran before."""
+    for the same 81 MiB depending on what ran before. (Not ``torch.utils.benchmark.Timer``: it would
+    free the result, a matrix of up to hundreds of MiB, inside the timed region.)"""
     gc.collect()
     TRIM(0)
     start = time.perf_counter()

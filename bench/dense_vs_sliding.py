@@ -8,7 +8,7 @@ resnet18's own forward at 448, the conversion time of resnet50, the three heads 
 much the dense map of these padded networks agrees with the sliding window (top-1, cosine).
 
 Every time is the minimum over repeats, in one run, on one machine (shared machines are noisy:
-the minimum is the least disturbed run). Targets (head="auto"): time ratio >= MAC ratio,
+the minimum is the least disturbed run). Targets (head_impl="auto"): time ratio >= MAC ratio,
 converted/original <= 1.1, conversion < 1 s.
 
 Usage: python bench/dense_vs_sliding.py [--quick] [--threads N]
@@ -18,29 +18,25 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 import torchvision.models as tvm
 from torch import nn
+from torch.utils.benchmark import Timer
 from torch.utils.flop_counter import FlopCounterMode
 
-from fcconv.fcn import convolutionalize, sliding_window
+from fcconv.models import convolutionalize, sliding_window
 
 RESULTS: list[tuple[str, bool]] = []
 
 
 def best_time(fn: Callable[[], object], repeats: int) -> float:
-    """Minimum wall time over ``repeats`` runs, after one warm-up run."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    """Minimum wall time over ``repeats`` runs, after one warm-up run (``torch.utils.benchmark.Timer``)."""
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    timer.timeit(1)
+    return min(timer.timeit(1).mean for _ in range(repeats))
 
 
 def flops(fn: Callable[[], object]) -> int:
@@ -63,7 +59,7 @@ def agreement(dense: torch.Tensor, reference: torch.Tensor) -> tuple[float, floa
 
 def dense_vs_sliding(name: str, model: nn.Module, size: int, *, repeats: int, sliding_repeats: int,
                      batch_size: int) -> None:
-    fcn = convolutionalize(model, (3, 224, 224), head="auto")
+    fcn = convolutionalize(model, (3, 224, 224), head_impl="auto")
     x = torch.randn(1, 3, size, size)
     window, stride = fcn.window, fcn.stride
     cells = fcn.grid_shape((size, size))
@@ -125,7 +121,7 @@ def heads(repeats: int, rounds: int) -> None:
     model = tvm.vgg11(weights=None).eval()
     x = torch.randn(1, 3, 320, 320)
     names = ("auto", "conv", "matmul")
-    fcns = {head: convolutionalize(model, (3, 224, 224), head=head) for head in names}
+    fcns = {head: convolutionalize(model, (3, 224, 224), head_impl=head) for head in names}
     layers = {head: fcn.graph_module.get_submodule("classifier.0") for head, fcn in fcns.items()}
     with torch.no_grad():
         features = model.features(x)  # the (512, 10, 10) map the 7x7 head conv slides over
@@ -139,7 +135,7 @@ def heads(repeats: int, rounds: int) -> None:
         for head in names:
             out = fcns[head](x)
             diff = (out - reference).abs().max().item() / reference.abs().max().item()
-            print(f"  head={head!r:9s} whole dense map {t_model[head] * 1e3:8.1f} ms, head layer "
+            print(f"  head_impl={head!r:9s} whole dense map {t_model[head] * 1e3:8.1f} ms, head layer "
                   f"{layers[head].__class__.__name__} 512->4096 7x7 on 10x10: "
                   f"{t_layer[head] * 1e3:7.1f} ms  (max rel. diff. to 'conv' {diff:.1e})")
     print(f"  head layer conv / matmul = {t_layer['conv'] / t_layer['matmul']:.2f}x, whole map "
@@ -171,7 +167,7 @@ def main() -> None:
     print()
     conversion_time(3 if args.quick else 5)
     print()
-    print("vgg11 heads (head='auto' picks matmul on CPU, conv elsewhere):")
+    print("vgg11 heads (head_impl='auto' picks matmul on CPU, conv elsewhere):")
     heads(repeats, 2 if args.quick else 4)
     print()
     failed = [name for name, ok in RESULTS if not ok]

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fcconv.digits import (
+from fcconv.demo.digits import (
     BACKGROUND,
     HELDOUT_FILE,
     MARGIN,

@@ -29,18 +29,6 @@ HERE = Path(__file__).parent
 OWN_COMMANDS = ("explain", "convert", "heatmap", "verify", "bench")
 
 
-def _has(module: str) -> bool:
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True
-
-
-needs_fcn = pytest.mark.skipif(not _has("fcconv.fcn"), reason="fcconv.fcn is not there yet")
-needs_verify = pytest.mark.skipif(not _has("fcconv.verify"), reason="fcconv.verify is not there yet")
-
-
 @pytest.fixture(autouse=True)
 def _models_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(HERE))
@@ -405,7 +393,6 @@ def test_convert_output_is_written_with_usual_permissions(tmp_path: Path) -> Non
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
-@needs_fcn
 def test_convert_to_fcn_and_load_it_back(tmp_path: Path) -> None:
     from fcconv.cli._loading import load_model
 
@@ -424,7 +411,6 @@ def test_convert_to_fcn_and_load_it_back(tmp_path: Path) -> None:
     assert fcn(big).shape == (1, 3, 4, 6)
 
 
-@needs_fcn
 def test_fcn_file_from_a_checkpoint_rebuilds_with_its_factory(tmp_path: Path) -> None:
     from fcconv.cli._loading import load_model
 
@@ -442,7 +428,6 @@ def test_fcn_file_from_a_checkpoint_rebuilds_with_its_factory(tmp_path: Path) ->
         load_model(str(out), factory="cli_models:factory", kwargs="classes=4")
 
 
-@needs_fcn
 def test_convert_single_linear_to_fcn_is_the_covering_conv(tmp_path: Path) -> None:
     out = tmp_path / "fc.pt"
     result = run("convert", "Linear(12, 5)", "--input", "3,2,2", "--to", "fcn", "-o", str(out))
@@ -500,7 +485,6 @@ def test_bench_streams_output_and_passes_quick(tmp_path: Path, monkeypatch: pyte
 # verify
 
 
-@needs_verify
 def test_verify_a_conversion_is_equivalent(tmp_path: Path) -> None:
     out = tmp_path / "linear.pt"
     converted = run("convert", "Conv2d(2, 3, 3)", "--input", "2,5,5", "--to", "linear", "-o", str(out))
@@ -510,7 +494,6 @@ def test_verify_a_conversion_is_equivalent(tmp_path: Path) -> None:
     assert result.output.strip().endswith(f"Conv2d(2, 3, 3) vs {out} on (2, 5, 5): equivalent")
 
 
-@needs_verify
 def test_verify_different_models_exits_1() -> None:
     result = run("verify", "cli_models:factory", "cli_models:other_factory", "--input", "1,8,8")
     assert result.exit_code == 1
@@ -518,8 +501,6 @@ def test_verify_different_models_exits_1() -> None:
     assert result.stderr == ""
 
 
-@needs_verify
-@needs_fcn
 def test_verify_an_fcn_conversion_with_grad(tmp_path: Path) -> None:
     out = tmp_path / "fcn.pt"
     converted = run("convert", "cli_models:factory", "--input", "1,8,8", "--to", "fcn", "-o", str(out))
@@ -535,7 +516,6 @@ def test_verify_needs_an_input_shape() -> None:
     assert "Missing option '--input'" in result.stderr
 
 
-@needs_verify
 def test_verify_a_candidate_that_cannot_run_gets_command_line_advice() -> None:
     result = run("verify", "Conv2d(1, 10, 3)", "Conv2d(2, 10, 3)", "--input", "1,8,8")
     line = assert_one_line_error(
@@ -556,21 +536,20 @@ def test_verify_bad_reference() -> None:
 def _digits_png(path: Path) -> None:
     from PIL import Image
 
-    from fcconv.digits import make_canvas
+    from fcconv.demo.digits import make_canvas
 
     canvas = make_canvas(32, 64, seed=1)
     pixels = (canvas.image[0] * 255).round().to(torch.uint8).numpy()
     Image.fromarray(pixels, mode="L").save(path)
 
 
-@needs_fcn
 def test_heatmap_of_the_digits_model(tmp_path: Path) -> None:
     from PIL import Image
 
     image, out = tmp_path / "canvas.png", tmp_path / "map.png"
     _digits_png(image)
-    result = run("heatmap", "fcconv.digits:load_digits_model", str(image), "--input", "1,12,12",
-                 "--labels", "fcconv.digits:CLASS_NAMES", "--hide", "background", "-o", str(out))
+    result = run("heatmap", "fcconv.demo.digits:load_digits_model", str(image), "--input", "1,12,12",
+                 "--labels", "fcconv.demo.digits:CLASS_NAMES", "--hide", "background", "-o", str(out))
     assert result.exit_code == 0, result.output
     assert "window (12, 12), stride (2, 2): a 11x27 map" in result.output
     assert "Top classes: background" in result.output
@@ -579,13 +558,12 @@ def test_heatmap_of_the_digits_model(tmp_path: Path) -> None:
         colours = picture.convert("RGB").getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 50  # not blank
     assert files_in(tmp_path) == ["canvas.png", "map.png"]
-    result = run("heatmap", "fcconv.digits:load_digits_model", str(image), "--input", "1,12,12",
+    result = run("heatmap", "fcconv.demo.digits:load_digits_model", str(image), "--input", "1,12,12",
                  "--hide", "background", "-o", str(tmp_path / "other.png"))
     assert_one_line_error(result, "--hide 'background' is not a class name; the names are 0, 1, 2")
     assert files_in(tmp_path) == ["canvas.png", "map.png"]
 
 
-@needs_fcn
 def test_heatmap_errors_leave_no_file(tmp_path: Path) -> None:
     from PIL import Image
 
@@ -619,7 +597,6 @@ def test_fcconv_error_is_a_value_error() -> None:
     assert isinstance(app, click.Group)
 
 
-@needs_verify
 def test_verify_a_pointwise_conversion_applies_the_linear_over_channels(tmp_path: Path) -> None:
     out = tmp_path / "pw.pt"
     converted = run("convert", "Linear(8, 3)", "--to", "pointwise", "--input", "8,5", "-o", str(out))

@@ -209,7 +209,7 @@ def test_share_weights_on_vgg16_fc6_allocates_nothing() -> None:
 
 def check_linear_to_pointwise(linear: Any, ndim: int, share: bool) -> Any:
     snap = snapshot(linear)
-    conv = linear_to_pointwise(linear, ndim, share_weights=share)
+    conv = linear_to_pointwise(linear, ndim=ndim, share_weights=share)
     assert type(conv) is CONVS[ndim]
     assert conv.in_channels == linear.in_features and conv.out_channels == linear.out_features
     assert conv.kernel_size == (1,) * ndim and conv.stride == (1,) * ndim
@@ -392,7 +392,7 @@ def test_pointwise_to_linear(ndim: int, groups: int, dtype: torch.dtype, kwargs:
     if groups == 1:
         assert torch.equal(linear.weight, w)
         # Round trip: back to a pointwise conv with the same weight, bit for bit.
-        back: Any = linear_to_pointwise(linear, ndim)
+        back: Any = linear_to_pointwise(linear, ndim=ndim)
         assert torch.equal(back.weight, conv.weight) and torch.equal(back.bias, conv.bias)
     else:
         # Block-diagonal: group g maps its 2 input channels to its 3 outputs, zeros elsewhere.
@@ -400,7 +400,7 @@ def test_pointwise_to_linear(ndim: int, groups: int, dtype: torch.dtype, kwargs:
         assert torch.equal(blocks[0, :, 0], w[:3]) and torch.equal(blocks[1, :, 1], w[3:])
         assert not blocks[0, :, 1].any() and not blocks[1, :, 0].any()
         # Round trip: the pointwise conv of that Linear has the same outputs (groups=1 now).
-        again = pointwise_to_linear(linear_to_pointwise(linear, ndim))
+        again = pointwise_to_linear(linear_to_pointwise(linear, ndim=ndim))
         assert torch.equal(again.weight, linear.weight)
     assert_copies(linear.weight, conv.weight)
     assert_unchanged(conv, snap)
@@ -467,9 +467,9 @@ LINEAR_ERRORS: list[ErrorCase] = [
      r"^linear_to_conv expects an nn\.Linear; got Sequential\."),
     (lambda: linear_to_conv(nn.LazyLinear(2), (3, 5, 5)), FcconvError,
      r"^linear_to_conv needs the weights of LazyLinear, which it does not have yet"),
-    (lambda: linear_to_pointwise(nn.Linear(4, 2), 4), FcconvError,
+    (lambda: linear_to_pointwise(nn.Linear(4, 2), ndim=4), FcconvError,
      r"^ndim must be 1, 2 or 3 \(Conv1d, Conv2d, Conv3d\); got 4\."),
-    (lambda: linear_to_pointwise(nn.Linear(4, 2), True), FcconvError,
+    (lambda: linear_to_pointwise(nn.Linear(4, 2), ndim=True), FcconvError,
      r"^ndim must be 1, 2 or 3 .*; got True\."),
     (lambda: linear_to_pointwise(cast(Any, torch.zeros(2, 4))), FcconvError,
      r"^linear_to_pointwise expects an nn\.Linear; got Tensor\."),

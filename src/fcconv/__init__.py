@@ -8,7 +8,6 @@ Example:
 from fcconv.certify import EquivalenceReport, assert_equivalent, compare, ulp_distance
 from fcconv.errors import FcconvError, NotEquivalentError
 from fcconv.explain import Explanation, explain
-from fcconv.fcn import FullyConvolutional, convolutionalize, sliding_window
 from fcconv.layers import (
     conv_matrix,
     conv_output_shape,
@@ -17,6 +16,7 @@ from fcconv.layers import (
     linear_to_pointwise,
     pointwise_to_linear,
 )
+from fcconv.models import FullyConvolutional, convolutionalize, sliding_window
 
 __version__ = "0.1.0"
 

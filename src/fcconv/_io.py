@@ -1,16 +1,55 @@
-"""Writing output files atomically: a temporary file beside the target, renamed when complete."""
+"""Output files: one check of an output path before any work, and one atomic writer."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from fcconv.errors import FcconvError
 
-__all__ = ["atomic_output"]
+__all__ = ["IMAGE_SUFFIXES", "atomic_output", "check_output_path", "image_format"]
+
+IMAGE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+"""The picture formats fcconv writes (through matplotlib)."""
+
+
+def check_output_path(path: str | os.PathLike[str], *, what: str = "the output",
+                      suffixes: Sequence[str] | None = None) -> Path:
+    """``path`` as a :class:`Path` if a file can be written there, else an :class:`FcconvError`.
+
+    Checked before any work: not a folder, one of ``suffixes`` (when given), in a folder that
+    exists and is writable.
+
+    Example:
+        >>> check_output_path("fcconv-demo.png", suffixes=IMAGE_SUFFIXES)
+        PosixPath('fcconv-demo.png')
+    """
+    out = Path(path).expanduser()
+    where = f"Cannot write {what} to {str(out)!r}"
+    if out.is_dir():
+        raise FcconvError(f"{where}: it is a folder. Give a file name.")
+    if suffixes and out.suffix.lower() not in suffixes:
+        names = ", ".join(suffixes[:-1]) + f" or {suffixes[-1]}" if len(suffixes) > 1 else suffixes[0]
+        raise FcconvError(
+            f"{where}: expected a {names} file; got {out.suffix or 'no extension'!r}. "
+            f"Use e.g. {out.stem or 'out'}{suffixes[0]}."
+        )
+    folder = out.parent
+    if not folder.is_dir():
+        raise FcconvError(
+            f"{where}: folder {str(folder)!r} does not exist. Create it or choose another path."
+        )
+    if not os.access(folder, os.W_OK):
+        raise FcconvError(f"{where}: folder {str(folder)!r} is not writable. Choose another path.")
+    return out
+
+
+def image_format(path: str | os.PathLike[str]) -> str:
+    """The matplotlib format of a picture path: ``'png'``, ``'jpeg'`` for ``.jpg``..."""
+    return Path(path).suffix.lower().lstrip(".").replace("jpg", "jpeg") or "png"
 
 
 @contextlib.contextmanager

@@ -1,14 +1,33 @@
-"""Validation of per-sample input shapes, shared by every layer of the package."""
+"""The toolkit every layer shares: shapes, one value per spatial dim, dim labels, module dtype and mode."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from collections.abc import Sequence
+from typing import Any, SupportsIndex, cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 from fcconv.errors import FcconvError
 
-__all__ = ["check_input_shape", "format_shape"]
+__all__ = [
+    "SPATIAL_LABELS",
+    "STOCHASTIC_FUNCTIONS",
+    "STOCHASTIC_MODULES",
+    "broadcast",
+    "check_input_shape",
+    "conv_rank",
+    "dim_labels",
+    "format_shape",
+    "module_dtype_device",
+    "numel",
+    "per_dim",
+    "stochastic_in_training",
+]
 
 
 def format_shape(shape: Sequence[int]) -> str:
@@ -56,3 +75,104 @@ def check_input_shape(input_shape: object, *, what: str = "input_shape") -> tupl
 def numel(shape: Sequence[int]) -> int:
     """The number of elements of a per-sample shape."""
     return math.prod(shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# One value per spatial dim
+
+SPATIAL_LABELS: dict[int, tuple[str, ...]] = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}
+"""The names of the spatial dims of a 1d, 2d and 3d map."""
+
+
+def dim_labels(ndim: int) -> tuple[str, ...]:
+    """``('N', 'C', 'H', 'W')``: the canonical dims of a batch of maps with ``ndim`` spatial dims."""
+    return ("N", "C", *SPATIAL_LABELS[ndim])
+
+
+def broadcast(value: Any, n: int) -> tuple[Any, ...] | None:
+    """``value`` with one entry per spatial dim, as PyTorch broadcasts it, or None if it cannot be.
+
+    A scalar (an int, a str such as ``'same'``) or a one-element sequence is repeated ``n`` times; a
+    sequence of ``n`` entries is kept. The entries are not checked (traced arguments may hold
+    nodes); :func:`per_dim` checks they are integers.
+    """
+    if isinstance(value, (str, bool)) or _is_int(value):
+        return None if isinstance(value, bool) else (value,) * n
+    if isinstance(value, (tuple, list, torch.Size)):
+        if len(value) == n:
+            return tuple(value)
+        if len(value) == 1:
+            return (value[0],) * n
+    return None
+
+
+def per_dim(value: object, n: int, what: str, *, allow_one: bool = False) -> tuple[int, ...]:
+    """``value`` as ``n`` integers, one per spatial dim: an int for all, or a sequence of ``n`` ints.
+
+    Accepts Python and numpy integers and 0-d integer tensors; refuses bools. With ``allow_one``, a
+    one-element sequence is repeated too, as PyTorch does for a conv's ``stride=(2,)``.
+
+    Raises:
+        FcconvError: if ``value`` is not that.
+
+    Example:
+        >>> per_dim(3, 2, "stride"), per_dim((2,), 2, "stride", allow_one=True)
+        ((3, 3), (2, 2))
+    """
+    one = isinstance(value, (tuple, list, torch.Size)) and len(value) == 1 and n != 1
+    values = None if isinstance(value, str) or (one and not allow_one) else broadcast(value, n)
+    if values is None or not all(_is_int(v) for v in values):
+        raise FcconvError(
+            f"{what} must be {n} integer(s), one per spatial dim (or one int for all); got {value!r}."
+        )
+    return tuple(operator.index(cast(SupportsIndex, v)) for v in values)
+
+
+def _is_int(value: object) -> bool:
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(cast(SupportsIndex, value))
+    except TypeError:
+        return False
+    return True
+
+
+def conv_rank(module: nn.Module) -> int | None:
+    """The number of spatial dims of a ``*1d``/``*2d``/``*3d`` module (conv, pooling, norm), else None."""
+    return {"1d": 1, "2d": 2, "3d": 3}.get(type(module).__name__[-2:].lower())
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules
+
+
+def module_dtype_device(module: nn.Module) -> tuple[torch.dtype | None, torch.device | None]:
+    """The dtype and device of the module's first floating parameter or buffer; ``(None, None)`` if none."""
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        if t.is_floating_point():
+            return t.dtype, t.device
+    return None, None
+
+
+# Modules whose output, in training mode, depends on the rest of the batch or on chance.
+STOCHASTIC_MODULES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, nn.RReLU,
+)
+# Their functional forms, which take the mode as a ``training`` argument.
+STOCHASTIC_FUNCTIONS: frozenset[Any] = frozenset({
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+    F.batch_norm, F.rrelu,
+})
+
+
+def stochastic_in_training(model: nn.Module) -> list[str]:
+    """Qualified names of the submodules in training mode whose output depends on the batch or on chance.
+
+    BatchNorm, Dropout and RReLU modules with ``training=True``; ``''`` names ``model`` itself.
+
+    Example:
+        >>> stochastic_in_training(nn.Sequential(nn.Linear(2, 2), nn.Dropout()))
+        ['1']
+    """
+    return [name for name, m in model.named_modules() if isinstance(m, STOCHASTIC_MODULES) and m.training]

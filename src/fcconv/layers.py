@@ -26,9 +26,10 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from fcconv._shapes import check_input_shape, format_shape
+from fcconv._shapes import check_input_shape, format_shape, per_dim
 from fcconv.errors import FcconvError, NotEquivalentError
 from fcconv.matrix import (
+    LAYOUTS,
     ConvGeometry,
     conv_bias_vector,
     conv_geometry,
@@ -48,7 +49,6 @@ __all__ = [
 _CONV_CLASSES: dict[int, type[nn.Conv1d | nn.Conv2d | nn.Conv3d]] = {
     1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d,
 }
-_LAYOUTS = ("dense", "csr", "coo")
 # A dense matrix above this size is refused: it would exhaust memory before it is useful.
 _MAX_DENSE_BYTES = 16 * 2**30
 
@@ -178,7 +178,7 @@ def linear_to_conv(
 
 
 def linear_to_pointwise(
-    linear: nn.Linear, ndim: int = 2, *, share_weights: bool = False
+    linear: nn.Linear, *, ndim: int = 2, share_weights: bool = False
 ) -> _ConvNd:
     """Scenario 2: the kernel-size-1 conv that applies ``linear`` over channels at every position.
 
@@ -231,29 +231,17 @@ def _check_conv_input(conv: _ConvNd, input_shape: Sequence[int], fn: str) -> tup
     return shape
 
 
-def _per_dim(conv: _ConvNd, name: str) -> tuple[int, ...]:
-    """A conv's ``stride``, ``dilation``... with one value per spatial dim.
-
-    PyTorch keeps a one-element tuple as given (``nn.Conv2d(..., stride=(2,))``) and broadcasts it
-    in the forward; so do we.
-    """
-    value = getattr(conv, name)
-    n = len(conv.kernel_size)
-    if isinstance(value, int):
-        return (value,) * n
-    value = tuple(value)
-    return value * n if len(value) == 1 else value
-
-
 def _transpose_geometry(conv: _ConvTransposeNd, spatial: tuple[int, ...]) -> tuple[int, ...]:
     """The output spatial size of a transposed conv: the input size of its adjoint conv."""
     if isinstance(conv.padding, str):
         raise FcconvError(f"Unsupported padding {conv.padding!r} on {type(conv).__name__}.")
+    n = len(conv.kernel_size)
+    stride, padding, dilation, output_padding = (
+        per_dim(getattr(conv, name), n, name, allow_one=True)
+        for name in ("stride", "padding", "dilation", "output_padding"))
     return tuple(
         (i - 1) * s - 2 * p + d * (k - 1) + op + 1
-        for i, s, p, d, k, op in zip(spatial, _per_dim(conv, "stride"), _per_dim(conv, "padding"),
-                                     _per_dim(conv, "dilation"), conv.kernel_size,
-                                     _per_dim(conv, "output_padding"))
+        for i, s, p, d, k, op in zip(spatial, stride, padding, dilation, conv.kernel_size, output_padding)
     )
 
 
@@ -318,9 +306,9 @@ def conv_matrix(conv: nn.Module, input_shape: Sequence[int], *, layout: str = "d
         torch.Size([4, 9])
     """
     conv = _check_conv(conv, "conv_matrix", transpose_ok=True)
-    if layout not in _LAYOUTS:
+    if layout not in LAYOUTS:
         raise FcconvError(
-            f"layout must be one of {', '.join(map(repr, _LAYOUTS))}; got {layout!r}. Use 'csr' "
+            f"layout must be one of {', '.join(map(repr, LAYOUTS))}; got {layout!r}. Use 'csr' "
             "or 'coo' for a sparse matrix whose memory grows with its nonzeros."
         )
     shape = _check_conv_input(conv, input_shape, "conv_matrix")
@@ -386,7 +374,8 @@ def _covering_kernel(conv: _ConvNd, shape: tuple[int, ...]) -> bool:
         not isinstance(conv, _ConvTransposeNd)
         and conv.groups == 1
         and tuple(conv.kernel_size) == shape[1:]
-        and all(d == 1 or k == 1 for d, k in zip(_per_dim(conv, "dilation"), conv.kernel_size))
+        and all(d == 1 or k == 1 for d, k in zip(
+            per_dim(conv.dilation, len(conv.kernel_size), "dilation", allow_one=True), conv.kernel_size))
         and not _geometry(conv, shape[1:]).pads
     )
 

@@ -33,10 +33,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from fcconv._shapes import format_shape
+from fcconv._shapes import format_shape, per_dim
 from fcconv.errors import FcconvError
 
 __all__ = [
+    "LAYOUTS",
     "ConvGeometry",
     "Layout",
     "PaddingMode",
@@ -49,19 +50,9 @@ __all__ = [
 
 Layout = Literal["dense", "csr", "coo"]
 PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
-_LAYOUTS = ("dense", "csr", "coo")
+LAYOUTS: tuple[Layout, ...] = ("dense", "csr", "coo")
+"""The layouts of a conv matrix: a strided tensor, or torch sparse CSR or COO."""
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-
-
-def _per_dim(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * n
-    out = tuple(int(v) for v in value)
-    if len(out) == 1:
-        return out * n
-    if len(out) != n:
-        raise FcconvError(f"{name} must have {n} values, one per spatial dim; got {value!r}.")
-    return out
 
 
 @dataclass(frozen=True)
@@ -132,9 +123,9 @@ def conv_geometry(
     """
     in_spatial = tuple(int(s) for s in in_spatial)
     n = len(in_spatial)
-    kernel_t = _per_dim(tuple(kernel), n, "kernel_size")
-    stride_t = _per_dim(stride, n, "stride")
-    dilation_t = _per_dim(dilation, n, "dilation")
+    kernel_t = per_dim(tuple(kernel), n, "kernel_size", allow_one=True)
+    stride_t = per_dim(stride, n, "stride", allow_one=True)
+    dilation_t = per_dim(dilation, n, "dilation", allow_one=True)
     if isinstance(padding, str):
         if padding == "valid":
             left = right = (0,) * n
@@ -145,7 +136,7 @@ def conv_geometry(
         else:
             raise FcconvError(f"padding must be an int, a tuple, 'same' or 'valid'; got {padding!r}.")
     else:
-        left = right = _per_dim(padding, n, "padding")
+        left = right = per_dim(padding, n, "padding", allow_one=True)
     out = []
     for i, (size, k, s, d, lo, hi) in enumerate(
         zip(in_spatial, kernel_t, stride_t, dilation_t, left, right)
@@ -344,44 +335,57 @@ def conv_weight_matrix(
         >>> conv_weight_matrix(w, (2, 2)).shape  # the kernel covers the input: one row per channel
         torch.Size([2, 4])
     """
-    if layout not in _LAYOUTS:
-        raise FcconvError(f"layout must be one of {', '.join(_LAYOUTS)}; got {layout!r}.")
+    if layout not in LAYOUTS:
+        raise FcconvError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}.")
+    _check_kernel(weight, in_spatial, groups)
+    geom = conv_geometry(in_spatial, weight.shape[2:], stride=stride, padding=padding,
+                         dilation=dilation)
+    _check_padding_mode(geom, padding_mode)
+    weight = weight.detach()
+    rows = weight.shape[0] * math.prod(geom.out_spatial)
+    cols = weight.shape[1] * groups * math.prod(geom.in_spatial)
+    # Folded padding modes can send several taps to one input position: those entries are summed.
+    folds = padding_mode != "zeros" and geom.pads
+    if layout == "dense" and not folds:
+        matrix = torch.zeros(rows, cols, dtype=weight.dtype, device=weight.device)
+        _write_dense(matrix, weight, geom, groups)
+        return matrix
+    if folds and padding_mode == "circular":
+        return _circular_matrix(weight, geom, groups, layout)
+    col, values, per_row = _entries(weight, geom, groups, padding_mode)
+    if folds:
+        return _folded(col, values, per_row, (rows, cols), layout)
+    return _assemble(col, values, per_row, (rows, cols), layout)
+
+
+def _check_kernel(weight: Tensor, in_spatial: Sequence[int], groups: int) -> None:
     n = weight.dim() - 2
     if not 1 <= n <= 3 or len(in_spatial) != n:
         raise FcconvError(
             f"A kernel of shape {format_shape(weight.shape)} needs an input with {n} spatial dims; "
             f"got spatial size {format_shape(in_spatial)}."
         )
-    c_out, c_in_g = weight.shape[0], weight.shape[1]
+    c_out = weight.shape[0]
     if groups < 1 or c_out % groups:
         raise FcconvError(
             f"groups must divide the {c_out} output channels; got groups={groups}."
         )
-    geom = conv_geometry(in_spatial, weight.shape[2:], stride=stride, padding=padding,
-                         dilation=dilation)
-    _check_padding_mode(geom, padding_mode)
-    weight = weight.detach()
+
+
+def _entries(weight: Tensor, geom: ConvGeometry, groups: int, padding_mode: str
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(col, values, per_row)`` of every tap, in (out channel, out position, in channel, tap) order.
+
+    Row-major, so sorted by row, and, under zero padding, by column within a row with no duplicates.
+    """
     device = weight.device
+    c_out, c_in_g = weight.shape[0], weight.shape[1]
     p_numel, k_numel = math.prod(geom.out_spatial), math.prod(geom.kernel)
     q_numel = math.prod(geom.in_spatial)
-    c_out_g = c_out // groups
-    c_in = c_in_g * groups
-    rows, cols = c_out * p_numel, c_in * q_numel
-    # Folded padding modes can send several taps to one input position: those entries are summed.
-    folds = padding_mode != "zeros" and geom.pads
-
-    if layout == "dense" and not folds:
-        matrix = torch.zeros(rows, cols, dtype=weight.dtype, device=device)
-        _write_dense(matrix, weight, geom, groups)
-        return matrix
-    if folds and padding_mode == "circular":
-        return _circular_matrix(weight, geom, groups, layout)
-
+    rows = c_out * p_numel
     index, valid = _tap_index(geom, padding_mode)
     index = index.to(device)
     valid = None if valid is None else valid.to(device)
-    # Entries in (out channel, out position, in channel, tap) order: row-major, so sorted by row,
-    # and, under zero padding, by column within a row with no duplicates.
     chan = (torch.arange(groups, device=device).view(groups, 1, 1, 1) * c_in_g
             + torch.arange(c_in_g, device=device).view(1, 1, c_in_g, 1)) * q_numel
     col_g = chan + index.view(1, p_numel, 1, k_numel)  # (G, P, Cin_g, K)
@@ -395,39 +399,40 @@ def conv_weight_matrix(
         col_g = torch.masked_select(col_g, mask).view(groups, -1)
         values = torch.masked_select(w4, mask)
         per_row = (valid.sum(1) * c_in_g).repeat(c_out)
-    col = col_g.unsqueeze(1).expand(groups, c_out_g, col_g.shape[1]).reshape(-1)
+    col = col_g.unsqueeze(1).expand(groups, c_out // groups, col_g.shape[1]).reshape(-1)
+    return col, values, per_row
 
-    if folds:
-        row = torch.arange(rows, device=device).repeat_interleave(per_row)
-        if layout == "dense":
-            matrix = torch.zeros(rows, cols, dtype=weight.dtype, device=device)
-            matrix.index_put_((row, col), values, accumulate=True)
-            return matrix
-        # Sum the taps that land on one entry in tap order, as the dense path and autograd do
-        # (``coalesce`` sums in another order, which can change the last bit).
-        keys, slot = torch.unique(row * cols + col, return_inverse=True)
-        summed = torch.zeros(keys.numel(), dtype=values.dtype, device=device)
-        summed.index_put_((slot,), values, accumulate=True)
-        row, col = keys.div(cols, rounding_mode="floor"), keys.remainder(cols)
-        if layout == "csr":
-            per_row = torch.bincount(row, minlength=rows)
-        else:
-            return torch.sparse_coo_tensor(
-                torch.stack((row, col)), summed, (rows, cols), is_coalesced=True,
-                check_invariants=False,
-            )
-        values = summed
+
+def _folded(col: Tensor, values: Tensor, per_row: Tensor, size: tuple[int, int], layout: str) -> Tensor:
+    """The matrix whose entries sum the taps that land on them (reflect and replicate padding)."""
+    rows, cols = size
+    device = values.device
+    row = torch.arange(rows, device=device).repeat_interleave(per_row)
+    if layout == "dense":
+        matrix = torch.zeros(rows, cols, dtype=values.dtype, device=device)
+        matrix.index_put_((row, col), values, accumulate=True)
+        return matrix
+    # Sum the taps that land on one entry in tap order, as the dense path and autograd do
+    # (``coalesce`` sums in another order, which can change the last bit).
+    keys, slot = torch.unique(row * cols + col, return_inverse=True)
+    summed = torch.zeros(keys.numel(), dtype=values.dtype, device=device)
+    summed.index_put_((slot,), values, accumulate=True)
+    row, col = keys.div(cols, rounding_mode="floor"), keys.remainder(cols)
+    return _assemble(col, summed, torch.bincount(row, minlength=rows), size, layout)
+
+
+def _assemble(col: Tensor, values: Tensor, per_row: Tensor, size: tuple[int, int], layout: str) -> Tensor:
+    """A sparse CSR or COO matrix from row-sorted entries, ``per_row`` of them in each row."""
+    rows = size[0]
     if layout == "csr":
-        crow = torch.zeros(rows + 1, dtype=torch.int64, device=device)
+        crow = torch.zeros(rows + 1, dtype=torch.int64, device=values.device)
         torch.cumsum(per_row, 0, out=crow[1:])
         with warnings.catch_warnings():  # "CSR support is in beta state"
             warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(
-                crow, col, values, (rows, cols), check_invariants=False
-            )
-    row = torch.arange(rows, device=device).repeat_interleave(per_row)
+            return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
+    row = torch.arange(rows, device=values.device).repeat_interleave(per_row)
     return torch.sparse_coo_tensor(
-        torch.stack((row, col)), values, (rows, cols), is_coalesced=True, check_invariants=False
+        torch.stack((row, col)), values, size, is_coalesced=True, check_invariants=False
     )
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fcconv.certify._toolkit import stochastic_in_training
+from fcconv._shapes import stochastic_in_training
 from fcconv.errors import FcconvError
 
 __all__ = ["as_float64", "check_module", "float64_copies", "input_batches", "output_maps", "round_through"]

@@ -25,10 +25,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from fcconv._shapes import module_dtype_device
 from fcconv.certify._inputs import as_float64, check_module, float64_copies, input_batches, output_maps
 from fcconv.certify._measure import Measure, eps, make_batch
 from fcconv.certify._passes import Pass, Plan, forward_pass, parameter_pass
-from fcconv.certify._toolkit import module_dtype_device
 from fcconv.certify._verdict import reason
 from fcconv.certify.report import EquivalenceReport
 from fcconv.certify.rounding import AbsCache, Tracker

@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 
 import click
 
-from fcconv._io import atomic_output
+from fcconv._io import atomic_output, check_output_path
 from fcconv._shapes import check_input_shape
 from fcconv.errors import FcconvError
 
@@ -220,20 +220,18 @@ class NumberList(click.ParamType):
 
 
 class OutputPath(click.Path):
-    """An output file path, checked before any work: its folder exists and is writable."""
+    """An output file path, checked before any work by :func:`fcconv._io.check_output_path`."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, what: str = "the output", suffixes: tuple[str, ...] | None = None) -> None:
         super().__init__(dir_okay=False, writable=False, path_type=Path)
+        self.what, self.suffixes = what, suffixes
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path:
-        path = Path(os.fsdecode(super().convert(value, param, ctx))).expanduser()
-        folder = path.parent
-        if not folder.is_dir():
-            self.fail(f"folder {str(folder)!r} does not exist; create it or choose another path.",
-                      param, ctx)
-        if not os.access(folder, os.W_OK):
-            self.fail(f"folder {str(folder)!r} is not writable; choose another path.", param, ctx)
-        return path
+        path = Path(os.fsdecode(super().convert(value, param, ctx)))
+        try:
+            return check_output_path(path, what=self.what, suffixes=self.suffixes)
+        except FcconvError as error:
+            self.fail(str(error), param, ctx)
 
 
 def _stderr_is_terminal() -> bool:

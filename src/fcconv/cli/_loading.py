@@ -319,7 +319,7 @@ def _rebuild_saved(content: Mapping[str, Any], path: Path, factory: str | None, 
         layer = fill(build_layer(spec, empty=True), state, what=repr(str(path)), into=spec, assign=True)
         return LoadedModel(layer.eval(), str(path), spec, saved=saved)
     if target == "fcn":
-        from fcconv.fcn import FullyConvolutional
+        from fcconv.models import FullyConvolutional
 
         structure = factory or saved.get("structure")
         if not structure:
@@ -329,7 +329,8 @@ def _rebuild_saved(content: Mapping[str, Any], path: Path, factory: str | None, 
             )
         if factory is None:
             kwargs = str(saved.get("kwargs", ""))
-        geometry = {"input_shape": saved.get("input_shape"), "head": saved.get("head", "auto"),
+        geometry = {"input_shape": saved.get("input_shape"),
+                    "head_impl": saved.get("head_impl", saved.get("head", "auto")),
                     **dict(saved.get("geometry") or {})}
         source = as_fcn_source(build_model(str(structure), kwargs=kwargs))
         try:

@@ -2,7 +2,7 @@
 
 What ``--to`` means:
 
-* ``fcn``: the whole model becomes fully convolutional (:func:`fcconv.fcn.convolutionalize` at the
+* ``fcn``: the whole model becomes fully convolutional (:func:`fcconv.models.convolutionalize` at the
   training size ``--input``); a bare ``Linear`` stands for ``Linear(flatten(x))`` on ``--input`` and
   becomes the conv whose kernel covers it. Geometry: stride and window of the score map.
 * ``linear``: one conv layer becomes the ``Linear`` equal to it on flattened inputs of shape
@@ -13,7 +13,7 @@ What ``--to`` means:
 
 OUT is a ``torch.save`` dict of tensors and plain values, loadable with ``weights_only=True``:
 ``state_dict``, ``geometry``, ``to``, ``source``, ``structure`` (what builds the model again),
-``kwargs``, ``input_shape``, ``head``, ``module`` (a layer spec, for single layers),
+``kwargs``, ``input_shape``, ``head_impl``, ``module`` (a layer spec, for single layers),
 ``fcconv_version`` and ``fcconv_format``. It is written to a temporary file and renamed, so a failed
 run leaves no partial file; the input is never written.
 """
@@ -34,11 +34,11 @@ from fcconv.cli._app import InputShape, OutputPath, fail, step, write_atomically
 from fcconv.cli._loading import CONVERT_FORMAT, LoadedModel, as_fcn_source, load_model
 from fcconv.cli._spec import layer_spec
 from fcconv.layers import conv_output_shape, conv_to_linear, linear_to_pointwise
+from fcconv.models.modules import HEAD_IMPLS
 
 __all__ = ["command", "convert_loaded"]
 
 TARGETS = ("fcn", "linear", "pointwise")
-HEADS = ("auto", "conv", "matmul")
 FORMAT_VERSION = 1
 
 
@@ -50,12 +50,12 @@ def _describe(module: nn.Module) -> str:
 Converted = tuple[nn.Module, dict[str, Any]]
 
 
-def _to_fcn(module: nn.Module, input_shape: tuple[int, ...] | None, head: str) -> Converted:
+def _to_fcn(module: nn.Module, input_shape: tuple[int, ...] | None, head_impl: str) -> Converted:
     if input_shape is None:
         fail("--to fcn needs --input C,H,W, the training input size of the model, e.g. --input 3,224,224.")
-    from fcconv.fcn import convolutionalize
+    from fcconv.models import convolutionalize
 
-    fcn = convolutionalize(as_fcn_source(module), input_shape, head=head)
+    fcn = convolutionalize(as_fcn_source(module), input_shape, head_impl=head_impl)
     return fcn, dict(fcn.geometry())
 
 
@@ -87,21 +87,21 @@ def _to_pointwise(module: nn.Module, input_shape: tuple[int, ...] | None) -> Con
         if input_shape[0] != module.in_features:
             fail(f"--to pointwise applies the Linear over channels: --input must have "
                  f"C = in_features = {module.in_features}; got {format_shape(input_shape)}.")
-    conv = linear_to_pointwise(module, ndim)
+    conv = linear_to_pointwise(module, ndim=ndim)
     geometry = {"kernel_size": tuple(conv.kernel_size), "stride": tuple(conv.stride),
                 "in_channels": conv.in_channels, "out_channels": conv.out_channels}
     return conv, geometry
 
 
 def convert_loaded(loaded: LoadedModel, to: str, input_shape: tuple[int, ...] | None,
-                   head: str = "auto") -> dict[str, Any]:
+                   head_impl: str = "auto") -> dict[str, Any]:
     """Convert a loaded model and return the dict that ``fcconv convert`` saves.
 
     Raises:
         FcconvError: when the model cannot become what ``to`` asks.
     """
     if to == "fcn":
-        result, geometry = _to_fcn(loaded.module, input_shape, head)
+        result, geometry = _to_fcn(loaded.module, input_shape, head_impl)
     elif to == "linear":
         result, geometry = _to_linear(loaded.module, input_shape)
     else:
@@ -118,7 +118,7 @@ def convert_loaded(loaded: LoadedModel, to: str, input_shape: tuple[int, ...] | 
         "state_dict": {k: v.detach().cpu() for k, v in result.state_dict().items()},
     }
     if to == "fcn":
-        payload["head"] = head
+        payload["head_impl"] = head_impl
     else:
         payload["module"] = layer_spec(result)
     return payload
@@ -155,13 +155,14 @@ The output loads with torch.load(OUT, weights_only=True); fcconv verify reads it
               help="For a checkpoint MODEL: the torchvision:NAME or package.module:factory that builds "
                    "the model its weights fill.")
 @click.option("--kwargs", default="", metavar="'K=V, ...'", help="Keyword arguments for the factory.")
-@click.option("--head", type=click.Choice(HEADS), default="auto", show_default=True,
-              help="fcn only: the converted Linear layers as convs, as unfold+matmul, "
-                   "or the fastest for the device.")
+@click.option("--head-impl", "--head", "head_impl", type=click.Choice(HEAD_IMPLS), default="auto",
+              show_default=True,
+              help="fcn only: how the convs that replace the Linear layers compute: as convs, as "
+                   "unfold+matmul, or the fastest for the device (--head is the old name).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random weights.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 def command(model: str, to: str, input_shape: tuple[int, ...] | None, output: Path, factory: str | None,
-            kwargs: str, head: str, seed: int, quiet: bool) -> None:
+            kwargs: str, head_impl: str, seed: int, quiet: bool) -> None:
     """Convert MODEL and save it, with its geometry, to OUTPUT.
 
     MODEL is torchvision:NAME (random weights, nothing downloaded), package.module:factory, a
@@ -172,7 +173,7 @@ def command(model: str, to: str, input_shape: tuple[int, ...] | None, output: Pa
     with step(f"Loading {model}", quiet=quiet):
         loaded = load_model(model, factory=factory, kwargs=kwargs, seed=seed)
     with step(f"Converting to {to}", quiet=quiet):
-        payload = convert_loaded(loaded, to, input_shape, head)
+        payload = convert_loaded(loaded, to, input_shape, head_impl)
     with step(f"Writing {output}", quiet=quiet):
         write_atomically(output, lambda tmp: torch.save(payload, tmp))
     if not quiet:

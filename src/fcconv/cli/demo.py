@@ -6,17 +6,10 @@ from pathlib import Path
 
 import click
 
+from fcconv._io import IMAGE_SUFFIXES
+from fcconv.cli._app import OutputPath
+
 __all__ = ["command"]
-
-
-def _output_path(ctx: click.Context, param: click.Parameter, value: Path) -> Path:
-    from fcconv.demo import check_output_path
-    from fcconv.errors import FcconvError
-
-    try:
-        return check_output_path(value)
-    except FcconvError as error:
-        raise click.BadParameter(str(error), ctx, param) from None
 
 
 @click.command(
@@ -26,7 +19,7 @@ Examples:
   fcconv demo
   fcconv demo --output /tmp/demo.png --seed 3 --no-progress""",
 )
-@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), callback=_output_path,
+@click.option("--output", "-o", type=OutputPath(what="the demo picture", suffixes=IMAGE_SUFFIXES),
               default=Path("fcconv-demo.png"), show_default=True,
               help="Where to write the picture (.png, .pdf, .svg or .jpg).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,

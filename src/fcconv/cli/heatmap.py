@@ -16,14 +16,15 @@ import click
 import torch
 from torch import Tensor, nn
 
+from fcconv._io import IMAGE_SUFFIXES, image_format
 from fcconv._shapes import format_shape
 from fcconv.cli._app import InputShape, NumberList, OutputPath, fail, step, write_atomically
 from fcconv.cli._loading import as_fcn_source, import_attribute, load_model
 from fcconv.errors import FcconvError
+from fcconv.models.modules import HEAD_IMPLS
 
 __all__ = ["command", "load_image"]
 
-_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg")
 
 
 def load_image(path: Path, channels: int, *, scale: float = 1.0) -> Tensor:
@@ -110,30 +111,18 @@ def _normalize(image: Tensor, mean: tuple[float, ...] | None, std: tuple[float, 
 
 
 def _draw(image: Tensor, winner: Tensor, confidence: Tensor, fcn: Any, labels: list[str],
-          hidden: set[int], title: str, alpha: float, path: Path, fmt: str) -> None:
-    from matplotlib import colormaps
+          hidden: set[int], title: str, alpha: float, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch, Rectangle
+
+    from fcconv.demo.picture import class_colour, draw_score_map
 
     grid_h, grid_w = winner.shape
     height, width = image.shape[1:]
     top0, left0, bottom0, right0 = fcn.window_of((0, 0))
     stride_y, stride_x = fcn.stride
-    # Cell (i, j) is drawn as a stride x stride square centred on the centre of its window.
-    cy, cx = (top0 + bottom0) / 2, (left0 + right0) / 2
-    extent = (cx - stride_x / 2, cx + (grid_w - 0.5) * stride_x,
-              cy + (grid_h - 0.5) * stride_y, cy - stride_y / 2)
-
-    classes = sorted(set(winner.flatten().tolist()))
-    palette = colormaps["tab20"] if len(labels) > 10 else colormaps["tab10"]
-    colours = {c: palette(i % palette.N) for i, c in enumerate(classes)}
-    rgba = torch.zeros(grid_h, grid_w, 4)
-    for c in classes:
-        rgba[winner == c] = torch.tensor(colours[c], dtype=rgba.dtype)
-    rgba[..., 3] = alpha * (0.25 + 0.75 * confidence)  # visible even where no class is sure
-    for c in hidden:
-        rgba[winner == c, 3] = 0.0
+    cy, cx = (top0 + bottom0) / 2 - 0.5, (left0 + right0) / 2 - 0.5  # centre of cell (0, 0)
 
     scale = 8.0 / max(height, width)
     figure = Figure(figsize=(max(4.0, width * scale + 2.5), max(3.0, height * scale + 1.0)), dpi=100)
@@ -144,7 +133,9 @@ def _draw(image: Tensor, winner: Tensor, confidence: Tensor, fcn: Any, labels: l
         axes.imshow(shown[..., 0], cmap="gray", vmin=0, vmax=1)
     else:
         axes.imshow(shown)
-    axes.imshow(rgba.numpy(), extent=extent, interpolation="nearest")
+    # visible even where no class is sure
+    draw_score_map(axes, winner, confidence, fcn.window_of, fcn.stride,
+                   opacity=lambda c: alpha * (0.25 + 0.75 * c), hidden=hidden)
     axes.add_patch(Rectangle((left0 - 0.5, top0 - 0.5), right0 - left0, bottom0 - top0, fill=False,
                              edgecolor="white", linestyle="--", linewidth=1.2))
     if grid_h * grid_w <= 400:
@@ -156,26 +147,28 @@ def _draw(image: Tensor, winner: Tensor, confidence: Tensor, fcn: Any, labels: l
     axes.set_xlim(-0.5, width - 0.5)
     axes.set_ylim(height - 0.5, -0.5)
     axes.set_title(title, fontsize=9)
-    handles = [Patch(color=colours[c], label=labels[c]) for c in classes if c not in hidden][:20]
+    classes = sorted(set(winner.flatten().tolist()) - hidden)
+    handles = [Patch(color=class_colour(c), label=labels[c]) for c in classes][:20]
     axes.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7,
                 title="winning class", title_fontsize=7, frameon=False)
     figure.tight_layout()
-    write_atomically(path, lambda tmp: figure.savefig(tmp, format=fmt))
+    write_atomically(path, lambda tmp: figure.savefig(tmp, format=image_format(path)))
 
 
 @click.command(
     "heatmap",
     epilog="""\b
 Examples:
-  fcconv heatmap fcconv.digits:load_digits_model canvas.png --input 1,12,12 \\
-      --labels fcconv.digits:CLASS_NAMES --hide background -o digits-map.png
+  fcconv heatmap fcconv.demo.digits:load_digits_model canvas.png --input 1,12,12 \\
+      --labels fcconv.demo.digits:CLASS_NAMES --hide background -o digits-map.png
   fcconv heatmap weights.pt street.jpg --factory torchvision:resnet18 --input 3,224,224 \\
       --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 -o map.png
   fcconv heatmap resnet18-fcn.pt photo.jpg -o map.png   (a file from fcconv convert --to fcn)""",
 )
 @click.argument("model")
 @click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", "output", type=OutputPath(), required=True,
+@click.option("-o", "--output", "output", type=OutputPath(what="the map", suffixes=IMAGE_SUFFIXES),
+              required=True,
               help="The picture to write (.png; .pdf, .svg and .jpg work too).")
 @click.option("--input", "-i", "input_shape", type=InputShape(),
               help="The model's training input shape C,H,W: the window each map cell classifies.")
@@ -191,25 +184,23 @@ Examples:
               help="Resize the image by this factor first.")
 @click.option("--alpha", type=click.FloatRange(0, 1), default=0.6, show_default=True,
               help="Opacity of the overlay at confidence 1 (a quarter of it at confidence 0).")
-@click.option("--head", type=click.Choice(("auto", "conv", "matmul")), default="auto", show_default=True,
-              help="How the converted head computes (same result).")
+@click.option("--head-impl", "--head", "head_impl", type=click.Choice(HEAD_IMPLS), default="auto",
+              show_default=True,
+              help="How the convs of the converted head compute (same result; --head is the old name).")
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True,
               help="Classes in the summary.")
 @click.option("--device", default="cpu", show_default=True, help="Where to run the model, e.g. cuda.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 def command(model: str, image: Path, output: Path, input_shape: tuple[int, ...] | None, factory: str | None,
             kwargs: str, mean: tuple[float, ...] | None, std: tuple[float, ...] | None, labels: str | None,
-            hide: str, scale: float, alpha: float, head: str, top: int, device: str, quiet: bool) -> None:
+            hide: str, scale: float, alpha: float, head_impl: str, top: int, device: str,
+            quiet: bool) -> None:
     """Draw the dense class map of the classifier MODEL over IMAGE into OUTPUT.
 
     MODEL follows the loading rules of every command (torchvision:NAME, package.module:factory, a
     checkpoint with --factory, or a file from fcconv convert --to fcn). Pixels are read in [0, 1],
     then --mean and --std, if given, normalise them.
     """
-    fmt = output.suffix.lower().lstrip(".") or "png"
-    if fmt not in _FORMATS:
-        raise click.BadParameter(f"expected a .png (or {', '.join(_FORMATS[1:])}) file; got {output.name!r}.",
-                                 param_hint="--output")
     if not image.is_file():
         fail(f"Image {str(image)!r} not found. Check the path.")
     with step(f"Loading {model}", quiet=quiet):
@@ -227,10 +218,10 @@ def command(model: str, image: Path, output: Path, input_shape: tuple[int, ...] 
     if converted:
         fcn: nn.Module = loaded.module
     else:
-        from fcconv.fcn import convolutionalize
+        from fcconv.models import convolutionalize
 
         with step("Convolutionalizing", quiet=quiet):
-            fcn = convolutionalize(as_fcn_source(loaded.module), input_shape, head=head)
+            fcn = convolutionalize(as_fcn_source(loaded.module), input_shape, head_impl=head_impl)
     pixels = load_image(image, input_shape[0], scale=scale)
     window = tuple(fcn.window)  # type: ignore[arg-type]
     if any(s < w for s, w in zip(pixels.shape[1:], window)):
@@ -252,7 +243,7 @@ def command(model: str, image: Path, output: Path, input_shape: tuple[int, ...] 
     title = (f"{model}: {grid[0]}x{grid[1]} cells, stride {format_shape(stride)}, window "
              f"{format_shape(window)} (dashed), on {pixels.shape[2]}x{pixels.shape[1]} pixels")
     with step(f"Drawing {output}", quiet=quiet):
-        _draw(pixels, winner, confidence, fcn, names, hidden, title, alpha, output, fmt)
+        _draw(pixels, winner, confidence, fcn, names, hidden, title, alpha, output)
 
     counts = torch.bincount(winner.flatten(), minlength=scores.shape[1])
     ranked = [int(c) for c in counts.argsort(descending=True)[:top] if counts[c] > 0]

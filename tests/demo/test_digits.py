@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from fcconv.digits import (
+from fcconv.demo.digits import (
     BACKGROUND,
     DIGIT_SIZE,
     HELDOUT_FILE,
@@ -27,7 +27,7 @@ from fcconv.digits import (
 )
 from fcconv.errors import FcconvError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _resource(name: str) -> importlib.resources.abc.Traversable:

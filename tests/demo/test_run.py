@@ -14,21 +14,22 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from fcconv import compare
+from fcconv._io import IMAGE_SUFFIXES, check_output_path
 from fcconv.cli.demo import command
 from fcconv.demo import (
     FIGURE_DPI,
     FIGURE_SIZE,
     DemoResult,
     Detection,
-    check_output_path,
     detect,
     match_detections,
-    rounding_bound,
     run_demo,
     textbook,
 )
-from fcconv.digits import BACKGROUND, NUM_CLASSES, Canvas, load_digits_model, make_canvas
+from fcconv.demo.digits import BACKGROUND, NUM_CLASSES, Canvas, load_digits_model, make_canvas
 from fcconv.errors import FcconvError
+from fcconv.models import SlidingWindow, convolutionalize, sliding_window
 
 FIGURE_PIXELS = (int(FIGURE_SIZE[0] * FIGURE_DPI), int(FIGURE_SIZE[1] * FIGURE_DPI))  # (1200, 800)
 SEED_NUMBERS = ("-0.4775", "-2.1469")
@@ -85,23 +86,27 @@ def test_dense_map_has_the_geometry_of_the_canvas(demo: DemoResult):
 
 def test_dense_map_equals_sliding_window_up_to_rounding(demo: DemoResult):
     eq = demo.equality
-    assert demo.exact and eq.within_bound
-    assert eq.max_difference <= eq.max_bound < 1e-6  # measured 1.8e-14 <= 1.1e-9
-    assert eq.same_winner_float32 == 1.0 and eq.max_difference_float32 < 1e-3
+    assert demo.exact and eq.within_bound and eq.report.equivalent
+    assert eq.report.float64_max_rel < 1e-10  # measured 5.7e-16
+    assert eq.same_winner_float32 == 1.0 and eq.report.max_abs < 1e-3
 
 
-def test_rounding_bound_holds_for_reordered_sums_and_catches_a_shifted_window():
-    model = load_digits_model(dtype=torch.float64)
-    windows = make_canvas(seed=1).image[:, None, 8:32, 8:32].unfold(2, 12, 2).unfold(3, 12, 2)
-    windows = windows.permute(0, 2, 3, 1, 4, 5).reshape(-1, 1, 12, 12).double()
-    with torch.inference_mode():
-        batched = model(windows)
-        one_by_one = torch.cat([model(w[None]) for w in windows])
-        bound = 2 * rounding_bound(model, windows)
-    assert bound.shape == batched.shape and bool((bound > 0).all())
-    assert bool(((batched - one_by_one).abs() <= bound).all())
-    shifted = torch.roll(one_by_one, 1, dims=0)  # each window's scores compared to its neighbour's
-    assert not bool(((batched - shifted).abs() <= bound).all())
+def test_compare_catches_a_sliding_window_shifted_by_one_pixel():
+    model = load_digits_model()
+    canvas = make_canvas(seed=1).image[None, :, :40, :40]
+    fcn = convolutionalize(model, (1, 12, 12))
+
+    class Shifted(torch.nn.Module):  # each window read one pixel to the right
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            padded = torch.nn.functional.pad(x, (0, 1))[..., 1:]
+            return sliding_window(self.model, padded, window=fcn.window, stride=fcn.stride, progress=False)
+
+    assert compare(SlidingWindow(model, window=fcn.window, stride=fcn.stride), fcn, inputs=canvas).equivalent
+    assert not compare(Shifted(), fcn, inputs=canvas).equivalent
 
 
 def test_detection_precision_and_recall_above_the_measured_floor(demo: DemoResult):
@@ -174,20 +179,21 @@ def test_summary_prints_the_seed_numbers_and_the_measurements(demo_run: tuple[De
 
 
 def test_check_output_path_accepts_a_writable_png(tmp_path: Path):
-    assert check_output_path(tmp_path / "x.png") == tmp_path / "x.png"
+    assert check_output_path(tmp_path / "x.png", suffixes=IMAGE_SUFFIXES) == tmp_path / "x.png"
 
 
 @pytest.mark.parametrize(
     ("name", "message"),
     [
         ("missing/out.png", "Cannot write the demo picture to .*: folder .* does not exist"),
-        ("out.txt", "Cannot write the demo picture to .*: expected a file name ending in .png"),
+        ("out.txt", "Cannot write the demo picture to .*: expected a .png, .pdf"),
         ("", "Cannot write the demo picture to .*: it is a folder"),
     ],
 )
 def test_check_output_path_rejects_bad_paths(tmp_path: Path, name: str, message: str):
     with pytest.raises(FcconvError, match="^" + message):
-        check_output_path(tmp_path / name if name else tmp_path)
+        check_output_path(tmp_path / name if name else tmp_path, what="the demo picture",
+                          suffixes=IMAGE_SUFFIXES)
 
 
 def _unwritable_folder(tmp_path: Path) -> Path:
@@ -238,7 +244,7 @@ def test_real_entry_point_runs_the_demo(tmp_path: Path):
     [
         ("missing/out.png", "does not exist"),
         ("not-a-folder.txt/out.png", "does not exist"),
-        ("out.gif", "expected a file name ending in .png"),
+        ("out.gif", "expected a .png, .pdf"),
     ],
 )
 def test_bad_output_is_a_usage_error_and_leaves_no_file(tmp_path: Path, output: str, message: str):

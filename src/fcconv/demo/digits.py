@@ -79,7 +79,7 @@ class DigitsCNN(nn.Module):
     """A tiny valid-convolution classifier for 12x12 windows: ten digits plus ``background``.
 
     Input ``(N, 1, 12, 12)`` with values in ``[0, 1]`` (ink is 1); output ``(N, 11)`` logits. No layer
-    pads, so :func:`fcconv.fcn.convolutionalize` turns it into a detector whose map equals the
+    pads, so :func:`fcconv.models.convolutionalize` turns it into a detector whose map equals the
     sliding window exactly.
 
     Example:

@@ -1,6 +1,7 @@
-"""Tests for fcconv.fcn: convolutionalize, FullyConvolutional and sliding_window on small models.
+"""Tests for fcconv.models: convolutionalize, FullyConvolutional and sliding_window on small models.
 
-The torchvision zoo is in test_fcn_models.py. Every comparison runs in float64, where the
+The torchvision zoo is in test_torchvision_models.py; the head rewrite in test_head.py, the
+sliding window in test_sliding.py. Every comparison runs in float64, where the
 converted model and the reference differ only by summation order (~1e-16 relative).
 """
 
@@ -14,77 +15,23 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from small_nets import DTYPE, TOL, LeNet, dense_and_reference, lenet, state_of
 from torch import nn
 
 from fcconv.errors import FcconvError, NotEquivalentError
-from fcconv.fcn import (
-    ChannelLayerNorm,
+from fcconv.models import (
     FullyConvolutional,
     UnfoldConv2d,
-    _unfold_matmul,
     convolutionalize,
-    sliding_window,
 )
-
-DTYPE = torch.float64
-TOL = {"rtol": 1e-12, "atol": 1e-12}
-
-
-def _randomize_bn(model: nn.Module) -> nn.Module:
-    """Non-trivial BatchNorm statistics, so that a wrong conversion of them shows."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.normal_()
-            m.bias.data.normal_()
-    return model
-
-
-class LeNet(nn.Module):
-    """A network that pads nothing: its dense map is exactly the sliding window."""
-
-    def __init__(self, pad: int = 0, ceil_mode: bool = False) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 6, 5, padding=pad)
-        self.p1 = nn.MaxPool2d(2, ceil_mode=ceil_mode)
-        self.c2 = nn.Conv2d(6, 16, 5)
-        self.p2 = nn.AvgPool2d(2)
-        self.fc1 = nn.Linear(16 * 5 * 5, 32)
-        self.bn = nn.BatchNorm1d(32)
-        self.drop = nn.Dropout(0.5)
-        self.fc2 = nn.Linear(32, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.p1(torch.relu(self.c1(x)))
-        x = self.p2(F.relu(self.c2(x)))
-        x = x.view(x.size(0), -1)
-        return self.fc2(self.drop(torch.relu(self.bn(self.fc1(x)))))
-
-
-def lenet(**kwargs: int | bool) -> LeNet:
-    torch.manual_seed(0)
-    return _randomize_bn(LeNet(**kwargs)).to(DTYPE).eval()  # type: ignore[arg-type]
-
-
-def _dense_and_reference(model: nn.Module, fcn: FullyConvolutional, x: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.no_grad():
-        dense = fcn(x)
-    reference = sliding_window(model, x, window=fcn.window, stride=fcn.stride, progress=False)
-    return dense, reference
-
-
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
+from fcconv.models.modules import _unfold_matmul
 
 # ----------------------------------------------------------------------------------------------
 # LeNet: structure, outputs, exactness against the sliding window
 
 
 def test_lenet_structure_and_geometry() -> None:
-    fcn = convolutionalize(lenet(), (3, 32, 32), head="conv")
+    fcn = convolutionalize(lenet(), (3, 32, 32), head_impl="conv")
     gm = fcn.graph_module
     assert not any(isinstance(m, nn.Linear) for m in gm.modules())
     assert isinstance(gm.fc1, nn.Conv2d) and gm.fc1.kernel_size == (5, 5)
@@ -93,7 +40,7 @@ def test_lenet_structure_and_geometry() -> None:
     assert "view" not in gm.code and "size" not in gm.code
     assert fcn.stride == (4, 4) and fcn.window == (32, 32) and fcn.min_size == (32, 32)
     assert fcn.exact_sliding_window
-    assert fcn.outputs == 10
+    assert fcn.num_classes == 10
     assert fcn.grid_shape((32, 32)) == (1, 1)
     assert fcn.grid_shape((45, 33)) == (4, 1)
     assert fcn.window_of((1, 2)) == (4, 8, 36, 40)
@@ -103,9 +50,9 @@ def test_lenet_structure_and_geometry() -> None:
 @pytest.mark.parametrize("size", [(32, 32), (44, 32), (45, 33), (57, 71), (36, 35), (64, 40)])
 def test_lenet_dense_equals_sliding_window(head: str, size: tuple[int, int]) -> None:
     model = lenet()
-    fcn = convolutionalize(model, (3, 32, 32), head=head)
+    fcn = convolutionalize(model, (3, 32, 32), head_impl=head)
     x = torch.randn(2, 3, *size, dtype=DTYPE)
-    dense, reference = _dense_and_reference(model, fcn, x)
+    dense, reference = dense_and_reference(model, fcn, x)
     assert dense.shape[2:] == fcn.grid_shape(size)
     grid = reference.shape[2:]
     # The dense grid has the sliding grid's cells, and one more per dim where the last window
@@ -122,7 +69,7 @@ def test_lenet_any_size_matches_sliding_window(h: int, w: int, n: int) -> None:
     model = lenet()
     fcn = convolutionalize(model, (3, 32, 32))
     x = torch.randn(n, 3, h, w, dtype=DTYPE)
-    dense, reference = _dense_and_reference(model, fcn, x)
+    dense, reference = dense_and_reference(model, fcn, x)
     assert dense.shape == (n, 10, *fcn.grid_shape((h, w)))
     g = reference.shape[2:]
     torch.testing.assert_close(dense[..., : g[0], : g[1]], reference, **TOL)
@@ -143,7 +90,7 @@ def test_padded_network_differs_from_sliding_window() -> None:
     fcn = convolutionalize(model, (3, 28, 28))
     assert not fcn.exact_sliding_window
     x = torch.randn(1, 3, 44, 44, dtype=DTYPE)
-    dense, reference = _dense_and_reference(model, fcn, x)
+    dense, reference = dense_and_reference(model, fcn, x)
     assert dense.shape == reference.shape
     # Interior crops see real pixels where the model saw zero padding: the cells differ...
     assert (dense - reference).abs().max() > 1e-3
@@ -164,7 +111,7 @@ def test_ceil_mode_is_not_exact() -> None:
 
 def test_source_model_unchanged() -> None:
     model = lenet()
-    before = _state(model)
+    before = state_of(model)
     modules_before = [(n, type(m)) for n, m in model.named_modules()]
     x = torch.randn(3, 3, 32, 32, dtype=DTYPE)
     with torch.no_grad():
@@ -187,7 +134,7 @@ def test_source_model_unchanged() -> None:
 def test_inplace_changes_and_shares_the_source() -> None:
     model = lenet()
     weight = model.fc1.weight
-    fcn = convolutionalize(model, (3, 32, 32), inplace=True, head="conv")
+    fcn = convolutionalize(model, (3, 32, 32), inplace=True, head_impl="conv")
     assert isinstance(model.fc1, nn.Conv2d) and isinstance(model.bn, nn.BatchNorm2d)
     assert fcn.graph_module.fc1 is model.fc1
     assert model.fc1.weight.data_ptr() == weight.data_ptr()
@@ -196,7 +143,7 @@ def test_inplace_changes_and_shares_the_source() -> None:
 def test_new_modules_keep_dtype_and_requires_grad() -> None:
     model = lenet()
     model.fc1.weight.requires_grad_(False)
-    fcn = convolutionalize(model, (3, 32, 32), head="conv")
+    fcn = convolutionalize(model, (3, 32, 32), head_impl="conv")
     gm = fcn.graph_module
     assert gm.fc1.weight.dtype == DTYPE and not gm.fc1.weight.requires_grad
     assert gm.fc1.bias.requires_grad and gm.fc2.weight.requires_grad
@@ -222,7 +169,7 @@ def _bn_dropout_head() -> nn.Sequential:
 
 def test_training_mode_with_batchnorm_or_dropout_is_refused() -> None:
     model = _bn_dropout_head().train()
-    before = _state(model)
+    before = state_of(model)
     with pytest.raises(FcconvError, match=r"^Sequential is in training mode and contains BatchNorm1d "
                        r"'3', Dropout '4', whose output depends on the batch or on chance.*"
                        r"Call model\.eval\(\) first"):
@@ -260,161 +207,9 @@ def test_functional_dropout_in_training_mode_is_refused() -> None:
 
 
 def test_gradients_flow_through_the_fcn() -> None:
-    fcn = convolutionalize(lenet(), (3, 32, 32), head="matmul")
+    fcn = convolutionalize(lenet(), (3, 32, 32), head_impl="matmul")
     fcn(torch.randn(1, 3, 40, 40, dtype=DTYPE)).sum().backward()
     assert fcn.graph_module.fc1.weight.grad is not None
-
-
-# ----------------------------------------------------------------------------------------------
-# Heads: pooling forms, LayerNorm, softmax, several pools
-
-
-class PoolHead(nn.Module):
-    """Valid convs, then a global pooling written in one of the ways models write it."""
-
-    def __init__(self, form: str) -> None:
-        super().__init__()
-        self.form = form
-        self.c1 = nn.Conv2d(3, 8, 3)
-        self.c2 = nn.Conv2d(8, 12, 3, stride=2)
-        self.pool = nn.AdaptiveMaxPool2d(1) if form == "adaptive_max" else nn.AdaptiveAvgPool2d(1)
-        self.flat = nn.Flatten()
-        self.fc = nn.Linear(12, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.c2(F.relu(self.c1(x))))
-        form = self.form
-        if form in ("adaptive", "adaptive_max"):
-            x = torch.flatten(self.pool(x), 1)
-        elif form == "functional":
-            x = F.adaptive_avg_pool2d(x, (1, 1)).flatten(1)
-        elif form == "mean":
-            x = x.mean([2, 3])
-        elif form == "mean_keepdim":
-            x = x.mean(dim=(-1, -2), keepdim=True)
-            x = x.reshape(x.size(0), -1)
-        elif form == "amax":
-            x = torch.amax(x, dim=(2, 3))
-        elif form == "flatten_module":
-            x = self.flat(self.pool(x))
-        return self.fc(x)
-
-
-@pytest.mark.parametrize(
-    "form", ["adaptive", "adaptive_max", "functional", "mean", "mean_keepdim", "amax", "flatten_module"]
-)
-def test_global_pool_forms_become_stride_one_pools(form: str) -> None:
-    torch.manual_seed(1)
-    model = PoolHead(form).to(DTYPE).eval()
-    fcn = convolutionalize(model, (3, 17, 17))
-    pools = [m for m in fcn.graph_module.modules() if isinstance(m, (nn.AvgPool2d, nn.MaxPool2d))]
-    assert len(pools) == 1 and pools[0].kernel_size in (7, (7, 7)) and pools[0].stride in (1, (1, 1))
-    assert isinstance(pools[0], nn.MaxPool2d) == (form in ("adaptive_max", "amax"))
-    assert fcn.exact_sliding_window and fcn.stride == (2, 2) and fcn.window == (17, 17)
-    x = torch.randn(2, 3, 17 + 2 * 5, 17 + 2 * 3, dtype=DTYPE)
-    dense, reference = _dense_and_reference(model, fcn, x)
-    assert dense.shape == reference.shape == (2, 5, 6, 4)
-    torch.testing.assert_close(dense, reference, **TOL)
-
-
-class FancyHead(nn.Module):
-    """LayerNorm, GELU, a scalar scale, softmax over the last dim and two pools concatenated."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(2, 6, 3)
-        self.fc = nn.Linear(12, 9)
-        self.ln = nn.LayerNorm(9)
-        self.out = nn.Linear(9, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x)
-        features = torch.cat([F.adaptive_avg_pool2d(x, 1), F.adaptive_max_pool2d(x, 1)], dim=1)
-        y = self.ln(self.fc(features.flatten(1)))
-        y = self.out(F.gelu(y) * 0.5 + 1.0)
-        return torch.log_softmax(y, dim=-1)
-
-
-def test_layernorm_softmax_and_two_pools_head() -> None:
-    torch.manual_seed(2)
-    model = FancyHead().to(DTYPE).eval()
-    with torch.no_grad():
-        model.ln.weight.normal_()
-    fcn = convolutionalize(model, (2, 9, 9))
-    assert isinstance(fcn.graph_module.ln, ChannelLayerNorm)
-    x = torch.randn(2, 2, 13, 12, dtype=DTYPE)
-    dense, reference = _dense_and_reference(model, fcn, x)
-    assert dense.shape == reference.shape == (2, 4, 5, 4)
-    torch.testing.assert_close(dense, reference, **TOL)
-
-
-class SEBlock(nn.Module):
-    def __init__(self, channels: int, use_linear: bool) -> None:
-        super().__init__()
-        self.use_linear = use_linear
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        if use_linear:
-            self.fc = nn.Linear(channels, channels)
-        else:
-            self.fc = nn.Conv2d(channels, channels, 1)  # type: ignore[assignment]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.pool(x)
-        s = self.fc(s.view(s.size(0), -1)).view(s.size(0), -1, 1, 1) if self.use_linear else self.fc(s)
-        return x * torch.sigmoid(s)
-
-
-class SENet(nn.Module):
-    def __init__(self, use_linear: bool) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, stride=2)
-        self.se = SEBlock(8, use_linear)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(self.se(self.conv(x))), 1))
-
-
-@pytest.mark.parametrize("use_linear", [False, True])
-def test_squeeze_excitation_pools_stay_global(use_linear: bool) -> None:
-    torch.manual_seed(3)
-    model = SENet(use_linear).to(DTYPE).eval()
-    fcn = convolutionalize(model, (3, 15, 15))
-    gm = fcn.graph_module
-    assert isinstance(gm.se.pool, nn.AdaptiveAvgPool2d)
-    assert isinstance(gm.se.fc, nn.Linear) == use_linear
-    assert isinstance(gm.pool, nn.AvgPool2d) and gm.pool.kernel_size == (7, 7)
-    x = torch.randn(2, 3, 15, 15, dtype=DTYPE)
-    with torch.no_grad():
-        torch.testing.assert_close(fcn(x).flatten(1), model(x), **TOL)
-        assert fcn(torch.randn(1, 3, 21, 25, dtype=DTYPE)).shape == (1, 3, *fcn.grid_shape((21, 25)))
-    # The SE pooling sees the whole image: no longer a sliding window, and fcconv does not claim it.
-    assert not fcn.exact_sliding_window
-
-
-class AlreadyConv(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 3, stride=2))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-
-def test_fully_convolutional_model_comes_back_unchanged() -> None:
-    torch.manual_seed(4)
-    model = AlreadyConv().to(DTYPE).eval()
-    fcn = convolutionalize(model, (3, 12, 12))
-    converted = [(n, type(m)) for n, m in fcn.graph_module.named_modules() if n.startswith("body.")]
-    assert converted == [(n, type(m)) for n, m in model.named_modules() if n.startswith("body.")]
-    assert fcn.stride == (2, 2) and fcn.min_size == (5, 5) and fcn.window == (6, 6)
-    assert fcn.grid_shape((12, 12)) == (4, 4) and fcn.exact_sliding_window
-    x = torch.randn(2, 3, 19, 14, dtype=DTYPE)
-    with torch.no_grad():
-        torch.testing.assert_close(fcn(x), model(x), rtol=0, atol=0)
-    dense, reference = _dense_and_reference(model, fcn, x)
-    torch.testing.assert_close(dense[..., : reference.shape[2], : reference.shape[3]], reference, **TOL)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -450,10 +245,10 @@ def test_one_and_three_spatial_dims(net: type[nn.Module], shape: tuple[int, ...]
                                     size: tuple[int, ...], head: str) -> None:
     torch.manual_seed(5)
     model = net().to(DTYPE).eval()
-    fcn = convolutionalize(model, shape, head=head)
+    fcn = convolutionalize(model, shape, head_impl=head)
     assert fcn.exact_sliding_window and fcn.stride == (2,) * len(size)
     x = torch.randn(2, shape[0], *size, dtype=DTYPE)
-    dense, reference = _dense_and_reference(model, fcn, x)
+    dense, reference = dense_and_reference(model, fcn, x)
     assert dense.shape[2:] == fcn.grid_shape(size)
     torch.testing.assert_close(dense[(..., *(slice(0, g) for g in reference.shape[2:]))], reference, **TOL)
     assert len(fcn.window_of((1,) * len(size))) == 2 * len(size)
@@ -661,7 +456,7 @@ def test_permutation_undone_before_the_flatten_converts() -> None:
     model = PermutedFlatten("round_trip").to(DTYPE).eval()
     fcn = convolutionalize(model, (1, 8, 8))
     x = torch.randn(1, 1, 11, 9, dtype=DTYPE)
-    dense, reference = _dense_and_reference(model, fcn, x)
+    dense, reference = dense_and_reference(model, fcn, x)
     torch.testing.assert_close(dense, reference, **TOL)
 
 
@@ -706,7 +501,7 @@ def test_model_failing_at_input_shape() -> None:
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"input_shape": (3, 0, 32)}, r"^input_shape sizes must be positive"),
-    ({"input_shape": (3, 32, 32), "head": "fast"}, r"^head must be one of"),
+    ({"input_shape": (3, 32, 32), "head_impl": "fast"}, r"^head_impl must be one of"),
     ({"input_shape": (3, 32, 32), "leaf_modules": [nn.Linear(2, 2)]}, r"^leaf_modules holds a Linear"),
     ({"input_shape": (3, 32, 32), "leaf_modules": 3}, r"^leaf_modules must be"),
 ])
@@ -729,7 +524,7 @@ def test_geometry_methods_and_checks() -> None:
     geometry = fcn.geometry()
     assert geometry == {
         "input_shape": (3, 32, 32), "stride": (4, 4), "window": (32, 32), "min_size": (32, 32),
-        "exact_sliding_window": True, "head": "auto", "outputs": 10,
+        "exact_sliding_window": True, "head_impl": "auto", "num_classes": 10,
     }
     assert "stride=(4, 4)" in repr(fcn) and "exact_sliding_window=True" in repr(fcn)
     assert fcn.grid_shape(40) == (3, 3)
@@ -748,7 +543,7 @@ def test_geometry_methods_and_checks() -> None:
 @pytest.mark.parametrize("head", ["conv", "matmul"])
 def test_checkpoint_round_trip(head: str) -> None:
     model = lenet()
-    fcn = convolutionalize(model, (3, 32, 32), head=head)
+    fcn = convolutionalize(model, (3, 32, 32), head_impl=head)
     with torch.no_grad():
         for p in fcn.parameters():
             p.mul_(1.5)
@@ -764,7 +559,7 @@ def test_checkpoint_round_trip(head: str) -> None:
         torch.testing.assert_close(loaded(x), fcn(x), **TOL)
     # the state dict does not depend on the head: a conv-head checkpoint loads into matmul
     other_head = "conv" if head == "matmul" else "matmul"
-    other = convolutionalize(LeNet().to(DTYPE).eval(), (3, 32, 32), head=other_head)
+    other = convolutionalize(LeNet().to(DTYPE).eval(), (3, 32, 32), head_impl=other_head)
     other.load_state_dict(checkpoint["state_dict"])
 
 
@@ -777,57 +572,19 @@ def test_checkpoint_geometry_mismatch() -> None:
         FullyConvolutional.from_state_dict(LeNet().to(DTYPE), fcn.state_dict())
 
 
-# ----------------------------------------------------------------------------------------------
-# sliding_window
-
-
-def test_sliding_window_layout_and_batching() -> None:
-    model = lenet()
-    x = torch.randn(2, 3, 40, 36, dtype=DTYPE)
-    out = sliding_window(model, x, window=32, stride=(4, 2), batch_size=3, progress=False)
-    assert out.shape == (2, 10, 3, 3)
-    with torch.no_grad():
-        crop = x[1:2, :, 8:40, 2:34]
-        torch.testing.assert_close(out[1:2, :, 2, 1], model(crop), **TOL)
-    again = sliding_window(model, x, window=(32, 32), stride=(4, 2), batch_size=100, progress=False)
-    torch.testing.assert_close(out, again, **TOL)
-    single = sliding_window(model, x[0], window=(32, 32), stride=(4, 2), progress=False)
-    torch.testing.assert_close(single, out[0], **TOL)
-
-
-def test_sliding_window_accepts_an_fcn_as_model() -> None:
-    model = lenet()
-    fcn = convolutionalize(model, (3, 32, 32))
-    x = torch.randn(1, 3, 36, 36, dtype=DTYPE)
-    torch.testing.assert_close(sliding_window(fcn, x, window=32, stride=4, progress=False),
-                               sliding_window(model, x, window=32, stride=4, progress=False), **TOL)
-
-
-def test_sliding_window_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:
-    sliding_window(lenet(), torch.randn(1, 3, 36, 32, dtype=DTYPE), window=32, stride=4, progress=True)
-    assert "sliding window" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"window": 50, "stride": 4}, r"^window \(50, 50\) is larger than the image"),
-    ({"window": 32, "stride": 0}, r"^window and stride must be positive"),
-    ({"window": (32,), "stride": 4}, r"^window must be 2 integer"),
-    ({"window": 32, "stride": 4, "batch_size": 0}, r"^batch_size must be a positive integer"),
-])
-def test_sliding_window_errors(kwargs: dict, message: str) -> None:
-    with pytest.raises(FcconvError, match=message):
-        sliding_window(lenet(), torch.randn(1, 3, 40, 40, dtype=DTYPE), progress=False, **kwargs)
-
-
-def test_sliding_window_needs_one_vector_per_crop() -> None:
-    model = AlreadyConv().to(DTYPE)
-    with pytest.raises(FcconvError, match=r"^sliding_window needs a model that returns one score"):
-        sliding_window(model, torch.randn(1, 3, 12, 12, dtype=DTYPE), window=8, stride=2, progress=False)
-
-
 def test_deepcopy_of_fcn_works() -> None:
     fcn = convolutionalize(lenet(), (3, 32, 32))
     clone = copy.deepcopy(fcn)
     x = torch.randn(1, 3, 40, 40, dtype=DTYPE)
     with torch.no_grad():
         torch.testing.assert_close(clone(x), fcn(x), rtol=0, atol=0)
+
+
+def test_checkpoint_of_fcconv_0_1_loads() -> None:
+    """fcconv 0.1 saved ``head`` and ``outputs``; they are now ``head_impl`` and ``num_classes``."""
+    fcn = convolutionalize(lenet(), (3, 32, 32), head_impl="matmul")
+    old = {k: v for k, v in fcn.geometry().items() if k not in ("head_impl", "num_classes")}
+    old.update(head="matmul", outputs=10)
+    loaded = FullyConvolutional.from_state_dict(LeNet().to(DTYPE).eval(), fcn.state_dict(), old)
+    assert loaded.head_impl == "matmul" and loaded.num_classes == 10
+    assert loaded.geometry() == fcn.geometry()

@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fcconv.fcn import UnfoldConv2d, convolutionalize
+from fcconv.models import UnfoldConv2d, convolutionalize
 
 tvm = pytest.importorskip("torchvision.models")
+pytestmark = pytest.mark.slow  # whole torchvision models: make test-fast skips them
 
 # (name, training size, builder keyword arguments)
 MODELS = [
@@ -118,8 +119,8 @@ def test_float32_error_within_the_models_own(name: str, size: int) -> None:
 def test_alexnet_conv_and_matmul_heads_are_equivalent() -> None:
     model = build("alexnet").double()
     x = torch.randn(1, 3, 224, 224, dtype=torch.float64)
-    fcn_conv = convolutionalize(model, (3, 224, 224), head="conv")
-    fcn_matmul = convolutionalize(model, (3, 224, 224), head="matmul")
+    fcn_conv = convolutionalize(model, (3, 224, 224), head_impl="conv")
+    fcn_matmul = convolutionalize(model, (3, 224, 224), head_impl="matmul")
     head_conv = fcn_conv.graph_module.get_submodule("classifier.1")
     head_matmul = fcn_matmul.graph_module.get_submodule("classifier.1")
     assert type(head_conv) is nn.Conv2d and head_conv.kernel_size == (6, 6)
@@ -149,7 +150,7 @@ def test_vgg11_geometry_and_head_at_224() -> None:
     first, second = gm.get_submodule("classifier.0"), gm.get_submodule("classifier.3")
     assert isinstance(first, UnfoldConv2d) and first.kernel_size == (7, 7) and first.method == "auto"
     assert isinstance(second, UnfoldConv2d) and second.kernel_size == (1, 1)
-    conv_head = convolutionalize(build("vgg11"), (3, 224, 224), head="conv").graph_module
+    conv_head = convolutionalize(build("vgg11"), (3, 224, 224), head_impl="conv").graph_module
     assert type(conv_head.get_submodule("classifier.0")) is nn.Conv2d
     assert type(conv_head.get_submodule("classifier.3")) is nn.Conv2d
     assert not hasattr(gm, "avgpool")

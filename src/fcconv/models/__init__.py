@@ -1,0 +1,17 @@
+"""Whole models: a classifier becomes fully convolutional (:func:`convolutionalize`), and the naive
+reference it is checked against (:func:`sliding_window`)."""
+
+from fcconv.models.fcn import FullyConvolutional, convolutionalize
+from fcconv.models.modules import ChannelLayerNorm, UnfoldConv1d, UnfoldConv2d, UnfoldConv3d
+from fcconv.models.sliding import SlidingWindow, sliding_window
+
+__all__ = [
+    "ChannelLayerNorm",
+    "FullyConvolutional",
+    "SlidingWindow",
+    "UnfoldConv1d",
+    "UnfoldConv2d",
+    "UnfoldConv3d",
+    "convolutionalize",
+    "sliding_window",
+]

@@ -1,0 +1,323 @@
+"""Whole models: :func:`convolutionalize` turns a classifier into a :class:`FullyConvolutional` net.
+
+Caffe's "net surgery", OverFeat, FCN: on an image larger than the training resolution, one forward
+pass of the result returns a map of class scores, one cell per window of the training size, slid
+with the network's total stride. The model is traced (:mod:`~fcconv.models.tracing`), its shapes
+recorded on ``meta`` tensors at ``input_shape`` (:mod:`~fcconv.models.shapes`), its head rewritten
+(:mod:`~fcconv.models.head`) and the geometry of the map measured (:mod:`~fcconv.models.grid`).
+
+Example:
+    >>> fcn = convolutionalize(torchvision.models.resnet18().eval(), (3, 224, 224))
+    >>> fcn(torch.rand(1, 3, 448, 448)).shape
+    torch.Size([1, 1000, 8, 8])
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from fcconv._shapes import (
+    STOCHASTIC_FUNCTIONS,
+    check_input_shape,
+    format_shape,
+    per_dim,
+    stochastic_in_training,
+)
+from fcconv.errors import FcconvError
+from fcconv.models.descriptors import spatial_descriptors
+from fcconv.models.grid import measure_geometry
+from fcconv.models.head import Pass, convert_head
+from fcconv.models.modules import HEAD_IMPLS
+from fcconv.models.ops import flatten_points
+from fcconv.models.shapes import NodeFailure, node_failure, record_shapes
+from fcconv.models.tracing import leaf_matchers, trace
+
+__all__ = ["FullyConvolutional", "convolutionalize"]
+
+
+class FullyConvolutional(nn.Module):
+    """A classifier turned fully convolutional, with the geometry of its score map.
+
+    ``forward(x)`` takes ``(N, C, *spatial)`` with every spatial size at least ``min_size`` and
+    returns the dense score map ``(N, num_classes, *grid_shape(spatial))``. Cell ``i`` (one index per
+    spatial dim) scores the crop ``window_of(i)``: ``window`` pixels from ``i * stride``.
+
+    Attributes:
+        graph_module: the converted ``torch.fx.GraphModule``.
+        input_shape: the per-sample training shape ``(C, *spatial)`` the model was converted at.
+        stride: pixels between neighbouring cells, per spatial dim (the product of all strides).
+        window: the input size that one cell sees, per spatial dim: the training size when the
+            model gives one output per training image.
+        min_size: the smallest input size that gives one cell, per spatial dim.
+        exact_sliding_window: True when no layer pads (nor uses ``ceil_mode``) and no global
+            pooling is left inside the network: then every cell equals the model run on its crop,
+            up to rounding; with padding, cells see the neighbouring pixels where a crop sees
+            zeros at its border, and a squeeze-and-excitation block pools the whole image.
+        head_impl: ``"auto"``, ``"conv"`` or ``"matmul"``, how the convs of the head compute.
+        num_classes: the number of channels of the score map (classes).
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, *, input_shape: Sequence[int],
+                 stride: Sequence[int], window: Sequence[int], min_size: Sequence[int],
+                 exact_sliding_window: bool, head_impl: str = "auto",
+                 num_classes: int | None = None) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.stride = tuple(int(s) for s in stride)
+        self.window = tuple(int(s) for s in window)
+        self.min_size = tuple(int(s) for s in min_size)
+        self.exact_sliding_window = bool(exact_sliding_window)
+        self.head_impl = head_impl
+        self.num_classes = num_classes
+        self.training = graph_module.training
+
+    @property
+    def ndim(self) -> int:
+        """Number of spatial dims."""
+        return len(self.input_shape) - 1
+
+    def forward(self, x: Tensor) -> Any:
+        if x.dim() != self.ndim + 2 or x.shape[1] != self.input_shape[0] or any(
+                s < m for s, m in zip(x.shape[2:], self.min_size)):
+            raise FcconvError(
+                f"FullyConvolutional expects inputs (N, {self.input_shape[0]}, *spatial) with "
+                f"{self.ndim} spatial dim(s) of at least {format_shape(self.min_size)}; got "
+                f"{format_shape(x.shape)}. Pass a batch of images at least that large."
+            )
+        return self.graph_module(x)
+
+    def grid_shape(self, spatial: Sequence[int] | int) -> tuple[int, ...]:
+        """The spatial size of the score map for an input of spatial size ``spatial``.
+
+        Example:
+            >>> fcn.grid_shape((448, 448))   # resnet18 converted at 224
+            (8, 8)
+        """
+        sizes = per_dim(spatial, self.ndim, "spatial")
+        if any(s < m for s, m in zip(sizes, self.min_size)):
+            raise FcconvError(
+                f"An input of spatial size {format_shape(sizes)} gives no cell: each dim must be "
+                f"at least min_size = {format_shape(self.min_size)}."
+            )
+        return tuple((s - m) // t + 1 for s, m, t in zip(sizes, self.min_size, self.stride))
+
+    def window_of(self, cell: Sequence[int] | int) -> tuple[int, ...]:
+        """The crop that cell ``cell`` scores, in input pixels, ends exclusive.
+
+        In 2d ``(top, left, bottom, right)``; in general ``(*starts, *ends)`` with
+        ``starts = cell * stride`` and ``ends = starts + window``. For padded models the last
+        cells of a map may extend past the image (the zero padding fills them).
+
+        Example:
+            >>> fcn.window_of((1, 2))        # resnet18 converted at 224: stride 32
+            (32, 64, 256, 288)
+        """
+        index = per_dim(cell, self.ndim, "cell")
+        if any(i < 0 for i in index):
+            raise FcconvError(f"cell indices must be >= 0; got {format_shape(index)}.")
+        starts = tuple(i * t for i, t in zip(index, self.stride))
+        return starts + tuple(s + w for s, w in zip(starts, self.window))
+
+    def geometry(self) -> dict[str, Any]:
+        """The geometry as plain ints, tuples, bools and str, to save beside the state dict.
+
+        ``{"state_dict": fcn.state_dict(), "geometry": fcn.geometry()}`` is a checkpoint that
+        :meth:`from_state_dict` reloads with ``torch.load(..., weights_only=True)``.
+        """
+        return {
+            "input_shape": self.input_shape,
+            "stride": self.stride,
+            "window": self.window,
+            "min_size": self.min_size,
+            "exact_sliding_window": self.exact_sliding_window,
+            "head_impl": self.head_impl,
+            "num_classes": self.num_classes,
+        }
+
+    @classmethod
+    def from_state_dict(cls, model: nn.Module, state_dict: Mapping[str, Any],
+                        geometry: Mapping[str, Any] | None = None, *,
+                        leaf_modules: object = ()) -> FullyConvolutional:
+        """Rebuild a saved FCN: convert ``model`` (the architecture) again and load the weights.
+
+        Args:
+            model: an instance of the original architecture (its weights and its mode do not
+                matter: it may be in training mode; the FCN has its mode, call ``.eval()`` on the
+                result for inference).
+            state_dict: ``fcn.state_dict()``, or a checkpoint ``{"state_dict": ..., "geometry": ...}``.
+            geometry: ``fcn.geometry()``; taken from the checkpoint when omitted.
+            leaf_modules: as for :func:`convolutionalize`.
+
+        Raises:
+            FcconvError: if the geometry is missing or differs from the rebuilt one.
+
+        Example:
+            >>> ckpt = torch.load("fcn.pt", weights_only=True)
+            >>> fcn = FullyConvolutional.from_state_dict(resnet18(), ckpt)
+        """
+        if geometry is None and "geometry" in state_dict and "state_dict" in state_dict:
+            geometry = state_dict["geometry"]
+            state_dict = state_dict["state_dict"]
+        if geometry is None or "input_shape" not in geometry:
+            raise FcconvError(
+                "from_state_dict needs the geometry saved with the weights (fcn.geometry(), with "
+                "'input_shape'); got none. Save {'state_dict': fcn.state_dict(), 'geometry': "
+                "fcn.geometry()}."
+            )
+        # The weights and statistics are replaced, so the model's mode does not matter here: a
+        # freshly built architecture (in training mode) is accepted, and the FCN keeps its mode.
+        fcn = _convolutionalize(model, tuple(geometry["input_shape"]), inplace=False,
+                                leaf_modules=leaf_modules, head_impl=_saved_head_impl(geometry),
+                                check_training=False)
+        for key in ("stride", "window", "min_size"):
+            if key in geometry and tuple(geometry[key]) != getattr(fcn, key):
+                raise FcconvError(
+                    f"The saved geometry has {key}={tuple(geometry[key])} but the model converts to "
+                    f"{key}={getattr(fcn, key)}. Pass an instance of the architecture that was saved."
+                )
+        fcn.load_state_dict(state_dict)
+        return fcn
+
+    def extra_repr(self) -> str:
+        return (
+            f"input_shape={format_shape(self.input_shape)}, stride={self.stride}, "
+            f"window={self.window}, min_size={self.min_size}, num_classes={self.num_classes}, "
+            f"exact_sliding_window={self.exact_sliding_window}, head_impl={self.head_impl!r}"
+        )
+
+
+def _training_error(model: nn.Module, found: list[str]) -> FcconvError:
+    shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+    mode = "is in training mode and contains" if model.training else "contains, in training mode,"
+    return FcconvError(
+        f"{type(model).__name__} {mode} {shown}, whose output depends on "
+        "the batch or on chance: converted as they are, each cell of the score map would be "
+        "normalised over the whole map or randomly dropped, not scored like its window. Call "
+        "model.eval() first (fcconv never changes the model's mode itself)."
+    )
+
+
+def _check_not_training(model: nn.Module) -> None:
+    """Refuse a model whose BatchNorm, Dropout or RReLU modules are in training mode."""
+    found = [f"{type(m).__name__} '{name}'" if name else type(m).__name__
+             for name in stochastic_in_training(model) for m in [model.get_submodule(name)]]
+    if found:
+        raise _training_error(model, found)
+
+
+def _check_no_training_calls(model: nn.Module, gm: fx.GraphModule) -> None:
+    """Refuse traced calls like ``F.dropout(x, training=self.training)`` of a model in training mode."""
+    if not model.training:
+        return
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in STOCHASTIC_FUNCTIONS:
+            continue
+        pair = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
+        if pair is not None and pair.kwargs.get("training", node.target is not F.batch_norm) is True:
+            found.append(f"node '{node.name}' ({node.target.__name__}(..., training=True))")
+    if found:
+        raise _training_error(model, found)
+
+
+def convolutionalize(model: nn.Module, input_shape: Sequence[int], *, inplace: bool = False,
+                     leaf_modules: object = (), head_impl: str = "auto") -> FullyConvolutional:
+    """Turn a classifier into a fully convolutional network that returns dense score maps.
+
+    The model is traced with torch.fx and run once on ``meta`` tensors at ``input_shape``; the
+    head that follows the last feature map is rewritten (see the module docstring), nothing else.
+    At ``input_shape`` the result returns the model's scores as a ``(N, num_classes, 1, 1)`` map; on a
+    larger input, one score vector per window: cell ``i`` scores the crop ``fcn.window_of(i)``.
+
+    Before: ``features -> AdaptiveAvgPool2d(1) -> flatten -> Linear(512, 1000)``.
+    After: ``features -> AvgPool2d(7, stride=1) -> Conv2d(512, 1000, 1)``.
+
+    Args:
+        model: the classifier, in eval mode: a model whose BatchNorm, Dropout (or RReLU)
+            modules are in training mode is refused, as their output depends on the batch or on
+            chance (call ``model.eval()`` first; fcconv never changes the model's mode). A
+            model in training mode without them converts, and the FCN keeps every module's mode.
+            Torchvision classifiers in eval mode work as they are.
+        input_shape: the per-sample training shape ``(C, *spatial)``, e.g. ``(3, 224, 224)``;
+            1, 2 or 3 spatial dims.
+        inplace: if False (default) the model is deep-copied first and never changes. If True it
+            is not copied: the returned FCN shares its parameters and its Linear, BatchNorm1d,
+            LayerNorm and pooling submodules are replaced by their convolutional versions, so its
+            own forward no longer works on flat features.
+        leaf_modules: module types, module instances or qualified names that tracing keeps
+            whole (for submodules with data-dependent control flow); they must work on larger
+            inputs as they are.
+        head_impl: how the convs that replace the head's Linear layers compute: ``"conv"`` standard
+            ``nn.ConvNd`` (portable, exportable), ``"matmul"`` unfold + one matmul
+            (:class:`UnfoldConv2d`), ``"auto"`` (default) the matmul on CPU, where oneDNN's
+            convs are slow on the small maps of a head (vgg's 7x7 over 512 channels on 10x10),
+            and the conv on other devices.
+
+    Returns:
+        A :class:`FullyConvolutional` with the converted ``graph_module`` and its geometry.
+
+    Raises:
+        FcconvError: on a malformed ``input_shape`` or ``head_impl``, or a model in training mode
+            that contains BatchNorm, Dropout or RReLU modules (or traced ``F.dropout``,
+            ``F.batch_norm`` calls with ``training=True``).
+        NotEquivalentError: if tracing fails (the message names the module and suggests
+            ``leaf_modules``), or a node cannot be converted or slid (the message names it).
+
+    Example:
+        >>> fcn = convolutionalize(torchvision.models.vgg11().eval(), (3, 224, 224))
+        >>> fcn(torch.rand(1, 3, 320, 320)).shape, fcn.stride
+        (torch.Size([1, 1000, 4, 4]), (32, 32))
+    """
+    return _convolutionalize(model, input_shape, inplace=inplace, leaf_modules=leaf_modules,
+                             head_impl=head_impl, check_training=True)
+
+
+def _convolutionalize(model: nn.Module, input_shape: Sequence[int], *, inplace: bool,
+                      leaf_modules: object, head_impl: str, check_training: bool) -> FullyConvolutional:
+    """:func:`convolutionalize`; ``check_training=False`` converts a model in training mode too."""
+    if not isinstance(model, nn.Module):
+        raise FcconvError(
+            f"convolutionalize expects an nn.Module; got {type(model).__name__}. Pass the model."
+        )
+    shape = check_input_shape(input_shape)
+    if head_impl not in HEAD_IMPLS:
+        raise FcconvError(
+            f"head_impl must be one of {', '.join(map(repr, HEAD_IMPLS))}; got {head_impl!r}."
+        )
+    ndim = len(shape) - 1
+    if check_training:
+        _check_not_training(model)
+    # Module instances become their qualified names here, so they survive the deep copy.
+    types, names = leaf_matchers(model, leaf_modules)
+    leaves = [*types, *sorted(names)]
+    source = model if inplace else copy.deepcopy(model)
+    gm = trace(source, leaves)
+    if check_training:
+        _check_no_training_calls(model, gm)
+    try:
+        shapes = record_shapes(gm, shape)
+    except NodeFailure as error:
+        raise node_failure(error, gm, shape, f"{type(model).__name__} on its training input",
+                            "Pass the per-sample shape the model was trained on as input_shape, "
+                            "e.g. (3, 224, 224)") from None
+    desc = spatial_descriptors(gm, shapes, ndim, flatten_points(gm, shapes, ndim))
+    state = Pass(gm, source, inplace, ndim, head_impl, shapes, dict(desc.desc))
+    convert_head(state, desc)
+    grid = measure_geometry(gm, shape)
+    return FullyConvolutional(
+        gm, input_shape=shape, stride=grid.stride, window=grid.window,
+        min_size=grid.min_size, exact_sliding_window=grid.exact, head_impl=head_impl,
+        num_classes=grid.num_classes,
+    )
+
+
+
+def _saved_head_impl(geometry: Mapping[str, Any]) -> str:
+    """The saved ``head_impl``; checkpoints of fcconv 0.1 call it ``head``."""
+    return str(geometry.get("head_impl", geometry.get("head", "auto")))

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import fcconv
@@ -26,7 +28,7 @@ def _threads(one_thread: None) -> None:
 
 
 def _footprint(model: nn.Module, size: tuple[int, ...], cells: list[tuple[int, ...]],
-               channels: int = 3, samples: int = 3) -> list[tuple[int, ...]]:
+               channels: int = 3, samples: int = 3) -> list[tuple[int, ...] | None]:
     """Bounding box (*starts, *ends) of the input pixels each cell's gradient reaches."""
     x = torch.rand(samples * len(cells), channels, *size, dtype=DTYPE) + 0.1
     x.requires_grad_(True)
@@ -38,7 +40,8 @@ def _footprint(model: nn.Module, size: tuple[int, ...], cells: list[tuple[int, .
     for k in range(len(cells)):
         support = (grad[k * samples:(k + 1) * samples] != 0).any(0).any(0)
         nz = support.nonzero()
-        boxes.append(tuple(nz.min(0).values.tolist()) + tuple((nz.max(0).values + 1).tolist()))
+        boxes.append(tuple(nz.min(0).values.tolist()) + tuple((nz.max(0).values + 1).tolist())
+                     if len(nz) else None)
     return boxes
 
 
@@ -266,3 +269,63 @@ def test_timm_resnet10t_field_is_the_gradient_footprint() -> None:
     a = analyze(fcn.graph_module, (3, *size))
     assert a.local and not a.exact_sliding_window
     _check_field(fcn, a, size, samples=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Any stack of sliding ops, in 1d, 2d and 3d
+
+
+class Stack(nn.Module):
+    """Convs, pools and pads with the given parameters; a residual 1x1 branch where shapes allow."""
+
+    def __init__(self, ndim: int, layers: list[tuple[str, int, int, int, int, bool]]) -> None:
+        super().__init__()
+        self.ndim, self.layers = ndim, layers
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[ndim - 1]
+        self.convs = nn.ModuleList(conv(2, 2, k, stride=s, padding=p, dilation=d)
+                                   for _, k, s, p, d, _ in layers)
+        self.skip = conv(2, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[self.ndim - 1]
+        for (kind, k, s, p, d, ceil), conv in zip(self.layers, self.convs):
+            if kind == "conv":
+                x = conv(x) + self.skip(x) if s == 1 and 2 * p == d * (k - 1) else conv(x)
+            elif kind == "pool":
+                x = pool(x, k, s, min(p, k // 2), ceil_mode=ceil)
+            else:
+                x = F.pad(x, [p, k % 3] * self.ndim)
+        return x
+
+
+@given(ndim=st.integers(1, 3), data=st.data())
+@settings(max_examples=30, deadline=None)
+def test_any_stack_of_sliding_ops_has_the_gradient_footprint_as_field(ndim: int, data: st.DataObject) -> None:
+    layer = st.tuples(st.sampled_from(["conv", "conv", "pool", "pad"]), st.integers(1, 4), st.integers(1, 3),
+                      st.integers(0, 2), st.integers(1, 2), st.booleans())
+    layers = data.draw(st.lists(layer, min_size=1, max_size=4))
+    size = tuple(data.draw(st.lists(st.integers(24, 40), min_size=ndim, max_size=ndim)))
+    model = Stack(ndim, layers).to(DTYPE)
+    try:
+        a = analyze(torch.fx.symbolic_trace(model), (2, *size))
+    except FcconvError as e:  # the stack shrinks the input to nothing
+        assert "Cannot analyze the graph at input shape" in str(e)
+        assume(False)
+    assert a.local and a.field is not None
+    pads = any(p if kind == "conv" else (min(p, k // 2) or ceil) if kind == "pool" else p or k % 3
+               for kind, k, _, p, _, ceil in layers)
+    assert a.exact_sliding_window == (not pads)
+    with torch.no_grad():
+        grid = model(torch.zeros(1, 2, *size, dtype=DTYPE)).shape[2:]
+    cells = [tuple(data.draw(st.integers(0, g - 1)) for g in grid) for _ in range(2)]
+    for cell, box in zip(cells, _footprint(model, size, cells, channels=2, samples=1)):
+        clipped = _clip(a.field.box(cell), size)
+        inside = clipped == a.field.box(cell)
+        if box is None:  # the cell reads only padding
+            assert not inside
+            continue
+        assert all(c <= b for c, b in zip(clipped[:ndim], box[:ndim]))  # the field contains it
+        assert all(b <= c for c, b in zip(clipped[ndim:], box[ndim:]))
+        # and is it wherever the field lies inside the image; at the borders, taps that read
+        # padding of an inner layer can make the clipped field larger than the footprint
+        assert box == clipped or not inside

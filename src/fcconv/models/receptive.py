@@ -231,9 +231,16 @@ class _Call:
         self.pads = self.pads or why
 
 
+def _merged(d: Desc) -> Desc:
+    """A list of tags (a shape) as one tag; a list of maps (chunks) as it is."""
+    if not isinstance(d, list) or not all(isinstance(e, _Tag) for e in d):
+        return d
+    return next((t for t in (GLOBAL, SIZE) if any(e is t for e in d)), CONST)
+
+
 def _desc_of(a: Any, descs: dict[fx.Node, Desc]) -> Desc:
     if isinstance(a, fx.Node):
-        return descs[a]
+        return _merged(descs[a])
     if isinstance(a, (list, tuple)):
         found = [_desc_of(x, descs) for x in a]
         for tag in (GLOBAL, SIZE):
@@ -526,8 +533,6 @@ def _permute(c: _Call) -> _Map:
 
 def _getitem(c: _Call) -> Desc:
     d = c.desc(0)
-    if isinstance(d, list):
-        return d[c.args[1]]
     if not isinstance(d, _Map) or not isinstance(c.args[0], Tensor):
         raise _NotLocal("indexes a value that is not a map")
     if c.desc(1) is SIZE:
@@ -596,15 +601,23 @@ def _cat(c: _Call) -> _Map:
 # The allow-list
 
 
-def _size(c: _Call) -> _Tag:
-    return SIZE
+def _shape_of(c: _Call) -> list[_Tag]:
+    """The input's shape, per dim: SIZE for its spatial dims, CONST for batch and channels."""
+    d = c.desc(0)
+    return [SIZE if e is not None else CONST for e in d.dims] if isinstance(d, _Map) else [SIZE]
 
 
-def _attribute(c: _Call) -> _Tag:
+def _size(c: _Call) -> Desc:
+    shape = _shape_of(c)
+    dim = c.arg(1, "dim")
+    return shape if dim is None else shape[dim]
+
+
+def _attribute(c: _Call) -> Desc:
     if c.args[1] in ("dtype", "device", "ndim", "is_cuda", "layout"):
         return CONST
     if c.args[1] == "shape":
-        return SIZE
+        return _shape_of(c)
     raise _NotLocal(f"reads the attribute {c.args[1]!r}, not on the allow-list")
 
 
@@ -691,7 +704,7 @@ _METHOD_RULES: dict[str, Callable[[_Call], Desc]] = {
     **dict.fromkeys(["chunk", "split", "unbind"], _split),
     **dict.fromkeys(["softmax", "log_softmax"], _softmax),
     "size": _size,
-    "numel": _size,
+    "numel": lambda c: SIZE,
     "dim": lambda c: CONST,
     "ndimension": lambda c: CONST,
 }
@@ -748,7 +761,11 @@ class _Prover(fx.Interpreter):
             return _Map((None, None) + tuple(_Axis(i, 1, 0, 1) for i in range(value.dim() - 2)))
         if n.op in ("get_attr", "output"):
             return CONST
-        found = [self.descs[i] for i in n.all_input_nodes]
+        if n.target is operator.getitem and isinstance(n.args[0], fx.Node) and isinstance(
+                self.descs[n.args[0]], list):  # an element of a shape, or one chunk
+            args, _ = self.fetch_args_kwargs_from_env(n)
+            return self.descs[n.args[0]][args[1]]
+        found = [_merged(self.descs[i]) for i in n.all_input_nodes]
         if any(d is GLOBAL for d in found):
             return GLOBAL
         if not any(isinstance(d, (_Map, list)) for d in found):

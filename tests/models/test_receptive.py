@@ -7,6 +7,8 @@ pools route through every tap) must equal the field's box clipped to the image, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -33,7 +35,8 @@ def _footprint(model: nn.Module, size: tuple[int, ...], cells: list[tuple[int, .
     x = torch.rand(samples * len(cells), channels, *size, dtype=DTYPE) + 0.1
     x.requires_grad_(True)
     out = model(x)
-    total = sum(out[(slice(k * samples, (k + 1) * samples), slice(None), *cell)].sum()
+    weights = torch.rand(out.shape[1], dtype=DTYPE) + 0.5  # a plain sum of a softmax is constant
+    total = sum((out[(slice(k * samples, (k + 1) * samples), slice(None), *cell)] * weights).sum()
                 for k, cell in enumerate(cells))
     (grad,) = torch.autograd.grad(total, x)
     boxes = []
@@ -329,3 +332,104 @@ def test_any_stack_of_sliding_ops_has_the_gradient_footprint_as_field(ndim: int,
         # and is it wherever the field lies inside the image; at the borders, taps that read
         # padding of an inner layer can make the clipped field larger than the footprint
         assert box == clipped or not inside
+
+
+# ----------------------------------------------------------------------------------------------
+# The allow-list, op by op
+
+
+class Mixer(nn.Module):
+    """Channel shuffle, chunk, CBAM-style channel statistics, a channels-last LayerNorm + Linear
+    (ConvNeXt), a ceil_mode max pool, a channel softmax and a strided crop: all local."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        n, c, h, w = x.size()
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        a, b = x.chunk(2, dim=1)
+        att = torch.sigmoid(torch.cat([a.mean(1, keepdim=True), b.max(1, keepdim=True)[0]], 1))
+        y = a * att[:, :1] * (x.shape[1] ** -0.5) + b[:, 1:3].sum(1, keepdim=True)
+        y = self.fc(F.layer_norm(y.permute(0, 2, 3, 1), (4,))).permute(0, 3, 1, 2)
+        y = F.max_pool2d(y, 3, 2, ceil_mode=True)
+        return F.softmax(y, 1)[:, :, 1:, ::2]
+
+
+def test_per_position_ops_are_local_and_move_the_field_as_they_should() -> None:
+    model = Mixer().to(DTYPE)
+    size = (21, 30)
+    a = analyze(torch.fx.symbolic_trace(model), (4, *size))
+    assert a.local and not a.size_dependent
+    assert a.why_not_exact is not None and a.why_not_exact.startswith("node 'conv' (Conv2d): pads")
+    assert a.field == ReceptiveField((2, 4), (1, -1), (5, 5))
+    _check_field(model, a, size, channels=4, samples=12)  # max pools: enough argmaxes
+
+
+def _one_op(op: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...] = (3, 10, 12)) -> Analysis:
+    class One(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.op = op
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.op(x)
+
+    return analyze(torch.fx.symbolic_trace(One()), shape)
+
+
+@pytest.mark.parametrize(("op", "field"), [
+    (nn.ReflectionPad2d((1, 2, 0, 3)), ReceptiveField((1, 1), (0, -1), (1, 1))),
+    (nn.Conv2d(3, 3, 3, padding=2, padding_mode="replicate"), ReceptiveField((1, 1), (-2, -2), (3, 3))),
+    (nn.AvgPool2d(3, 2, padding=1, count_include_pad=False), ReceptiveField((2, 2), (-1, -1), (3, 3))),
+])
+def test_padding_is_local_but_not_exact(op: nn.Module, field: ReceptiveField) -> None:
+    a = _one_op(op)
+    assert a.local and a.field == field
+    assert not a.exact_sliding_window and "pads the map" in str(a.why_not_exact)
+
+
+@pytest.mark.parametrize(("op", "why"), [
+    (nn.Conv2d(3, 3, 3, padding=1, padding_mode="circular"), "pads circularly"),
+    (nn.BatchNorm2d(3).train(), "batch statistics"),
+    (nn.Dropout2d().train(), "random in training mode"),
+    (nn.ConvTranspose2d(3, 3, 2, stride=2), "transposed convolution"),
+    (nn.Upsample(scale_factor=2), "resamples the map"),
+    (nn.AdaptiveMaxPool2d((5, 6)), "pools to a fixed output size"),
+    (lambda x: F.interpolate(x, size=(20, 24)), "resamples the map"),
+    (lambda x: x * x.mean((2, 3), keepdim=True), "reduces over a spatial dim"),
+    (lambda x: x.flatten(2), "merging or splitting a spatial dim"),
+    (lambda x: x[:, :, 3], "picks one position"),
+    (lambda x: x[:, :, :-2], "crops a spatial dim"),
+    (lambda x: x + torch.arange(12.0), "a constant that varies along a spatial dim"),
+    (lambda x: x * x.shape[-1], "uses the input size as a value"),
+    (lambda x: torch.cumsum(x, 3), "not on the allow-list"),
+    (nn.LocalResponseNorm(2), "not on the allow-list"),
+])
+def test_ops_not_on_the_allow_list_are_named(op: Callable[[torch.Tensor], torch.Tensor], why: str) -> None:
+    a = _one_op(op)
+    assert not a.local and not a.exact_sliding_window
+    assert a.why_not_local is not None and why in a.why_not_local, a.why_not_local
+    assert a.why_not_local.startswith("node '")
+
+
+def test_a_conv_subclass_that_overrides_forward_is_not_trusted() -> None:
+    class Sneaky(nn.Conv2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x.flip(-1))
+
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, name: str) -> bool:
+            return isinstance(m, Sneaky) or super().is_leaf_module(m, name)
+
+    root = nn.Sequential(Sneaky(3, 3, 3))
+    a = analyze(torch.fx.GraphModule(root, Tracer().trace(root)), (3, 10, 12))
+    assert not a.local and "Sneaky overrides forward" in str(a.why_not_local)
+
+
+def test_ops_that_only_touch_channels_or_batch_sizes_are_local() -> None:
+    a = _one_op(lambda x: x.view(x.size(0), x.size(1), x.size(2), x.size(3)) * x.shape[1] + x.size(0))
+    assert a.local and a.exact_sliding_window and a.field == ReceptiveField((1, 1), (0, 0), (1, 1))

@@ -265,6 +265,32 @@ def test_squeeze_excitation_is_not_local(name: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(("name", "offset", "extent"), [
+    ("convnext_tiny", -828, 1880),  # channels-last LayerNorm, stochastic depth (eval: identity)
+    ("densenet121", -1021, 2263),   # concatenations
+    ("shufflenet_v2_x0_5", -263, 719),  # channel shuffle, chunk
+])
+def test_torchvision_models_are_local(name: str, offset: int, extent: int) -> None:
+    torchvision = pytest.importorskip("torchvision")
+    fcn = fcconv.convolutionalize(getattr(torchvision.models, name)().eval(), (3, 224, 224))
+    a = analyze(fcn.graph_module, (3, 288, 320))
+    assert a.local and not a.exact_sliding_window and not a.size_dependent
+    assert a.field == ReceptiveField((32, 32), (offset, offset), (extent, extent))
+
+
+@pytest.mark.slow
+def test_timm_conv2d_same_model_is_size_dependent() -> None:
+    timm = pytest.importorskip("timm")
+    from timm.layers import Conv2dSame
+
+    model = timm.create_model("tf_efficientnet_b0", pretrained=False).eval()
+    fcn = fcconv.convolutionalize(model, (3, 224, 224), leaf_modules=[Conv2dSame])
+    a = analyze(fcn.graph_module, (3, 288, 320))
+    assert a.size_dependent and not a.local  # its squeeze-excitation blocks pool globally
+    assert str(a.why_not_exact).startswith("node 'conv_stem' (Conv2dSame): pads the map")
+
+
+@pytest.mark.slow
 def test_timm_resnet10t_field_is_the_gradient_footprint() -> None:
     timm = pytest.importorskip("timm")
     fcn = _fcn(timm.create_model("resnet10t", pretrained=False), (3, 224, 224))

@@ -67,9 +67,11 @@ def _over_dims(c: _Call, dims: Any, what: str) -> _Map:
     return m
 
 
-def _dropout_like(training: bool) -> Callable[[_Call], _Map]:
+def _dropout_like(training: bool, index: int = 2) -> Callable[[_Call], _Map]:
+    """Identity unless in training mode (``training`` is the default of argument ``index``)."""
+
     def rule(c: _Call) -> _Map:
-        if c.module is not None and c.module.training or c.arg(2, "training", training):
+        if c.module is not None and c.module.training or c.arg(index, "training", training):
             raise _NotLocal("is random in training mode (call model.eval())")
         return c.map()
     return rule
@@ -417,7 +419,7 @@ FUNCTION_RULES: dict[Any, Callable[[_Call], Desc]] = {
     F.prelu: _per_channel,
     **dict.fromkeys([F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
                      F.feature_alpha_dropout], _dropout_like(True)),
-    F.rrelu: _dropout_like(False),
+    F.rrelu: _dropout_like(False, 3),
     **dict.fromkeys([F.conv1d, F.conv2d, F.conv3d], _conv),
     **dict.fromkeys([*_MAX_POOL_FNS, *_AVG_POOL_FNS], _pool),
     F.pad: _pad,
@@ -478,4 +480,17 @@ def module_rule(m: nn.Module) -> Callable[[_Call], Desc] | None:
                        "allow-list")
     return None
 
+# Functions of optional libraries, by (module, name): torchvision's stochastic depth (eval: identity).
+_NAMED_FUNCTION_RULES: dict[tuple[str, str], Callable[[_Call], Desc]] = {
+    ("torchvision.ops.stochastic_depth", "stochastic_depth"): _dropout_like(True, 3),
+}
 
+
+def function_rule(target: Any) -> Callable[[_Call], Desc] | None:
+    """The rule of a called function, or None if it is not on the allow-list."""
+    try:
+        rule = FUNCTION_RULES.get(target)
+    except TypeError:  # unhashable target
+        return None
+    key = (getattr(target, "__module__", None) or "", getattr(target, "__name__", ""))
+    return rule or _NAMED_FUNCTION_RULES.get(key)

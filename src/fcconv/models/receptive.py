@@ -20,7 +20,7 @@ from torch import Tensor, fx, nn
 
 from fcconv._shapes import check_input_shape, format_shape
 from fcconv.errors import FcconvError
-from fcconv.models._allowlist import FUNCTION_RULES, METHOD_RULES, module_rule
+from fcconv.models._allowlist import METHOD_RULES, function_rule, module_rule
 from fcconv.models._descriptors import CONST, GLOBAL, SIZE, Desc, _Axis, _Call, _Map, _merged, _NotLocal
 
 __all__ = ["Analysis", "ReceptiveField", "analyze"]
@@ -157,10 +157,7 @@ class _Prover(fx.Interpreter):
             return module_rule(module)
         if n.op == "call_method":
             return METHOD_RULES.get(str(n.target))
-        try:
-            return FUNCTION_RULES.get(n.target)
-        except TypeError:  # unhashable target
-            return None
+        return function_rule(n.target)
 
 
 def _run(gm: fx.GraphModule, shape: tuple[int, ...]) -> _Prover:

@@ -459,3 +459,12 @@ def test_a_conv_subclass_that_overrides_forward_is_not_trusted() -> None:
 def test_ops_that_only_touch_channels_or_batch_sizes_are_local() -> None:
     a = _one_op(lambda x: x.view(x.size(0), x.size(1), x.size(2), x.size(3)) * x.shape[1] + x.size(0))
     assert a.local and a.exact_sliding_window and a.field == ReceptiveField((1, 1), (0, 0), (1, 1))
+
+
+def test_analyze_leaves_a_model_in_training_mode_unchanged() -> None:
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3).train()))
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    assert "batch statistics" in str(analyze(gm, (3, 8, 8)).why_not_local)
+    after = gm.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # num_batches_tracked included
+    assert not any(isinstance(v, torch._subclasses.FakeTensor) for v in after.values())

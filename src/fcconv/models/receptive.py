@@ -30,7 +30,13 @@ __all__ = ["Analysis", "ReceptiveField", "analyze"]
 class ReceptiveField:
     """The input region one output cell depends on, per spatial dim.
 
-    Cell ``j`` depends on input ``[offset + stride*j, offset + stride*j + extent)`` along each dim.
+    Cell ``j`` depends on input ``[offset + stride*j, offset + stride*j + extent)`` along each dim:
+    the box contains the support of the gradient of the cell with respect to the input, and
+    equals its bounding box where it lies inside the image. At the borders, clipped to the image,
+    it can be larger: an inner layer's padding reads nothing (a tap of a padded layer that falls
+    on padding reaches no pixel). With reflect or replicate padding, border cells also read the
+    mirrored or edge pixels, which the box of such a cell may not contain; tiling stays exact
+    (``Analysis.local``), as tiles that touch the image border see the same border.
 
     Attributes:
         stride: input pixels between neighbouring output cells.
@@ -161,7 +167,21 @@ class _Prover(fx.Interpreter):
 
 
 def _run(gm: fx.GraphModule, shape: tuple[int, ...]) -> _Prover:
-    """Run on fake tensors (no compute, no memory); on real zeros if the graph needs values."""
+    """Run on fake tensors (no compute, no memory); on real zeros if the graph needs values.
+
+    Buffers are restored afterwards: a module in training mode (BatchNorm's ``num_batches_tracked``)
+    must not change because it was analyzed.
+    """
+    saved = [(b, b.detach().clone()) for b in gm.buffers()]
+    try:
+        return _run_once(gm, shape)
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+def _run_once(gm: fx.GraphModule, shape: tuple[int, ...]) -> _Prover:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     param = next((p for p in gm.parameters() if p.is_floating_point()), None)

@@ -173,6 +173,20 @@ def test_tf_same_padding_moves_the_field_with_the_input_size() -> None:
     assert fields[(33, 34)].offset != fields[(34, 35)].offset  # the field moved
 
 
+def test_timm_std_conv2d_same_pads_dynamically_only_where_timm_does() -> None:
+    from timm.layers import StdConv2dSame
+
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, name: str) -> bool:
+            return isinstance(m, StdConv2dSame) or super().is_leaf_module(m, name)
+
+    for conv, sized in [(StdConv2dSame(3, 4, 3, stride=2), True), (StdConv2dSame(3, 4, 3, padding=1), False)]:
+        root = nn.Sequential(conv)
+        a = analyze(torch.fx.GraphModule(root, Tracer().trace(root)), (3, 11, 12))
+        assert a.local and a.size_dependent == sized and a.field is not None
+        assert a.field.offset == ((-1, 0) if sized else (-1, -1))
+
+
 def test_timm_conv2d_same_kept_whole_is_read_with_its_dynamic_padding() -> None:
     from timm.layers import Conv2dSame
 
@@ -430,6 +444,7 @@ def test_padding_is_local_but_not_exact(op: nn.Module, field: ReceptiveField) ->
     (lambda x: x.flatten(2), "merging or splitting a spatial dim"),
     (lambda x: x[:, :, 3], "picks one position"),
     (lambda x: x[:, :, :-2], "crops a spatial dim"),
+    (lambda x: x[:, :, x.size(2) // 3:], "indexes at a position computed from the input size"),
     (lambda x: x + torch.arange(12.0), "a constant that varies along a spatial dim"),
     (lambda x: x * x.shape[-1], "uses the input size as a value"),
     (lambda x: torch.cumsum(x, 3), "not on the allow-list"),
@@ -457,7 +472,8 @@ def test_a_conv_subclass_that_overrides_forward_is_not_trusted() -> None:
 
 
 def test_ops_that_only_touch_channels_or_batch_sizes_are_local() -> None:
-    a = _one_op(lambda x: x.view(x.size(0), x.size(1), x.size(2), x.size(3)) * x.shape[1] + x.size(0))
+    a = _one_op(lambda x: x.view(x.size(0), x.size(1), x.size(2), x.size(3))[:, x.size(1) // 3:]
+                * x.shape[1] + x.size(0))
     assert a.local and a.exact_sliding_window and a.field == ReceptiveField((1, 1), (0, 0), (1, 1))
 
 

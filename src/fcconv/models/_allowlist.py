@@ -165,11 +165,11 @@ def _conv(c: _Call) -> _Map:
         if type(m).forward not in _PLAIN_CONV and name not in _KNOWN_CONVS and "Same" not in name:
             raise _NotLocal(f"{name} overrides forward and is not on the allow-list of convolutions")
         kernel, stride, dilation = tuple(m.kernel_size), tuple(m.stride), tuple(m.dilation)
-        if "Same" in name:
-            pads = _same_pads(x, kernel, stride, dilation)
+        pads = _static_pads(m.padding, kernel, dilation)
+        if "Same" in name and getattr(m, "same_pad", True):  # timm: pad_same, then the conv
+            same = _same_pads(x, kernel, stride, dilation)
+            pads = [(a + p, b + q) for (a, b), (p, q) in zip(same, pads)]
             c.sized = c.sized or any(s > 1 and (k - 1) * d > 0 for k, s, d in zip(kernel, stride, dilation))
-        else:
-            pads = _static_pads(m.padding, kernel, dilation)
         if m.padding_mode == "circular" and any(p for pair in pads for p in pair):
             raise _NotLocal("pads circularly: border cells read the opposite border")
         _note_pads(c, pads, f"{m.padding_mode} padding")
@@ -292,7 +292,7 @@ def _getitem(c: _Call) -> Desc:
     if not isinstance(d, _Map) or not isinstance(c.args[0], Tensor):
         raise _NotLocal("indexes a value that is not a map")
     if c.desc(1) is SIZE:
-        c.sized = True
+        raise _NotLocal("indexes at a position computed from the input size")
     index = c.args[1] if isinstance(c.args[1], tuple) else (c.args[1],)
     if any(isinstance(i, (Tensor, list)) for i in index):
         raise _NotLocal("indexes with tensors (advanced indexing)")

@@ -172,6 +172,8 @@ def _desc_of(a: Any, descs: dict[fx.Node, Desc]) -> Desc:
         return maps if maps else CONST
     if isinstance(a, dict):
         return _desc_of(list(a.values()), descs)
+    if isinstance(a, slice):
+        return _desc_of([a.start, a.stop, a.step], descs)
     return CONST
 
 

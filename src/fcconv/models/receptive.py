@@ -21,7 +21,7 @@ from torch import Tensor, fx, nn
 from fcconv._shapes import check_input_shape, format_shape
 from fcconv.errors import FcconvError
 from fcconv.models._allowlist import METHOD_RULES, function_rule, module_rule
-from fcconv.models._descriptors import CONST, GLOBAL, SIZE, Desc, _Axis, _Call, _Map, _merged, _NotLocal
+from fcconv.models._descriptors import CONST, GLOBAL, SIZE, Axis, Call, Desc, Map, NotLocal, merged
 
 __all__ = ["Analysis", "ReceptiveField", "analyze"]
 
@@ -129,27 +129,27 @@ class _Prover(fx.Interpreter):
             if self._seen_input or not isinstance(value, Tensor):
                 return CONST
             self._seen_input = True
-            return _Map((None, None) + tuple(_Axis(i, 1, 0, 1) for i in range(value.dim() - 2)))
+            return Map((None, None) + tuple(Axis(i, 1, 0, 1) for i in range(value.dim() - 2)))
         if n.op in ("get_attr", "output"):
             return CONST
         if n.target is operator.getitem and isinstance(n.args[0], fx.Node) and isinstance(
                 self.descs[n.args[0]], list):  # an element of a shape, or one chunk
             args, _ = self.fetch_args_kwargs_from_env(n)
             return self.descs[n.args[0]][args[1]]
-        found = [_merged(self.descs[i]) for i in n.all_input_nodes]
+        found = [merged(self.descs[i]) for i in n.all_input_nodes]
         if any(d is GLOBAL for d in found):
             return GLOBAL
-        if not any(isinstance(d, (_Map, list)) for d in found):
+        if not any(isinstance(d, (Map, list)) for d in found):
             return SIZE if any(d is SIZE for d in found) else CONST
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         module = self.module.get_submodule(str(n.target)) if n.op == "call_module" else None
         rule = self._rule(n, module)
-        call = _Call(n, args, kwargs, value, self.descs, module)
+        call = Call(n, args, kwargs, value, self.descs, module)
         try:
             if rule is None:
-                raise _NotLocal("is not on the allow-list of ops known to be local")
+                raise NotLocal("is not on the allow-list of ops known to be local")
             desc = rule(call)
-        except _NotLocal as e:
+        except NotLocal as e:
             self.not_local[n] = e.why
             desc = e.keep
         if call.pads:
@@ -158,7 +158,7 @@ class _Prover(fx.Interpreter):
             self.sized.add(n)
         return desc
 
-    def _rule(self, n: fx.Node, module: nn.Module | None) -> Callable[[_Call], Desc] | None:
+    def _rule(self, n: fx.Node, module: nn.Module | None) -> Callable[[Call], Desc] | None:
         if module is not None:
             return module_rule(module)
         if n.op == "call_method":
@@ -216,7 +216,7 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
 
 
 def _field(desc: Desc, ndim: int) -> ReceptiveField | None:
-    if not isinstance(desc, _Map):
+    if not isinstance(desc, Map):
         return None
     axes = [e for e in desc.dims if e is not None]
     if len(desc.dims) != ndim + 2 or desc.dims[:2] != (None, None) or [a.axis for a in axes] != list(

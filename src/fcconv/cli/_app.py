@@ -173,6 +173,9 @@ def _unavailable(name: str, short_help: str, error: BaseException) -> click.Comm
 # Option types
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
 class InputShape(click.ParamType):
     """A per-sample shape ``C,H,W`` (also ``CxHxW``, ``(C, H, W)``); rank 2 to 4, positive."""
 
@@ -184,16 +187,15 @@ class InputShape(click.ParamType):
         if isinstance(value, tuple):
             return value
         text = str(value).strip().strip("()[]").strip()
-        parts = [p for p in re.split(r"\s*[,x×*]\s*|\s+", text) if p]
-        try:
-            shape = tuple(int(p) for p in parts)
-        except ValueError:
-            shape = ()
-        if not shape:
+        # One size between every two separators: "512x7x7x", "3,,224" and ",3,224" are refused.
+        parts = re.split(r"\s*[,x×*]\s*|\s+", text)
+        if not all(_INTEGER.fullmatch(p) for p in parts):
+            empty = " (an empty size: a separator at an end or two in a row)" if "" in parts and text else ""
             self.fail(
                 f"expected a per-sample shape C,H,W of 2 to 4 positive integers such as 3,224,224 "
-                f"or 3x224x224 (no batch size); got {value!r}.", param, ctx,
+                f"or 3x224x224 (no batch size); got {value!r}{empty}.", param, ctx,
             )
+        shape = tuple(int(p) for p in parts)
         try:  # rank and sizes: the library's one check, so the CLI accepts what the API accepts
             return check_input_shape(shape, what="--input")
         except FcconvError as error:

@@ -6,6 +6,8 @@ start of the message.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner, Result
 
@@ -63,3 +65,24 @@ def test_input_spellings_that_mean_one_shape(shape: str) -> None:
     result = run("explain", "Conv2d(3, 4, 3)", "--input", shape)
     assert result.exit_code == 0, result.output
     assert "on input (3, 8, 8) -> output (4, 6, 6)" in result.output
+
+
+# --------------------------------------------------------------------------------------------
+# convert -o
+
+
+@pytest.mark.parametrize("name", ["r.txt", "model.safetensors", "model.onnx", "noext"])
+def test_convert_refuses_an_output_that_is_not_a_pt_file(tmp_path: Path, name: str) -> None:
+    result = run("convert", "Linear(8, 3)", "--to", "pointwise", "-o", str(tmp_path / name))
+    line = error_line(result, 2)
+    assert line.startswith("Error: Invalid value for '-o' / '--output': convert writes a torch.save "
+                           "checkpoint"), line
+    assert "name it .pt or .pth" in line and repr(name) in line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["out.pt", "OUT.PTH"])
+def test_convert_writes_pt_and_pth(tmp_path: Path, name: str) -> None:
+    result = run("convert", "Linear(8, 3)", "--to", "pointwise", "-o", str(tmp_path / name))
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"Wrote {tmp_path / name}")

@@ -38,6 +38,8 @@ from fcconv.layers import conv_output_shape, conv_to_linear, linear_to_pointwise
 __all__ = ["command", "convert_loaded"]
 
 TARGETS = ("fcn", "linear", "pointwise")
+#: What OUT may be called: convert writes a torch.save checkpoint, nothing else.
+SUFFIXES = (".pt", ".pth")
 HEADS = ("auto", "conv", "matmul")
 FORMAT_VERSION = 1
 
@@ -150,7 +152,8 @@ The output loads with torch.load(OUT, weights_only=True); fcconv verify reads it
                    "--input; pointwise: one Linear as a kernel-1 conv.")
 @click.option("--input", "-i", "input_shape", type=InputShape(),
               help="Per-sample input shape C,H,W: the training size for fcn, the conv's input for linear.")
-@click.option("-o", "--output", "output", type=OutputPath(), required=True, help="The file to write (.pt).")
+@click.option("-o", "--output", "output", type=OutputPath(), required=True,
+              help="The file to write: a torch.save checkpoint, named .pt or .pth.")
 @click.option("--factory", metavar="REF",
               help="For a checkpoint MODEL: the torchvision:NAME or package.module:factory that builds "
                    "the model its weights fill.")
@@ -167,6 +170,11 @@ def command(model: str, to: str, input_shape: tuple[int, ...] | None, output: Pa
     MODEL is torchvision:NAME (random weights, nothing downloaded), package.module:factory, a
     layer spec such as "Linear(25088, 4096)", or a weights-only checkpoint with --factory.
     """
+    if output.suffix.lower() not in SUFFIXES:
+        raise click.BadParameter(
+            f"convert writes a torch.save checkpoint (a dict of tensors, read with torch.load(OUT, "
+            f"weights_only=True)): name it .pt or .pth; got {output.name!r}.", param_hint="'-o' / '--output'"
+        )
     if _same_file(output, model):
         fail(f"-o {str(output)!r} is the input file; fcconv never overwrites its input. Choose another path.")
     with step(f"Loading {model}", quiet=quiet):

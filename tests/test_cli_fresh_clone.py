@@ -6,10 +6,13 @@ start of the message.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner, Result
+from torch import nn
 
 from fcconv.cli import app
 
@@ -86,3 +89,71 @@ def test_convert_writes_pt_and_pth(tmp_path: Path, name: str) -> None:
     result = run("convert", "Linear(8, 3)", "--to", "pointwise", "-o", str(tmp_path / name))
     assert result.exit_code == 0, result.output
     assert result.output.startswith(f"Wrote {tmp_path / name}")
+
+
+# --------------------------------------------------------------------------------------------
+# Advice about Python-only arguments becomes the command line's
+
+
+class _DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 2, 3), nn.Linear(72, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            x = -x
+        return self.fc(x.flatten(1))
+
+
+def data_dependent() -> nn.Module:
+    """A model torch.fx cannot trace, loaded as ``test_cli_fresh_clone:data_dependent``."""
+    return _DataDependent().eval()
+
+
+PYTHON_ONLY = ("output_map", "input_map", "leaf_modules", "parameter_rounding", "example_inputs")
+
+
+def test_verify_outputs_of_other_sizes_get_command_line_advice() -> None:
+    line = error_line(run("verify", "Conv2d(1, 4, 3)", "Conv2d(1, 5, 3)", "--input", "1,8,8"), 1)
+    assert line.startswith("Error: The outputs cannot be compared element by element: the reference "
+                           "gives (2, 4, 6, 6)"), line
+    assert "give --input a shape at which both give the same values" in line
+    assert not any(name in line for name in PYTHON_ONLY), line
+
+
+def test_verify_suggests_the_parameter_rounding_option(tmp_path: Path) -> None:
+    spec, out = "Conv2d(1, 4, 3, padding=1, padding_mode='reflect')", tmp_path / "folded.pt"
+    assert run("convert", spec, "--input", "1,8,8", "--to", "linear", "-o", str(out)).exit_code == 0
+    result = run("verify", spec, str(out))
+    assert result.exit_code == 1, result.output
+    assert "pass --parameter-rounding to accept that" in result.output
+    assert not any(name in result.output for name in PYTHON_ONLY), result.output
+    assert run("verify", spec, str(out), "--parameter-rounding").exit_code == 0
+
+
+def test_convert_of_an_untraceable_model_gets_command_line_advice(tmp_path: Path) -> None:
+    result = run("convert", "test_cli_fresh_clone:data_dependent", "--input", "1,8,8", "--to", "fcn",
+                 "-o", str(tmp_path / "fcn.pt"))
+    line = error_line(result, 1)
+    assert line.startswith("Error: Cannot trace"), line
+    assert "The command line cannot keep submodules whole (leaf modules)" in line
+    assert "leaf_modules=" not in line
+
+
+@pytest.mark.parametrize("message", [
+    "The outputs differ after output_map, flattened. If both hold the same values in other layouts, "
+    "pass output_map to relate them, e.g. output_map=lambda y: y.permute(0, 2, 3, 1).",
+    "Running the candidate failed: boom. If it expects another layout than the reference, pass "
+    "input_map, e.g. input_map=lambda x: x.reshape(-1, 1, 2, 2).",
+    "Cannot trace M: boom. To convolutionalize it, pass leaf_modules=[Block] so that it is opaque.",
+    "a layout difference (NCHW vs NHWC); if intended, relate the layouts with output_map.",
+])
+def test_no_python_only_argument_is_advised_on_the_command_line(message: str) -> None:
+    from fcconv.cli._app import for_the_command_line
+
+    text = for_the_command_line(message)
+    assert "=lambda" not in text and "=[" not in text, text
+    first = re.split(r"[.;]", message)[0].replace("after output_map, ", "")
+    assert re.split(r"[.;]", text)[0] == first, text  # what happened is kept

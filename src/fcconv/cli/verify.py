@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from fcconv._shapes import format_shape
-from fcconv.cli._app import InputShape, step
+from fcconv.cli._app import InputShape, for_the_command_line, step
 from fcconv.cli._loading import LoadedModel, as_fcn_source, load_model
 from fcconv.errors import FcconvError, ModuleRunError
 
@@ -137,8 +137,8 @@ def command(reference: str, candidate: str, input_shape: tuple[int, ...] | None,
                 "per-sample shape both accept, e.g. the candidate written by `fcconv convert` for the "
                 "reference."
             ) from None
-    if not quiet:
-        click.echo(str(report))
+    if not quiet:  # the reason's advice about Python arguments becomes the command line's
+        click.echo("\n".join(for_the_command_line(line) for line in str(report).splitlines()))
     verdict = "equivalent" if report.equivalent else "NOT equivalent"
     click.echo(f"{reference} vs {candidate} on {format_shape(shape)}: {verdict}")
     if not report.equivalent:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner, Result
@@ -157,3 +158,37 @@ def test_no_python_only_argument_is_advised_on_the_command_line(message: str) ->
     assert "=lambda" not in text and "=[" not in text, text
     first = re.split(r"[.;]", message)[0].replace("after output_map, ", "")
     assert re.split(r"[.;]", text)[0] == first, text  # what happened is kept
+
+
+# --------------------------------------------------------------------------------------------
+# demo --canvas: a test image for heatmap with the embedded model
+
+
+def test_demo_canvas_is_a_picture_heatmap_reads(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from fcconv.demo import CANVAS_SIZE
+    from fcconv.digits import make_canvas
+
+    canvas, out = tmp_path / "canvas.png", tmp_path / "map.png"
+    result = run("demo", "--canvas", str(canvas), "--seed", "3")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"Wrote {canvas}: 192x64 pixels, white ink on black, ")
+    assert f"fcconv heatmap fcconv.digits:load_digits_model {canvas} --input 1,12,12" in result.output
+    with Image.open(canvas) as picture:
+        assert (picture.format, picture.mode, picture.size) == ("PNG", "L", CANVAS_SIZE[::-1])
+        pixels = torch.from_numpy(np.asarray(picture).copy())
+    expected = make_canvas(*CANVAS_SIZE, seed=3).image[0]  # ink 1, background 0
+    assert torch.equal(pixels, (expected * 255).round().to(torch.uint8))  # white ink on black
+    result = run("heatmap", "fcconv.digits:load_digits_model", str(canvas), "--input", "1,12,12",
+                 "--labels", "fcconv.digits:CLASS_NAMES", "--hide", "background", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert "Image 192x64, window (12, 12), stride (2, 2): a 27x91 map" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["canvas.png", "map.png"]
+
+
+@pytest.mark.parametrize("name", ["canvas.jpg", "canvas"])
+def test_demo_canvas_must_be_a_png(tmp_path: Path, name: str) -> None:
+    line = error_line(run("demo", "--canvas", str(tmp_path / name)), 2)
+    assert line.startswith("Error: Invalid value for '--canvas': expected a .png file (lossless)"), line
+    assert list(tmp_path.iterdir()) == []

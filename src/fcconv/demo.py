@@ -734,3 +734,34 @@ _RIGHT, _WRONG, _MISSED = "#1a9850", "#d73027", "#f46d43"
 def _alpha(confidence: Tensor) -> Tensor:
     """Opacity of a map cell: faint below the detection threshold, strong above."""
     return 0.1 + 0.8 * confidence.clamp(0, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# The canvas as a picture, for ``fcconv heatmap``
+
+
+def save_canvas(path: str | os.PathLike[str], *, seed: int = 0) -> Canvas:
+    """Write the demo's test canvas to ``path`` as an 8-bit grayscale PNG; return the canvas.
+
+    White ink on black, 192x64 pixels (:data:`CANVAS_SIZE`), the held-out digits that ``seed`` picks:
+    what the embedded model reads (``fcconv heatmap fcconv.digits:load_digits_model canvas.png
+    --input 1,12,12``). Written atomically. Needs Pillow (the ``cli`` extra).
+
+    Raises:
+        FcconvError: if ``path`` does not end in ``.png`` or cannot be written.
+
+    Example:
+        >>> len(save_canvas("canvas.png", seed=0).labels)
+        24
+    """
+    from PIL import Image
+
+    out = Path(path).expanduser()
+    if out.suffix.lower() != ".png":
+        raise FcconvError(f"Cannot write the canvas to {str(out)!r}: expected a .png file (lossless); "
+                          f"got {out.suffix or 'no extension'!r}. Use e.g. canvas.png.")
+    canvas = make_canvas(*CANVAS_SIZE, seed=seed)
+    pixels = (canvas.image[0] * 255).round().to(torch.uint8).numpy()
+    with atomic_output(out, what="the canvas") as tmp:
+        Image.fromarray(pixels).save(tmp, format="PNG")  # uint8 (H, W): mode "L"
+    return canvas

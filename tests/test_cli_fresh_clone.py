@@ -192,3 +192,31 @@ def test_demo_canvas_must_be_a_png(tmp_path: Path, name: str) -> None:
     line = error_line(run("demo", "--canvas", str(tmp_path / name)), 2)
     assert line.startswith("Error: Invalid value for '--canvas': expected a .png file (lossless)"), line
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------
+# verify: the --grad example of --help, and progress on stderr
+
+
+def test_verify_grad_example_of_the_help_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    examples = [line.strip() for line in run("verify", "--help").output.splitlines() if "digits" in line]
+    assert examples == [
+        "fcconv convert fcconv.digits:load_digits_model --input 1,12,12 --to fcn -o digits-fcn.pt",
+        "fcconv verify fcconv.digits:load_digits_model digits-fcn.pt --grad",
+    ]
+    for example in examples:
+        result = run(*example.split()[1:])
+        assert result.exit_code == 0, result.output
+    assert result.output.strip().endswith("digits-fcn.pt on (1, 12, 12): equivalent")
+    assert "input gradients agree" in result.output
+    assert result.stderr == ""  # small models: no progress bar when stderr is not a terminal
+
+
+def test_verify_of_large_models_shows_progress_on_stderr_when_piped() -> None:
+    result = run("verify", "Linear(1000, 1000)", "Linear(1000, 1000)", "--input", "1000,1")
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().endswith("on (1000, 1): equivalent")
+    assert "compare: 100%" in result.stderr and "4/4" in result.stderr
+    quiet = run("verify", "Linear(1000, 1000)", "Linear(1000, 1000)", "--input", "1000,1", "-q")
+    assert quiet.exit_code == 0 and quiet.stderr == ""

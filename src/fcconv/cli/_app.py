@@ -36,6 +36,7 @@ __all__ = [
     "OutputPath",
     "debug_enabled",
     "fail",
+    "for_the_command_line",
     "one_line",
     "run_with_errors",
     "step",
@@ -65,10 +66,52 @@ class CommandError(click.ClickException):
         super().__init__(one_line(message))
 
 
+# Library messages advise Python arguments the command line does not have. Exact phrases first,
+# then every clause (between ". " + capital and "; ") that still names one is replaced by the
+# command line's way.
+_CLI_PHRASES = (
+    ("after output_map, ", ""),
+    ("parameter_rounding=True", "--parameter-rounding"),
+    (", or pass the module in leaf_modules if it lies in the feature extractor", ""),
+    (", or pass its module in leaf_modules if it already is", ""),
+)
+_CLI_WAYS = {
+    "output_map": "the command line compares both outputs flattened, in their own order: give --input "
+                  "a shape at which both give the same values (for a file from fcconv convert, the "
+                  "training size it records, the default); relating other layouts needs the Python API, "
+                  "fcconv.compare",
+    "input_map": "on the command line both models get inputs of shape (N, *--input): give --input the "
+                 "per-sample shape both accept",
+    "example_inputs": "on the command line --input is the per-sample shape, without the batch size",
+    "leaf_modules": "the command line cannot keep submodules whole (leaf modules): make that forward "
+                    "free of data-dependent control flow and of fixed sizes, or convert the model in "
+                    "Python with fcconv.convolutionalize and its leaf_modules argument",
+}
+_PYTHON_ONLY = re.compile(r"\b(" + "|".join(_CLI_WAYS) + r")\b")
+_CLAUSE = re.compile(r"(?<=[.;])\s+(?=[A-Z(])|(?<=;)\s+")
+
+
+def for_the_command_line(message: str) -> str:
+    """``message`` with advice about Python-only arguments (``output_map=...``) made the CLI's."""
+    for python, cli in _CLI_PHRASES:
+        message = message.replace(python, cli)
+    if not _PYTHON_ONLY.search(message):
+        return message
+    clauses = _CLAUSE.split(message)
+    for i, clause in enumerate(clauses):
+        found = _PYTHON_ONLY.search(clause)
+        if found:
+            way = _CLI_WAYS[found.group(1)]
+            end = clause.rstrip()[-1] if clause.rstrip()[-1] in ".;" else ""
+            sentence = i == 0 or clauses[i - 1].endswith(".")
+            clauses[i] = (way[0].upper() + way[1:] if sentence else way) + (end or ".")
+    return " ".join(clauses)
+
+
 def _describe(error: BaseException) -> str:
     """The one-line message for an exception a command let through."""
     if isinstance(error, FcconvError):
-        return one_line(error)
+        return for_the_command_line(one_line(error))
     if isinstance(error, OSError):
         # "[Errno 13] Permission denied: 'x'" -> "Permission denied: 'x'", with the file names.
         parts = [error.strerror or one_line(error)]
@@ -173,6 +216,9 @@ def _unavailable(name: str, short_help: str, error: BaseException) -> click.Comm
 # Option types
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
 class InputShape(click.ParamType):
     """A per-sample shape ``C,H,W`` (also ``CxHxW``, ``(C, H, W)``); rank 2 to 4, positive."""
 
@@ -184,16 +230,15 @@ class InputShape(click.ParamType):
         if isinstance(value, tuple):
             return value
         text = str(value).strip().strip("()[]").strip()
-        parts = [p for p in re.split(r"\s*[,x×*]\s*|\s+", text) if p]
-        try:
-            shape = tuple(int(p) for p in parts)
-        except ValueError:
-            shape = ()
-        if not shape:
+        # One size between every two separators: "512x7x7x", "3,,224" and ",3,224" are refused.
+        parts = re.split(r"\s*[,x×*]\s*|\s+", text)
+        if not all(_INTEGER.fullmatch(p) for p in parts):
+            empty = " (an empty size: a separator at an end or two in a row)" if "" in parts and text else ""
             self.fail(
                 f"expected a per-sample shape C,H,W of 2 to 4 positive integers such as 3,224,224 "
-                f"or 3x224x224 (no batch size); got {value!r}.", param, ctx,
+                f"or 3x224x224 (no batch size); got {value!r}{empty}.", param, ctx,
             )
+        shape = tuple(int(p) for p in parts)
         try:  # rank and sizes: the library's one check, so the CLI accepts what the API accepts
             return check_input_shape(shape, what="--input")
         except FcconvError as error:

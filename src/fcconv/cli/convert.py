@@ -39,6 +39,8 @@ from fcconv.models.modules import HEAD_IMPLS
 __all__ = ["command", "convert_loaded"]
 
 TARGETS = ("fcn", "linear", "pointwise")
+#: What OUT may be called: convert writes a torch.save checkpoint, nothing else.
+SUFFIXES = (".pt", ".pth")
 FORMAT_VERSION = 1
 
 
@@ -150,7 +152,9 @@ The output loads with torch.load(OUT, weights_only=True); fcconv verify reads it
                    "--input; pointwise: one Linear as a kernel-1 conv.")
 @click.option("--input", "-i", "input_shape", type=InputShape(),
               help="Per-sample input shape C,H,W: the training size for fcn, the conv's input for linear.")
-@click.option("-o", "--output", "output", type=OutputPath(), required=True, help="The file to write (.pt).")
+@click.option("-o", "--output", "output", type=OutputPath(what="a torch.save checkpoint", suffixes=SUFFIXES),
+              required=True,
+              help="The file to write: a torch.save checkpoint, named .pt or .pth.")
 @click.option("--factory", metavar="REF",
               help="For a checkpoint MODEL: the torchvision:NAME or package.module:factory that builds "
                    "the model its weights fill.")

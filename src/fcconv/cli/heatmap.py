@@ -159,6 +159,7 @@ def _draw(image: Tensor, winner: Tensor, confidence: Tensor, fcn: Any, labels: l
     "heatmap",
     epilog="""\b
 Examples:
+  fcconv demo --canvas canvas.png      (a test image for the embedded model: white ink on black)
   fcconv heatmap fcconv.demo.digits:load_digits_model canvas.png --input 1,12,12 \\
       --labels fcconv.demo.digits:CLASS_NAMES --hide background -o digits-map.png
   fcconv heatmap weights.pt street.jpg --factory torchvision:resnet18 --input 3,224,224 \\

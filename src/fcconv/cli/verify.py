@@ -11,13 +11,14 @@ built from a name or spec get random weights from ``--seed``, the same on both s
 from __future__ import annotations
 
 import math
+import sys
 
 import click
 import torch
 from torch import Tensor, nn
 
 from fcconv._shapes import format_shape
-from fcconv.cli._app import InputShape, step
+from fcconv.cli._app import InputShape, for_the_command_line, step
 from fcconv.cli._loading import LoadedModel, as_fcn_source, load_model
 from fcconv.errors import FcconvError, ModuleRunError
 
@@ -54,6 +55,15 @@ def adapt_to_input(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[nn.
     return module, None
 
 
+#: From this many parameters (both models) the comparison takes seconds to minutes: a progress bar
+#: over its batches goes to stderr even when it is not a terminal (piped, logged).
+_LARGE = 1_000_000
+
+
+def _parameters(*modules: nn.Module) -> int:
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
 def _saved_shape(*loaded: LoadedModel) -> tuple[int, ...] | None:
     for model in loaded:
         shape = model.saved.get("input_shape")
@@ -68,7 +78,8 @@ def _saved_shape(*loaded: LoadedModel) -> tuple[int, ...] | None:
 Examples:
   fcconv convert "Linear(25088, 4096)" --input 512,7,7 --to fcn -o fc6-as-conv.pt
   fcconv verify "Linear(25088, 4096)" fc6-as-conv.pt
-  fcconv verify torchvision:resnet18 resnet18-fcn.pt --input 3,224,224 --grad
+  fcconv convert fcconv.demo.digits:load_digits_model --input 1,12,12 --to fcn -o digits-fcn.pt
+  fcconv verify fcconv.demo.digits:load_digits_model digits-fcn.pt --grad
   fcconv verify ref.pt cand.pt --factory mypackage.models:small_cnn --input 1,28,28
 
 \b
@@ -98,7 +109,9 @@ def command(reference: str, candidate: str, input_shape: tuple[int, ...] | None,
 
     Runs both on seeded random inputs (several batches, large and negative values included), in
     float64 for the verdict and in their own dtype for the rounding bound, and prints the report.
-    Exit status 0 when they are equivalent, 1 when they are not.
+    Exit status 0 when they are equivalent, 1 when they are not. Whole models take a while (each
+    batch runs in float64 with a rounding analysis; minutes for resnet18 with --grad): from 1M
+    parameters a progress bar goes to stderr, also when it is piped.
 
     Inputs are (N, C, *spatial) for both; a bare Linear gets them flattened, or applied over the
     channels when its in_features is C. Outputs are compared flattened.
@@ -125,10 +138,11 @@ def command(reference: str, candidate: str, input_shape: tuple[int, ...] | None,
         modules.append(module.to(target))
         if note and not quiet:
             click.echo(f"{name} is a Linear on inputs {format_shape(shape)}: {note}.")
-    with step(f"Comparing on inputs {format_shape(shape)}", quiet=quiet):
+    bar = not quiet and (sys.stderr.isatty() or _parameters(*modules) >= _LARGE)
+    with step(f"Comparing on inputs {format_shape(shape)}", quiet=quiet or bar):
         try:
             report = compare(modules[0], modules[1], input_shape=shape, grad=grad, seed=seed,
-                             parameter_rounding=parameter_rounding)
+                             parameter_rounding=parameter_rounding, progress=bar)
         except ModuleRunError as error:
             name = reference if error.role == "reference" else candidate
             raise FcconvError(
@@ -137,8 +151,8 @@ def command(reference: str, candidate: str, input_shape: tuple[int, ...] | None,
                 "per-sample shape both accept, e.g. the candidate written by `fcconv convert` for the "
                 "reference."
             ) from None
-    if not quiet:
-        click.echo(str(report))
+    if not quiet:  # the reason's advice about Python arguments becomes the command line's
+        click.echo("\n".join(for_the_command_line(line) for line in str(report).splitlines()))
     verdict = "equivalent" if report.equivalent else "NOT equivalent"
     click.echo(f"{reference} vs {candidate} on {format_shape(shape)}: {verdict}")
     if not report.equivalent:

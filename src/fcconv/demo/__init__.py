@@ -24,6 +24,7 @@ from fcconv.demo.run import (
     Equality,
     TextbookResult,
     run_demo,
+    save_canvas,
     summary,
     textbook,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "draw_picture",
     "match_detections",
     "run_demo",
+    "save_canvas",
     "summary",
     "textbook",
 ]

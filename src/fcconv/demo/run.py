@@ -28,7 +28,10 @@ from fcconv.demo.picture import draw_picture
 from fcconv.layers import linear_to_conv, linear_to_pointwise
 from fcconv.models import SlidingWindow, convolutionalize, sliding_window
 
-__all__ = ["CANVAS_SIZE", "DemoResult", "Equality", "TextbookResult", "run_demo", "summary", "textbook"]
+__all__ = [
+    "CANVAS_SIZE", "DemoResult", "Equality", "TextbookResult", "run_demo", "save_canvas", "summary",
+    "textbook",
+]
 
 CANVAS_SIZE = (64, 192)
 """Height and width of the demo's canvas, in pixels."""
@@ -342,3 +345,27 @@ def summary(result: DemoResult) -> list[str]:
         "",
         f"3. Picture: {result.picture}",
     ]
+
+
+def save_canvas(path: str | os.PathLike[str], *, seed: int = 0) -> Canvas:
+    """Write the demo's test canvas to ``path`` as an 8-bit grayscale PNG; return the canvas.
+
+    White ink on black, 192x64 pixels (:data:`CANVAS_SIZE`), the held-out digits that ``seed`` picks:
+    what the embedded model reads (``fcconv heatmap fcconv.demo.digits:load_digits_model canvas.png
+    --input 1,12,12``). Written atomically. Needs Pillow (the ``cli`` extra).
+
+    Raises:
+        FcconvError: if ``path`` does not end in ``.png`` or cannot be written.
+
+    Example:
+        >>> len(save_canvas("canvas.png", seed=0).labels)
+        24
+    """
+    from PIL import Image
+
+    out = check_output_path(path, what="the canvas", suffixes=(".png",))
+    canvas = make_canvas(*CANVAS_SIZE, seed=seed)
+    pixels = (canvas.image[0] * 255).round().to(torch.uint8).numpy()
+    with atomic_output(out, what="the canvas") as tmp:
+        Image.fromarray(pixels).save(tmp, format="PNG")  # uint8 (H, W): mode "L"
+    return canvas

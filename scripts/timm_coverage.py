@@ -7,8 +7,10 @@ For each family the script picks its smallest classifier by parameter count (bui
 * **transformer and token families** (listed apart, not counted): the model cuts the image into a
   fixed sequence of patch tokens (it holds a ``timm.layers.PatchEmbed``), or its forward multiplies
   two activations (``bmm``, ``baddbmm`` or ``scaled_dot_product_attention`` in the ops that a meta
-  forward dispatches: attention scores). A family is a CNN family if one of its classifiers is
-  neither; its smallest such model represents it (``metaformer``: ``poolformer``, not ``caformer``).
+  forward dispatches: attention scores), or its family is in ``GLOBAL_MIXERS`` (attention written with
+  element-wise products, which the op rule cannot see). A family is a CNN family if one of its eight
+  smallest classifiers is none of these; the smallest such model represents it (``metaformer``:
+  ``poolformer``, not ``caformer``).
 * timm's ``test_*`` models (toy configurations for timm's own tests) and models whose pretrained
   config has no classes (feature encoders) are skipped.
 
@@ -19,7 +21,7 @@ costs one row, not the run):
 1. ``convolutionalize(model, input_size)`` at its ``pretrained_cfg`` input size;
 2. ``compare(model, fcn, x)`` on one seeded float64 input at that size: the library's certified verdict;
 3. ``fcn.grid_shape`` at a larger, non-square size (+64 px high, +32 px wide) against the shape of
-   the map the FCN returns there.
+   the map the FCN returns there. The table also gives ``fcn.exact_sliding_window``.
 
 Usage::
 
@@ -51,6 +53,11 @@ from fcconv import FcconvError, compare, convolutionalize  # noqa: E402
 
 #: aten ops that multiply two activations: attention scores and their weighted sums.
 ATTENTION_OPS = ("bmm", "baddbmm", "_scaled_dot_product")
+#: families whose token mixing is global but written without a product of two activations.
+GLOBAL_MIXERS = {
+    "mobilevit": "attention (MobileViTv2 separable self-attention: a softmax over all patches)",
+    "swiftformer": "attention (efficient additive attention: a query pooled over all tokens)",
+}
 #: how much larger than the training size the grid is checked at (height, width).
 LARGER_BY = (64, 32)
 #: results that count as converted.
@@ -136,6 +143,8 @@ def pick(family: str, tries: int = 8) -> Pick | None:
     sized = candidates(family)
     if not sized:
         return None
+    if family in GLOBAL_MIXERS:
+        return Pick(family, sized[0][1], sized[0][0], cnn=False, why_apart=GLOBAL_MIXERS[family])
     reasons = []
     for params, name in sized[:tries]:
         try:
@@ -175,7 +184,8 @@ def check(name: str) -> tuple[tuple[int, ...], str, str]:
     if expected != actual:
         return shape, "wrong grid", f"grid_shape{big} = {expected}, the map is {actual}"
     return shape, CONVERTED, (f"float64 max rel {report.float64_max_rel:.1e}; map {actual[0]}x{actual[1]} "
-                              f"at {big[0]}x{big[1]}, stride {fcn.stride}")
+                              f"at {big[0]}x{big[1]}, stride {fcn.stride}; exact_sliding_window "
+                              f"{fcn.exact_sliding_window}")
 
 
 def _child(name: str, connection: Any) -> None:
@@ -215,7 +225,7 @@ def _cell(text: str, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def render(rows: list[Row], apart: list[Pick], elapsed: float, complete: bool) -> str:
+def render(rows: list[Row], apart: list[Pick], none: list[str], elapsed: float, complete: bool) -> str:
     """The markdown page."""
     ok = sum(r.result == CONVERTED for r in rows)
     share = f"{100 * ok / len(rows):.0f}%" if rows else "n/a"
@@ -254,6 +264,9 @@ def render(rows: list[Row], apart: list[Pick], elapsed: float, complete: bool) -
         "|---|---|---|",
     ]
     lines += [f"| {p.family} | `{p.model}` | {p.why_apart} |" for p in sorted(apart, key=lambda p: p.family)]
+    if none:
+        lines += ["", f"Families with no classifier (only feature encoders, or only `test_*` models): "
+                  f"{', '.join(sorted(none))}."]
     return "\n".join(lines) + "\n"
 
 
@@ -270,7 +283,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown timm families {unknown}; they are: {', '.join(known)}")
     start = time.perf_counter()
-    picks = [p for p in (pick(f) for f in tqdm(families, desc="sorting families", unit="family")) if p]
+    picked = {f: pick(f) for f in tqdm(families, desc="sorting families", unit="family")}
+    picks = [p for p in picked.values() if p]
+    none = [f for f, p in picked.items() if p is None]
     apart = [p for p in picks if not p.cnn]
     rows: list[Row] = []
     bar = tqdm([p for p in picks if p.cnn], desc="converting", unit="family")
@@ -279,8 +294,8 @@ def main(argv: Iterable[str] | None = None) -> int:
         rows.append(run_isolated(p, args.timeout))
         tqdm.write(f"{p.family:24} {p.model:28} {rows[-1].result:15} {rows[-1].seconds:6.1f}s "
                    f"{rows[-1].why[:150]}")
-        args.out.write_text(render(rows, apart, time.perf_counter() - start, complete=False))
-    args.out.write_text(render(rows, apart, time.perf_counter() - start, complete=True))
+        args.out.write_text(render(rows, apart, none, time.perf_counter() - start, complete=False))
+    args.out.write_text(render(rows, apart, none, time.perf_counter() - start, complete=True))
     ok = sum(r.result == CONVERTED for r in rows)
     print(f"{ok} of {len(rows)} CNN families convert; {len(apart)} listed apart; "
           f"{time.perf_counter() - start:.0f} s; wrote {args.out}")

@@ -30,7 +30,7 @@ def test_coverage_table_of_three_families(tmp_path: Path) -> None:
     assert re.search(r"\*\*[0-2] of 2 CNN families convert \(\d+%\)\.\*\*", cnn)
     # resnet's smallest classifier converts, is certified in float64, and its grid holds at 240x208.
     assert re.search(r"\| resnet \| `resnet10t` \| 5\.4M \| 176x176 \| converted \| \d+ \| float64 max rel "
-                     r"[0-9.e-]+; map 3x2 at 240x208, stride \(32, 32\) \|", cnn)
+                     r"[0-9.e-]+; map 3x2 at 240x208, stride \(32, 32\); exact_sliding_window False \|", cnn)
     assert re.search(r"\| mobilenetv3 \| `mobilenetv3_small_050` \| ", cnn)
     assert "| mlp_mixer | `gmlp_ti16_224` | patch tokens (timm.layers.PatchEmbed) |" in apart
     assert "partial" not in page

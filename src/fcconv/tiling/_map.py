@@ -80,7 +80,7 @@ def _delayed_inputs(job: _Job) -> tuple[Any, Any]:
     from dask.base import tokenize
 
     model = dask.delayed(job.fcn, name=f"fcconv-model-{model_identity(job.fcn)}")
-    source = dask.delayed(job.source, name=f"fcconv-image-{tokenize(job.source.identity)}")
+    source = dask.delayed(job.source, name=f"fcconv-image-{tokenize(job.source.identity)}", traverse=False)
     return model, source
 
 

@@ -50,9 +50,7 @@ def field_of(fcn: Any, image_shape: Sequence[int]) -> Field:
     """
     from fcconv.models.receptive import analyze
 
-    # The field does not depend on the image size for the models accepted below, so the
-    # analysis runs at the training size: it never allocates the activations of a large image.
-    analysis = analyze(fcn.graph_module, tuple(fcn.input_shape))
+    analysis = analyze(fcn.graph_module, tuple(image_shape))  # fake tensors: nothing allocated
     if not analysis.local or analysis.field is None:
         raise NotEquivalentError(
             f"Cannot tile this model exactly: {analysis.why_not_local or 'its receptive field is unknown'}. "

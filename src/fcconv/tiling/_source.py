@@ -98,6 +98,8 @@ def _tiff_levels(path: Path, level: int) -> None:
             levels = len(tif.series[0].levels) if tif.series else 0
     except (OSError, tifffile.TiffFileError) as error:
         raise FcconvError(f"Cannot read {str(path)!r} as a TIFF: {error}. Check the file.") from None
+    if levels == 0:
+        raise FcconvError(f"Cannot read {str(path)!r} as a TIFF: it holds no image. Check the file.")
     if not 0 <= level < levels:
         raise FcconvError(
             f"level {level} does not exist in {str(path)!r}: it has {levels} pyramid level(s), "

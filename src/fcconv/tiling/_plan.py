@@ -30,9 +30,12 @@ __all__ = ["Field", "Tile", "TilePlan", "field_of", "plan_tiles"]
 class Field(Protocol):
     """What tiling needs of a receptive field: one value per spatial dim."""
 
-    stride: tuple[int, ...]
-    offset: tuple[int, ...]
-    extent: tuple[int, ...]
+    @property
+    def stride(self) -> tuple[int, ...]: ...
+    @property
+    def offset(self) -> tuple[int, ...]: ...
+    @property
+    def extent(self) -> tuple[int, ...]: ...
 
 
 def field_of(fcn: Any, image_shape: Sequence[int]) -> Field:

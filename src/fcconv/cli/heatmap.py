@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from fcconv._shapes import format_shape
 from fcconv.cli._app import InputShape, NumberList, OutputPath, fail, step, write_atomically
 from fcconv.cli._loading import as_fcn_source, import_attribute, load_model
+from fcconv.cli.tiles import MapOutput, is_map_output
 from fcconv.errors import FcconvError
 
 __all__ = ["command", "load_image"]
@@ -174,9 +175,10 @@ Examples:
   fcconv heatmap resnet18-fcn.pt photo.jpg -o map.png   (a file from fcconv convert --to fcn)""",
 )
 @click.argument("model")
-@click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", "output", type=OutputPath(), required=True,
-              help="The picture to write (.png; .pdf, .svg and .jpg work too).")
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "output", type=MapOutput(), required=True,
+              help="The picture to write (.png; .pdf, .svg and .jpg work too), or a .zarr map: then IMAGE "
+                   "(a TIFF or zarr) is mapped tile by tile, and re-running resumes.")
 @click.option("--input", "-i", "input_shape", type=InputShape(),
               help="The model's training input shape C,H,W: the window each map cell classifies.")
 @click.option("--factory", metavar="REF", help="For a checkpoint MODEL: the factory that builds the model.")
@@ -196,10 +198,19 @@ Examples:
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True,
               help="Classes in the summary.")
 @click.option("--device", default="cpu", show_default=True, help="Where to run the model, e.g. cuda.")
+@click.option("--tile", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="With -o X.zarr: the largest block one task reads, halo included.")
+@click.option("--preview", type=OutputPath(), help="With -o X.zarr: a small PNG of the map over the image.")
+@click.option("--level", type=click.IntRange(min=0), default=0, help="With -o X.zarr: the pyramid level.")
+@click.option("--workers", type=click.IntRange(min=1), help="With -o X.zarr: run on a local dask cluster.")
+@click.option("--scheduler", metavar="ADDRESS", help="With -o X.zarr: run on this dask scheduler.")
+@click.option("--overwrite", is_flag=True, help="With -o X.zarr: replace a map of another run.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 def command(model: str, image: Path, output: Path, input_shape: tuple[int, ...] | None, factory: str | None,
             kwargs: str, mean: tuple[float, ...] | None, std: tuple[float, ...] | None, labels: str | None,
-            hide: str, scale: float, alpha: float, head: str, top: int, device: str, quiet: bool) -> None:
+            hide: str, scale: float, alpha: float, head: str, top: int, device: str, tile: int,
+            preview: Path | None, level: int, workers: int | None, scheduler: str | None, overwrite: bool,
+            quiet: bool) -> None:
     """Draw the dense class map of the classifier MODEL over IMAGE into OUTPUT.
 
     MODEL follows the loading rules of every command (torchvision:NAME, package.module:factory, a
@@ -207,10 +218,10 @@ def command(model: str, image: Path, output: Path, input_shape: tuple[int, ...] 
     then --mean and --std, if given, normalise them.
     """
     fmt = output.suffix.lower().lstrip(".") or "png"
-    if fmt not in _FORMATS:
+    if fmt not in _FORMATS and not is_map_output(output):
         raise click.BadParameter(f"expected a .png (or {', '.join(_FORMATS[1:])}) file; got {output.name!r}.",
                                  param_hint="--output")
-    if not image.is_file():
+    if not image.is_file() and not is_map_output(output):
         fail(f"Image {str(image)!r} not found. Check the path.")
     with step(f"Loading {model}", quiet=quiet):
         loaded = load_model(model, factory=factory, kwargs=kwargs)
@@ -231,6 +242,13 @@ def command(model: str, image: Path, output: Path, input_shape: tuple[int, ...] 
 
         with step("Convolutionalizing", quiet=quiet):
             fcn = convolutionalize(as_fcn_source(loaded.module), input_shape, head=head)
+    if is_map_output(output):
+        from fcconv.cli.tiles import run
+
+        names = _labels(labels, int(fcn.outputs))  # type: ignore[arg-type]
+        return run(fcn.to(torch.device(device)), image, output, tile=tile, level=level, mean=mean, std=std,
+                   preview=preview, labels=names, hidden=_hidden(hide, names), workers=workers,
+                   scheduler=scheduler, overwrite=overwrite, quiet=quiet)
     pixels = load_image(image, input_shape[0], scale=scale)
     window = tuple(fcn.window)  # type: ignore[arg-type]
     if any(s < w for s, w in zip(pixels.shape[1:], window)):

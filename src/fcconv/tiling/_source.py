@@ -64,6 +64,17 @@ class Source:
             block = block[None]
         return block
 
+    def thumbnail(self, step: int) -> np.ndarray:
+        """Every ``step``-th pixel along each spatial dim, all channels, as ``(C, *small)``."""
+        array = self.data if self.path is None else _open(self.kind, self.path, self.level)
+        every = tuple(slice(None, None, step) for _ in self.shape[1:])
+        index = {"CHW": (slice(None),) + every, "HWC": every + (slice(None),), "HW": every}[self.layout]
+        small = array[index]
+        small = np.asarray(small.compute(scheduler="sync") if self.kind == "dask" else small)
+        if self.layout == "HWC":
+            return np.moveaxis(small, -1, 0)
+        return small[None] if self.layout == "HW" else small
+
 
 @functools.lru_cache(maxsize=8)
 def _open(kind: str, path: str, level: int) -> Any:

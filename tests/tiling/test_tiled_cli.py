@@ -1,0 +1,73 @@
+"""``fcconv heatmap ... -o scores.zarr``: the tiled path of the command line, through its entry point."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner, Result
+
+import fcconv
+from fcconv.cli import app
+from fcconv.cli.tiles import PixelScale
+from fcconv.digits import load_digits_model, make_canvas
+
+tifffile = pytest.importorskip("tifffile")
+zarr = pytest.importorskip("zarr")
+pytest.importorskip("matplotlib")
+
+MODEL = ("fcconv.digits:load_digits_model", "--input", "1,12,12")
+
+
+def _run(*args: str) -> Result:
+    return CliRunner().invoke(app, list(args), prog_name="fcconv")
+
+
+def _one_line_error(result: Result, start: str, code: int = 1) -> None:
+    assert result.exit_code == code, (result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {start}"), result.stderr
+
+
+@pytest.fixture(scope="module")
+def canvas(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 96x200 canvas of held-out digits as an 8-bit grayscale tiled TIFF."""
+    pixels = (make_canvas(96, 200, seed=3).image[0].numpy() * 255).round().astype(np.uint8)
+    path = tmp_path_factory.mktemp("cli") / "canvas.tif"
+    tifffile.imwrite(path, pixels, tile=(32, 32))
+    return path
+
+
+def test_zarr_map_preview_and_resume(canvas: Path, tmp_path: Path) -> None:
+    out, preview = tmp_path / "scores.zarr", tmp_path / "preview.png"
+    args = (*MODEL, str(canvas), "-o", str(out), "--tile", "40", "--preview", str(preview),
+            "--labels", "fcconv.digits:CLASS_NAMES", "--hide", "background", "-q")
+    result = _run("heatmap", *args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert f"Wrote {out}" in result.output and preview.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fcn = fcconv.convolutionalize(load_digits_model(), (1, 12, 12))
+    scale = PixelScale(1 / 255, None, None, torch.float32)
+    expected = fcconv.tiled_map(fcn, canvas, tile=40, transform=scale, progress=False)
+    np.testing.assert_array_equal(zarr.open_array(str(out))[...], expected)
+    again = _run("heatmap", *args)  # resumes: an existing store of the same run is accepted
+    assert again.exit_code == 0, again.output
+    _one_line_error(_run("heatmap", *MODEL, str(canvas), "-o", str(out), "--tile", "64", "-q"),
+                    f"out {str(out)!r} holds another run's map (it differs in: tile")
+    replaced = _run("heatmap", *MODEL, str(canvas), "-o", str(out), "--tile", "64", "--overwrite", "-q")
+    assert replaced.exit_code == 0, replaced.output
+
+
+def test_bad_input(canvas: Path, tmp_path: Path) -> None:
+    out = str(tmp_path / "scores.zarr")
+    _one_line_error(_run("heatmap", *MODEL, str(canvas), "-o", out, "--level", "2"),
+                    "level 2 does not exist in")
+    _one_line_error(_run("heatmap", *MODEL, str(canvas), "-o", out, "--tile", "8"),
+                    "tile (8, 8) is too small for this model")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x")
+    _one_line_error(_run("heatmap", *MODEL, str(notes), "-o", out), "Cannot read")
+    both = _run("heatmap", *MODEL, str(canvas), "-o", out, "--workers", "1", "--scheduler", "x:1")
+    assert both.exit_code == 2 and "Error: Give --workers (a local cluster) or --scheduler" in both.stderr
+    assert not (tmp_path / "scores.zarr").exists()

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiling_support import PaddedNet
+from tiling_support import PaddedNet, load_digits_model
 
 import fcconv
-from fcconv.digits import load_digits_model
 
 
 @pytest.fixture(scope="session")

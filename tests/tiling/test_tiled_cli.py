@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from tiling_support import digits_model, make_canvas
 
 import fcconv
 from fcconv.cli import app
 from fcconv.cli.tiles import PixelScale
-from fcconv.digits import load_digits_model, make_canvas
 
 tifffile = pytest.importorskip("tifffile")
 zarr = pytest.importorskip("zarr")
 pytest.importorskip("matplotlib")
 
-MODEL = ("fcconv.digits:load_digits_model", "--input", "1,12,12")
+MODEL = ("tiling_support:digits_model", "--input", "1,12,12")
 
 
 def _run(*args: str) -> Result:
@@ -43,11 +43,11 @@ def canvas(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_zarr_map_preview_and_resume(canvas: Path, tmp_path: Path) -> None:
     out, preview = tmp_path / "scores.zarr", tmp_path / "preview.png"
     args = (*MODEL, str(canvas), "-o", str(out), "--tile", "40", "--preview", str(preview),
-            "--labels", "fcconv.digits:CLASS_NAMES", "--hide", "background", "-q")
+            "--labels", "tiling_support:CLASS_NAMES", "--hide", "background", "-q")
     result = _run("heatmap", *args)
     assert result.exit_code == 0, (result.output, result.exception)
     assert f"Wrote {out}" in result.output and preview.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    fcn = fcconv.convolutionalize(load_digits_model(), (1, 12, 12))
+    fcn = fcconv.convolutionalize(digits_model(), (1, 12, 12))
     scale = PixelScale(1 / 255, None, None, torch.float32)
     expected = fcconv.tiled_map(fcn, canvas, tile=40, transform=scale, progress=False)
     np.testing.assert_array_equal(zarr.open_array(str(out))[...], expected)

@@ -24,7 +24,7 @@ _SCRIPT = """
 import sys, time
 import numpy as np, torch
 import fcconv
-from fcconv.digits import load_digits_model
+from tiling_support import load_digits_model
 
 def slow(t):  # a per-pixel transform that takes its time, so that the kill lands mid-run
     time.sleep(0.004)

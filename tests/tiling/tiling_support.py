@@ -8,6 +8,18 @@ from torch import nn
 
 import fcconv
 
+try:
+    from fcconv.demo.digits import CLASS_NAMES, load_digits_model, make_canvas
+except ImportError:  # the layout before fcconv.demo became a package
+    from fcconv.digits import CLASS_NAMES, load_digits_model, make_canvas  # type: ignore[no-redef]
+
+__all__ = ["CLASS_NAMES", "PaddedNet", "assert_same_map", "digits_model", "make_canvas", "untiled"]
+
+
+def digits_model() -> nn.Module:
+    """The embedded digits classifier (float32), wherever the package keeps it."""
+    return load_digits_model()
+
 
 def assert_same_map(got: np.ndarray, reference: np.ndarray) -> None:
     """Every cell equal to the untiled map: float64 relative difference at most 1e-12 per cell."""

@@ -37,6 +37,28 @@ def winners(scores: Any) -> tuple[np.ndarray, np.ndarray]:
     return winner, confidence
 
 
+def _pool_cells(winner: np.ndarray, confidence: np.ndarray, hide: Collection[int], step: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Shrink the map by ``step``: each block of cells shows its most confident shown class."""
+    if step == 1:
+        return winner, confidence
+    h, w = winner.shape
+    rows, cols = -(-h // step), -(-w // step)
+    pad = ((0, rows * step - h), (0, cols * step - w))
+
+    def blocks(values: np.ndarray, fill: float | None) -> np.ndarray:
+        if fill is None:
+            padded = np.pad(values, pad, mode="edge")
+        else:
+            padded = np.pad(values, pad, constant_values=fill)
+        return padded.reshape(rows, step, cols, step).transpose(0, 2, 1, 3).reshape(rows, cols, step * step)
+
+    shown = np.where(np.isin(winner, list(hide)), -1.0, confidence)
+    pick = blocks(shown, -2.0).argmax(-1)[..., None]
+    return (np.take_along_axis(blocks(winner, None), pick, -1)[..., 0],
+            np.take_along_axis(blocks(confidence, None), pick, -1)[..., 0])
+
+
 def _thumbnail(image: Any, layout: str, level: int, channels: int, ndim: int, step: int) -> np.ndarray:
     source = open_source(image, layout=layout, level=level, ndim=ndim, channels=channels)
     small = np.asarray(source.thumbnail(step), dtype=np.float64)
@@ -78,7 +100,7 @@ def write_preview(scores: Any, image: Any, path: str | os.PathLike[str], *, fcn:
     shown = _thumbnail(image, layout, level, fcn.input_shape[0], 2, step)
     names = list(labels) if labels is not None else [str(i) for i in range(int(scores.shape[0]))]
     palette = colormaps["tab20"] if len(names) > 10 else colormaps["tab10"]
-    small_winner, small_conf = winner[::cell_step, ::cell_step], confidence[::cell_step, ::cell_step]
+    small_winner, small_conf = _pool_cells(winner, confidence, hide, cell_step)
     rgba = np.zeros((*small_winner.shape, 4))
     present = [int(c) for c in np.unique(small_winner) if int(c) not in hide]
     for c in present:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from tiling_support import assert_same_map, untiled
 
 import fcconv
+from fcconv.tiling._tasks import portable
 
 distributed = pytest.importorskip("distributed")
 
@@ -46,6 +49,13 @@ def test_cluster_map_equals_untiled(client: Any, padded_fcn: fcconv.FullyConvolu
     assert_same_map(stored[...], expected)
     tiles = len(fcconv.tiling.plan_for(padded_fcn, image, tile=40))
     assert len(submitted) == 2 * tiles > 4
-    models = [kwargs for data, kwargs in scattered if data is padded_fcn]
+    models = [kwargs for data, kwargs in scattered if isinstance(data, fcconv.FullyConvolutional)]
     assert models == [{"broadcast": True, "hash": False}] * 2  # once per run, to every worker
-    assert not any(arg is padded_fcn for args in submitted for arg in args)  # tasks carry a future
+    assert not any(isinstance(arg, torch.nn.Module) for args in submitted for arg in args)  # a future
+
+
+def test_the_shipped_model_pickles_and_computes_the_same(padded_fcn: fcconv.FullyConvolutional) -> None:
+    shipped = pickle.loads(pickle.dumps(portable(padded_fcn)))  # what a worker process receives
+    x = torch.rand(1, 2, 37, 41, dtype=torch.float64)
+    assert torch.equal(shipped(x), padded_fcn(x))
+    assert padded_fcn.graph_module._tracer_cls is not None  # the user's model is unchanged

@@ -79,3 +79,12 @@ def test_unknown_or_missing_file(tmp_path: Path, padded_fcn: fcconv.FullyConvolu
         fcconv.tiled_map(padded_fcn, np.zeros((2, 40, 40)), level=1, progress=False)
     with pytest.raises(FcconvError, match=r"^layout must be one of CHW, HWC; got 'NCHW'"):
         fcconv.tiled_map(padded_fcn, np.zeros((2, 40, 40)), layout="NCHW", progress=False)
+
+
+def test_a_rewritten_file_is_read_again(tmp_path: Path, padded_fcn: fcconv.FullyConvolutional) -> None:
+    path = tmp_path / "image.tif"
+    for seed in (0, 1):
+        pixels = np.random.default_rng(seed).integers(0, 256, (2, 40, 50), dtype=np.uint8)
+        tifffile.imwrite(path, pixels, tile=(16, 16), photometric="minisblack", planarconfig="separate")
+        got = fcconv.tiled_map(padded_fcn, path, tile=30, transform=_scale, progress=False)
+        assert_same_map(got, untiled(padded_fcn, pixels / 255.0))

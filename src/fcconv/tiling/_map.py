@@ -61,7 +61,9 @@ def _prepare(fcn: Any, image: Any, tile: int | Sequence[int], layout: str, trans
     if classes is None:  # the map's channels, from the smallest input
         with torch.inference_mode():
             classes = int(fcn(torch.zeros(1, *fcn.input_shape[:1], *fcn.min_size, dtype=dtype)).shape[1])
-    return _Job(fcn, source, plan, transform, int(classes), torch.empty((), dtype=dtype).numpy().dtype)
+    # numpy has no bfloat16: such maps are stored in float32 (compute_tile converts them).
+    stored = torch.float32 if dtype == torch.bfloat16 else dtype
+    return _Job(fcn, source, plan, transform, int(classes), torch.empty((), dtype=stored).numpy().dtype)
 
 
 def plan_for(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048, layout: str = "CHW",

@@ -48,7 +48,7 @@ class Source:
     def read(self, start: Sequence[int], stop: Sequence[int]) -> np.ndarray:
         """The block ``[start, stop)`` of the spatial dims, all channels, as ``(C, *block)``."""
         window = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
-        array = self.data if self.path is None else _open(self.kind, self.path, self.level)
+        array = self.data if self.path is None else _open(self.kind, self.path, self.level, self.identity)
         if self.layout == "CHW":
             block = array[(slice(None),) + window]
         elif self.layout == "HWC":
@@ -66,7 +66,7 @@ class Source:
 
     def thumbnail(self, step: int) -> np.ndarray:
         """Every ``step``-th pixel along each spatial dim, all channels, as ``(C, *small)``."""
-        array = self.data if self.path is None else _open(self.kind, self.path, self.level)
+        array = self.data if self.path is None else _open(self.kind, self.path, self.level, self.identity)
         every = tuple(slice(None, None, step) for _ in self.shape[1:])
         index = {"CHW": (slice(None),) + every, "HWC": every + (slice(None),), "HW": every}[self.layout]
         small = array[index]
@@ -77,8 +77,11 @@ class Source:
 
 
 @functools.lru_cache(maxsize=8)
-def _open(kind: str, path: str, level: int) -> Any:
-    """The zarr array of a file, opened once per process (tasks on one worker share it)."""
+def _open(kind: str, path: str, level: int, stamp: str) -> Any:
+    """The zarr array of a file, opened once per process (tasks on one worker share it).
+
+    ``stamp`` (size and modification time) keys the cache too: a file rewritten is reopened.
+    """
     zarr = require("zarr")
     if kind == "tiff":
         tifffile = require("tifffile")
@@ -124,7 +127,8 @@ def _from_path(path: Path, level: int) -> tuple[str, Any, str]:
     suffix = path.suffix.lower()
     if suffix in _TIFF and path.is_file():
         _tiff_levels(path, level)
-        return "tiff", _open("tiff", str(path), level), _stat_identity(path)
+        stamp = _stat_identity(path)
+        return "tiff", _open("tiff", str(path), level, stamp), stamp
     if path.is_dir() and ((path / "zarr.json").is_file() or (path / ".zarray").is_file()
                           or (path / ".zgroup").is_file()):
         node = require("zarr").open(str(path), mode="r")
@@ -138,7 +142,8 @@ def _from_path(path: Path, level: int) -> tuple[str, Any, str]:
             raise FcconvError(f"level {level} needs a zarr group of levels '0', '1', ...; {str(path)!r} "
                               "is one array. Pass level=0.")
         meta = path / "zarr.json" if (path / "zarr.json").is_file() else path
-        return "zarr", _open("zarr", str(path), level), _stat_identity(meta)
+        stamp = _stat_identity(meta)
+        return "zarr", _open("zarr", str(path), level, stamp), stamp
     raise FcconvError(
         f"Cannot read {str(path)!r}: unknown image type. Give a TIFF file ({', '.join(_TIFF)}), a "
         "zarr store (a directory with zarr.json), a numpy array or a dask array."

@@ -79,7 +79,8 @@ def compute_tile(fcn: nn.Module, source: Source, tile: Tile, transform: Transfor
             f"The block {tile.read_start}..{tile.read_stop} gave a map of {format_shape(scores.shape[1:])} "
             f"cells, fewer than the {keep} it should hold; this is a bug in fcconv, please report it."
         )
-    return scores[(slice(None),) + keep].cpu().numpy()
+    kept = scores[(slice(None),) + keep].cpu()
+    return (kept.float() if kept.dtype == torch.bfloat16 else kept).numpy()
 
 
 def tile_to_zarr(fcn: nn.Module, source: Source, tile: Tile, transform: Transform | None, out: str) -> int:

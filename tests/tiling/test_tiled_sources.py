@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -88,3 +89,19 @@ def test_a_rewritten_file_is_read_again(tmp_path: Path, padded_fcn: fcconv.Fully
         tifffile.imwrite(path, pixels, tile=(16, 16), photometric="minisblack", planarconfig="separate")
         got = fcconv.tiled_map(padded_fcn, path, tile=40, transform=_scale, progress=False)
         assert_same_map(got, untiled(padded_fcn, pixels / 255.0))
+
+
+def test_a_memmap_travels_as_its_file(tmp_path: Path) -> None:
+    from fcconv.tiling._source import open_source
+
+    image = np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype="u1", shape=(3, 400, 500))
+    image[...] = np.random.default_rng(0).integers(0, 256, image.shape, dtype=np.uint8)
+    image.flush()
+    mapped = np.load(tmp_path / "big.npy", mmap_mode="r")
+    source = open_source(mapped, layout="CHW", level=0, ndim=2, channels=3)
+    shipped = pickle.dumps(source)
+    assert len(shipped) < 10_000  # not the 600 kB of pixels
+    arrived = pickle.loads(shipped)
+    np.testing.assert_array_equal(arrived.read((10, 20), (50, 70)), image[:, 10:50, 20:70])
+    copied = open_source(np.array(image[:, :100]), layout="CHW", level=0, ndim=2, channels=3)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(copied)).read((0, 0), (5, 5)), image[:, :5, :5])

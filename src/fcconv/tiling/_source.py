@@ -6,8 +6,10 @@ on any worker reopens the file once per process and reads only the block it need
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
+import mmap
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,6 +47,16 @@ class Source:
     level: int = 0
     data: Any = field(default=None, repr=False, compare=False)  # the array, for array and dask
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """A whole-file memmap travels as its file, reopened on arrival, never as its pixels."""
+        data = self.data
+        whole = isinstance(data, np.memmap) and isinstance(data.base, mmap.mmap)
+        if whole and isinstance(data.filename, str):
+            order = "F" if data.flags.f_contiguous and not data.flags.c_contiguous else "C"
+            bare = dataclasses.replace(self, data=None)
+            return (_reopen, (bare, data.filename, data.dtype.str, data.offset, data.shape, order))
+        return super().__reduce_ex__(protocol)
+
     def read(self, start: Sequence[int], stop: Sequence[int]) -> np.ndarray:
         """The block ``[start, stop)`` of the spatial dims, all channels, as ``(C, *block)``."""
         window = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
@@ -74,6 +86,12 @@ class Source:
         if self.layout == "HWC":
             return np.moveaxis(small, -1, 0)
         return small[None] if self.layout == "HW" else small
+
+
+def _reopen(source: Source, filename: str, dtype: str, offset: int, shape: tuple[int, ...], order: Any
+            ) -> Source:
+    array = np.memmap(filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape, order=order)
+    return dataclasses.replace(source, data=array)
 
 
 @functools.lru_cache(maxsize=8)

@@ -51,10 +51,10 @@ class Source:
         """A whole-file memmap travels as its file, reopened on arrival, never as its pixels."""
         data = self.data
         whole = isinstance(data, np.memmap) and isinstance(data.base, mmap.mmap)
-        if whole and isinstance(data.filename, str):
+        if whole and isinstance(data.filename, (str, os.PathLike)):
             order = "F" if data.flags.f_contiguous and not data.flags.c_contiguous else "C"
             bare = dataclasses.replace(self, data=None)
-            return (_reopen, (bare, data.filename, data.dtype.str, data.offset, data.shape, order))
+            return (_reopen, (bare, os.fspath(data.filename), data.dtype.str, data.offset, data.shape, order))
         return super().__reduce_ex__(protocol)
 
     def read(self, start: Sequence[int], stop: Sequence[int]) -> np.ndarray:
@@ -210,7 +210,7 @@ def open_source(image: Any, *, layout: str, level: int, ndim: int, channels: int
 
 
 def _from_object(image: Any) -> tuple[str, Any, str]:
-    if isinstance(image, np.memmap) and isinstance(image.filename, str):
+    if isinstance(image, np.memmap) and isinstance(image.filename, (str, os.PathLike)):
         base = image.base if isinstance(image.base, np.memmap) else image
         return "array", image, (f"memmap|{_stat_identity(Path(image.filename))}|{getattr(base, 'offset', 0)}"
                                 f"|{image.shape}|{image.strides}|{image.dtype}")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +76,31 @@ def test_bad_input(canvas: Path, tmp_path: Path) -> None:
     both = _run("heatmap", *MODEL, str(canvas), "-o", out, "--workers", "1", "--scheduler", "x:1")
     assert both.exit_code == 2 and "Error: Give --workers (a local cluster) or --scheduler" in both.stderr
     assert not (tmp_path / "scores.zarr").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_finished_tiles_and_the_same_command_resumes(tmp_path: Path) -> None:
+    pixels = (make_canvas(512, 768, seed=4).image[0].numpy() * 255).round().astype(np.uint8)
+    tifffile.imwrite(tmp_path / "canvas.tif", pixels, tile=(64, 64))
+    command = [sys.executable, "-m", "fcconv.cli", "heatmap", *MODEL, "canvas.tif", "--tile", "40",
+               "-o", "scores.zarr", "-q"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    chunks = tmp_path / "scores.zarr" / "c"
+    deadline = time.monotonic() + 120
+    while (not chunks.is_dir() or sum(1 for p in chunks.rglob("*") if p.is_file()) < 3) and (
+            time.monotonic() < deadline and first.poll() is None):
+        time.sleep(0.05)
+    first.send_signal(signal.SIGINT)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 1
+    assert err.strip().splitlines()[-1].startswith("Error: Interrupted. The finished tiles are kept in")
+    kept = sum(1 for p in chunks.rglob("*") if p.is_file())
+    second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert kept < sum(1 for p in chunks.rglob("*") if p.is_file())
+    fcn = fcconv.convolutionalize(digits_model(), (1, 12, 12))
+    scale = PixelScale(1 / 255, None, None, torch.float32)
+    expected = fcconv.tiled_map(fcn, pixels, tile=40, transform=scale, progress=False)
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "scores.zarr"))[...], expected)

@@ -124,7 +124,10 @@ def run(fcn: Any, image: Path, output: Path, *, tile: int, level: int, mean: Seq
              "resume.")
     finally:
         if client is not None:
+            cluster = client.cluster if workers is not None else None
             client.close()
+            if cluster is not None:
+                cluster.close()
     click.echo(f"Wrote {output} ({scores.shape[0]} classes x {scores.shape[1]}x{scores.shape[2]} cells)")
     if preview is not None:
         with step(f"Drawing {preview}", quiet=quiet):

@@ -59,3 +59,9 @@ def test_the_shipped_model_pickles_and_computes_the_same(padded_fcn: fcconv.Full
     x = torch.rand(1, 2, 37, 41, dtype=torch.float64)
     assert torch.equal(shipped(x), padded_fcn(x))
     assert padded_fcn.graph_module._tracer_cls is not None  # the user's model is unchanged
+
+
+def test_dask_map_computes_on_the_cluster(client: Any, padded_fcn: fcconv.FullyConvolutional) -> None:
+    image = np.random.default_rng(1).random((2, 70, 66))
+    lazy = fcconv.dask_map(padded_fcn, image, tile=40)
+    assert_same_map(client.compute(lazy).result(), untiled(padded_fcn, image))

@@ -105,6 +105,13 @@ def test_another_runs_out_is_refused_and_kept(tmp_path: Path, padded_fcn: fcconv
         with pytest.raises(FcconvError, match=rf"^out .* holds another run's map \(it differs in: .*{what}"):
             fcconv.tiled_map(args.pop("fcn"), args.pop("image"), out=out, progress=False, **args)
         assert {name: (out / name).read_bytes() for name in _chunks(out)} == before
+    bad_input = {"tile .* too small": dict(tile=10), "level 1 applies": dict(level=1),
+                 "The image .* smaller": dict(image=image[:, :5])}
+    for message, change in bad_input.items():  # refused before the store is opened
+        args = {"image": image, "tile": 40, **change}
+        with pytest.raises(FcconvError, match=f"^{message}"):
+            fcconv.tiled_map(padded_fcn, args.pop("image"), out=out, overwrite=True, progress=False, **args)
+        assert {name: (out / name).read_bytes() for name in _chunks(out)} == before
     replaced = fcconv.tiled_map(padded_fcn, image, tile=44, out=out, overwrite=True, progress=False)
     assert replaced.chunks != (3, *fcconv.tiling.plan_for(padded_fcn, image, tile=40).cells_per_tile)
 

@@ -109,3 +109,23 @@ def test_non_local_model_is_refused() -> None:
     fcn = fcconv.convolutionalize(_Squeeze().eval(), (1, 12, 12))
     with pytest.raises(NotEquivalentError, match="^Cannot tile this model exactly: "):
         fcconv.tiled_map(fcn, np.zeros((1, 50, 50)), tile=20, progress=False)
+
+
+class _SamePadding(nn.Module):
+    """TF-style "same" padding computed from the input size: a tile would pad differently."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, stride=2)
+        self.head = nn.Linear(3 * 6 * 6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        th, tw = 1 + x.shape[-2] % 2, 1 + x.shape[-1] % 2
+        x = nn.functional.pad(x, [tw // 2, tw - tw // 2, th // 2, th - th // 2])
+        return self.head(torch.flatten(self.conv(x), 1))
+
+
+def test_size_dependent_model_is_refused() -> None:
+    fcn = fcconv.convolutionalize(_SamePadding().eval(), (1, 12, 12))
+    with pytest.raises(NotEquivalentError, match="^Cannot tile this model exactly: its geometry depends on"):
+        fcconv.tiled_map(fcn, np.zeros((1, 40, 41)), tile=20, progress=False)

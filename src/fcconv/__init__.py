@@ -17,6 +17,7 @@ from fcconv.layers import (
     pointwise_to_linear,
 )
 from fcconv.models import FullyConvolutional, convolutionalize, sliding_window
+from fcconv.tiling import dask_map, tiled_map
 
 __version__ = "0.1.0"
 
@@ -32,10 +33,12 @@ __all__ = [
     "conv_output_shape",
     "conv_to_linear",
     "convolutionalize",
+    "dask_map",
     "explain",
     "linear_to_conv",
     "linear_to_pointwise",
     "pointwise_to_linear",
     "sliding_window",
+    "tiled_map",
     "ulp_distance",
 ]

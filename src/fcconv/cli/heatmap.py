@@ -20,6 +20,7 @@ from fcconv._io import IMAGE_SUFFIXES, image_format
 from fcconv._shapes import format_shape
 from fcconv.cli._app import InputShape, NumberList, OutputPath, fail, step, write_atomically
 from fcconv.cli._loading import as_fcn_source, import_attribute, load_model
+from fcconv.cli.tiles import MapOutput, is_map_output
 from fcconv.errors import FcconvError
 from fcconv.models.modules import HEAD_IMPLS
 
@@ -167,10 +168,11 @@ Examples:
   fcconv heatmap resnet18-fcn.pt photo.jpg -o map.png   (a file from fcconv convert --to fcn)""",
 )
 @click.argument("model")
-@click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", "output", type=OutputPath(what="the map", suffixes=IMAGE_SUFFIXES),
-              required=True,
-              help="The picture to write (.png; .pdf, .svg and .jpg work too).")
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "output",
+              type=MapOutput(what="the map", suffixes=(*IMAGE_SUFFIXES, ".zarr")), required=True,
+              help="The picture to write (.png; .pdf, .svg and .jpg work too), or a .zarr map: then IMAGE "
+                   "(a TIFF or zarr) is mapped tile by tile, and re-running resumes.")
 @click.option("--input", "-i", "input_shape", type=InputShape(),
               help="The model's training input shape C,H,W: the window each map cell classifies.")
 @click.option("--factory", metavar="REF", help="For a checkpoint MODEL: the factory that builds the model.")
@@ -191,10 +193,18 @@ Examples:
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True,
               help="Classes in the summary.")
 @click.option("--device", default="cpu", show_default=True, help="Where to run the model, e.g. cuda.")
+@click.option("--tile", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="With -o X.zarr: the largest block one task reads, halo included.")
+@click.option("--preview", type=OutputPath(), help="With -o X.zarr: a small PNG of the map over the image.")
+@click.option("--level", type=click.IntRange(min=0), default=0, help="With -o X.zarr: the pyramid level.")
+@click.option("--workers", type=click.IntRange(min=1), help="With -o X.zarr: run on a local dask cluster.")
+@click.option("--scheduler", metavar="ADDRESS", help="With -o X.zarr: run on this dask scheduler.")
+@click.option("--overwrite", is_flag=True, help="With -o X.zarr: replace a map of another run.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 def command(model: str, image: Path, output: Path, input_shape: tuple[int, ...] | None, factory: str | None,
             kwargs: str, mean: tuple[float, ...] | None, std: tuple[float, ...] | None, labels: str | None,
-            hide: str, scale: float, alpha: float, head_impl: str, top: int, device: str,
+            hide: str, scale: float, alpha: float, head_impl: str, top: int, device: str, tile: int,
+            preview: Path | None, level: int, workers: int | None, scheduler: str | None, overwrite: bool,
             quiet: bool) -> None:
     """Draw the dense class map of the classifier MODEL over IMAGE into OUTPUT.
 
@@ -202,7 +212,7 @@ def command(model: str, image: Path, output: Path, input_shape: tuple[int, ...] 
     checkpoint with --factory, or a file from fcconv convert --to fcn). Pixels are read in [0, 1],
     then --mean and --std, if given, normalise them.
     """
-    if not image.is_file():
+    if not image.is_file() and not is_map_output(output):
         fail(f"Image {str(image)!r} not found. Check the path.")
     with step(f"Loading {model}", quiet=quiet):
         loaded = load_model(model, factory=factory, kwargs=kwargs)
@@ -223,6 +233,13 @@ def command(model: str, image: Path, output: Path, input_shape: tuple[int, ...] 
 
         with step("Convolutionalizing", quiet=quiet):
             fcn = convolutionalize(as_fcn_source(loaded.module), input_shape, head_impl=head_impl)
+    if is_map_output(output):
+        from fcconv.cli.tiles import run
+
+        names = _labels(labels, int(fcn.num_classes))  # type: ignore[arg-type]
+        return run(fcn.to(torch.device(device)), image, output, tile=tile, level=level, mean=mean, std=std,
+                   preview=preview, labels=names, hidden=_hidden(hide, names), workers=workers,
+                   scheduler=scheduler, overwrite=overwrite, quiet=quiet)
     pixels = load_image(image, input_shape[0], scale=scale)
     window = tuple(fcn.window)  # type: ignore[arg-type]
     if any(s < w for s, w in zip(pixels.shape[1:], window)):

@@ -1,0 +1,217 @@
+"""Tiled maps against the untiled map, patch-by-patch classification, image size and workers (issue 10).
+
+Measured side by side in one run, each printed with its target:
+
+1. Halo cost: the recompute factor (input pixels the tiles read / image pixels) and the tiled time
+   against 1.15 x recompute factor x the untiled time, on an image that fits in memory.
+2. Against patch-by-patch classification (``fcconv.sliding_window``, the classifier on every crop
+   at the same stride): speed-up at least 0.8 x the ratio of multiply-accumulates
+   (``torch.utils.flop_counter.FlopCounterMode``).
+3. Memory: peak RSS of a run in a fresh process, zarr source to zarr sink, at 2048^2 and 8192^2
+   pixels: within 25% of each other (it follows the tile, not the image).
+4. dask.distributed: 2 single-thread worker processes against 1, throughput ratio (2 cores here).
+
+Times are minima over repeats (on a shared machine the minimum is the least disturbed run).
+
+Usage: python bench/tiled.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import fcconv
+from fcconv.demo.digits import load_digits_model
+from fcconv.tiling import plan_for
+
+RESULTS: list[tuple[str, bool]] = []
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def macs(fn: Callable[[], object]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops()) // 2
+
+
+def check(name: str, ok: bool, text: str) -> None:
+    RESULTS.append((name, ok))
+    print(f"  [{'PASS' if ok else 'FAIL'}] {text}")
+
+
+def halo_cost(fcn: nn.Module, size: int, tile: int, repeats: int) -> None:
+    print(f"1. Halo cost: digits model (stride 2, window 12) on {size}x{size}, tile {tile}")
+    image = np.random.default_rng(0).random((1, size, size), dtype=np.float32)
+    x = torch.from_numpy(image)[None]
+
+    def untiled() -> object:
+        with torch.inference_mode():
+            return fcn(x)
+
+    def tiled() -> object:
+        return fcconv.tiled_map(fcn, image, tile=tile, progress=False)
+
+    times = {"untiled": float("inf"), "tiled": float("inf")}
+    for _ in range(repeats):  # interleaved, so that both see the same load
+        times["untiled"] = min(times["untiled"], best_time(untiled, 1))
+        times["tiled"] = min(times["tiled"], best_time(tiled, 1))
+    plan = plan_for(fcn, image, tile=tile)
+    factor = plan.recompute_factor()
+    limit = 1.15 * factor * times["untiled"]
+    print(f"  {len(plan)} tiles of {plan.cells_per_tile} cells, recompute factor {factor:.3f}")
+    check("halo", times["tiled"] <= limit,
+          f"tiled {times['tiled']:.2f} s <= 1.15 x {factor:.3f} x untiled {times['untiled']:.2f} s "
+          f"= {limit:.2f} s")
+
+
+def against_patches(model: nn.Module, fcn: nn.Module, size: int, tile: int, repeats: int) -> None:
+    print(f"2. Against patch-by-patch classification (sliding_window, batch 256) on {size}x{size}")
+    image = np.random.default_rng(1).random((1, size, size), dtype=np.float32)
+    x = torch.from_numpy(image)[None]
+    window, stride = fcn.window, fcn.stride  # type: ignore[union-attr]
+
+    def patches() -> object:
+        with torch.inference_mode():
+            return fcconv.sliding_window(model, x, window=window, stride=stride, batch_size=256,
+                                         progress=False)
+
+    def tiled() -> object:
+        return fcconv.tiled_map(fcn, image, tile=tile, progress=False)
+
+    plan = plan_for(fcn, image, tile=tile)
+    crops = int(np.prod(plan.grid))
+    patch_macs = crops * macs(lambda: model(torch.zeros(1, 1, *window)))
+    tiled_macs = 0
+    for t in plan:
+        block = torch.zeros(1, 1, *(b - a for a, b in zip(t.read_start, t.read_stop)))
+        tiled_macs += macs(lambda block=block: fcn(block))
+    ratio = patch_macs / tiled_macs
+    times = {"patches": float("inf"), "tiled": float("inf")}
+    for _ in range(repeats):
+        times["patches"] = min(times["patches"], best_time(patches, 1))
+        times["tiled"] = min(times["tiled"], best_time(tiled, 1))
+    speedup = times["patches"] / times["tiled"]
+    print(f"  {crops} crops: {patch_macs / 1e9:.2f} GMAC patch by patch, {tiled_macs / 1e9:.2f} GMAC tiled "
+          f"(MAC ratio {ratio:.1f}); {times['patches']:.2f} s against {times['tiled']:.2f} s")
+    check("patches", speedup >= 0.8 * ratio, f"speed-up {speedup:.1f} >= 0.8 x MAC ratio = {0.8 * ratio:.1f}")
+
+
+_MEMORY_RUN = """
+import json, resource, sys, torch
+from torch import nn
+import fcconv
+torch.manual_seed(0)
+net = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.ReLU(),
+                    nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.ReLU(),
+                    nn.Flatten(), nn.Linear(8 * 4 * 4, 2)).eval()
+fcn = fcconv.convolutionalize(net, (1, 16, 16))
+import dask, dask.array, zarr  # imported before the map's own peak is measured
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(key))
+
+before = status("VmRSS:")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets VmHWM, the peak resident set, to the current one (Linux)
+fcconv.tiled_map(fcn, sys.argv[1], tile=int(sys.argv[3]), out=sys.argv[2],
+                 transform=lambda t: t.float() / 255, progress=False)
+print(json.dumps({"process_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "map_peak_mb": status("VmHWM:"), "before_mb": before}))
+"""
+
+
+def _zarr_image(path: Path, size: int) -> None:
+    """A size x size uint8 zarr image, written band by band (never whole in memory)."""
+    import zarr
+
+    array = zarr.open_array(str(path), mode="w", shape=(size, size), chunks=(1024, 1024), dtype="u1")
+    rng = np.random.default_rng(2)
+    for top in range(0, size, 1024):
+        array[top:top + 1024] = rng.integers(0, 256, (min(1024, size - top), size), dtype=np.uint8)
+
+
+def memory(sizes: tuple[int, ...], tile: int, folder: Path) -> None:
+    print(f"3. Peak RSS, zarr source -> zarr sink, small padded net (stride 4), tile {tile}, "
+          "a fresh process each")
+    peaks = {}
+    for size in sizes:
+        source, sink = folder / f"image-{size}.zarr", folder / f"scores-{size}.zarr"
+        _zarr_image(source, size)
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", _MEMORY_RUN, str(source), str(sink), str(tile)],
+                              capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        measured = json.loads(done.stdout.strip().splitlines()[-1])
+        peaks[size] = measured["map_peak_mb"]
+        print(f"  {size}x{size}: peak RSS during the map {peaks[size]:.0f} MB "
+              f"({measured['before_mb']:.0f} MB "
+              f"before it; process peak, imports included, {measured['process_peak_mb']:.0f} MB; "
+              f"{time.perf_counter() - start:.1f} s)")
+    small, large = peaks[sizes[0]], peaks[sizes[-1]]
+    check("memory", large <= 1.25 * small,
+          f"{sizes[-1]}^2 peak {large:.0f} MB <= 1.25 x {sizes[0]}^2 peak {small:.0f} MB "
+          f"= {1.25 * small:.0f} MB")
+
+
+def workers(fcn: nn.Module, size: int, tile: int, repeats: int) -> None:
+    import distributed
+
+    print(f"4. dask.distributed, worker processes of one thread, digits model on {size}x{size}, tile {tile}")
+    image = np.random.default_rng(3).random((1, size, size), dtype=np.float32)
+    tiles = len(plan_for(fcn, image, tile=tile))
+    rates = {}
+    for n in (1, 2):
+        cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                           dashboard_address=None)
+        with cluster, distributed.Client(cluster) as client:
+            fcconv.tiled_map(fcn, image[:, :256, :256], tile=tile, client=client, progress=False)  # warm-up
+            seconds = best_time(lambda client=client: fcconv.tiled_map(fcn, image, tile=tile, client=client,
+                                                                        progress=False), repeats)
+        rates[n] = tiles / seconds
+        print(f"  {n} worker(s): {tiles} tiles in {seconds:.2f} s, {rates[n]:.2f} tiles/s")
+    print(f"  throughput ratio 2 workers / 1: {rates[2] / rates[1]:.2f} (2 cores, shared)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller images, fewer repeats")
+    args = parser.parse_args()
+    repeats = 2 if args.quick else 3
+    print(f"torch {torch.__version__}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    model = load_digits_model()
+    fcn = fcconv.convolutionalize(model, (1, 12, 12))
+    halo_cost(fcn, 768 if args.quick else 1536, 256 if args.quick else 512, repeats)
+    against_patches(model, fcn, 192 if args.quick else 512, 512, repeats)
+    with tempfile.TemporaryDirectory() as folder:
+        memory((2048, 4096) if args.quick else (2048, 8192), 1024, Path(folder))
+    workers(fcn, 768 if args.quick else 1024, 256, repeats)
+    failed = [name for name, ok in RESULTS if not ok]
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+    print("all targets met" if not failed else f"missed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""Images read block by block: numpy arrays and memmaps, zarr arrays and stores, TIFF files, dask arrays.
+
+A :class:`Source` is small and picklable (a path, or the array itself for in-memory ones): a task
+on any worker reopens the file once per process and reads only the block it needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import mmap
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fcconv._shapes import format_shape
+from fcconv.errors import FcconvError
+from fcconv.tiling._deps import require
+
+__all__ = ["LAYOUTS", "Source", "open_source"]
+
+LAYOUTS = ("CHW", "HWC")
+_TIFF = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".btf")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A (C, *spatial) image read block by block.
+
+    Attributes:
+        shape: ``(C, *spatial)``, whatever the stored layout.
+        dtype: the stored dtype.
+        identity: what identifies the pixels (path, level, size, modification time, or a hash).
+    """
+
+    kind: str  # "array", "zarr", "tiff" or "dask"
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    layout: str  # "CHW", "HWC", or "HW" (no channel axis: one channel)
+    identity: str
+    path: str | None = None
+    level: int = 0
+    data: Any = field(default=None, repr=False, compare=False)  # the array, for array and dask
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """A whole-file memmap travels as its file, reopened on arrival, never as its pixels."""
+        data = self.data
+        whole = isinstance(data, np.memmap) and isinstance(data.base, mmap.mmap)
+        if whole and isinstance(data.filename, (str, os.PathLike)):
+            order = "F" if data.flags.f_contiguous and not data.flags.c_contiguous else "C"
+            bare = dataclasses.replace(self, data=None)
+            return (_reopen, (bare, os.fspath(data.filename), data.dtype.str, data.offset, data.shape, order))
+        return super().__reduce_ex__(protocol)
+
+    def read(self, start: Sequence[int], stop: Sequence[int]) -> np.ndarray:
+        """The block ``[start, stop)`` of the spatial dims, all channels, as ``(C, *block)``."""
+        window = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+        array = self.data if self.path is None else _open(self.kind, self.path, self.level, self.identity)
+        if self.layout == "CHW":
+            block = array[(slice(None),) + window]
+        elif self.layout == "HWC":
+            block = array[window + (slice(None),)]
+        else:
+            block = array[window]
+        if self.kind == "dask":
+            block = block.compute(scheduler="sync")
+        block = np.asarray(block)
+        if self.layout == "HWC":
+            block = np.moveaxis(block, -1, 0)
+        elif self.layout == "HW":
+            block = block[None]
+        return block
+
+    def thumbnail(self, step: int) -> np.ndarray:
+        """Every ``step``-th pixel along each spatial dim, all channels, as ``(C, *small)``."""
+        array = self.data if self.path is None else _open(self.kind, self.path, self.level, self.identity)
+        every = tuple(slice(None, None, step) for _ in self.shape[1:])
+        index = {"CHW": (slice(None),) + every, "HWC": every + (slice(None),), "HW": every}[self.layout]
+        small = array[index]
+        small = np.asarray(small.compute(scheduler="sync") if self.kind == "dask" else small)
+        if self.layout == "HWC":
+            return np.moveaxis(small, -1, 0)
+        return small[None] if self.layout == "HW" else small
+
+
+def _reopen(source: Source, filename: str, dtype: str, offset: int, shape: tuple[int, ...], order: Any
+            ) -> Source:
+    array = np.memmap(filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape, order=order)
+    return dataclasses.replace(source, data=array)
+
+
+@functools.lru_cache(maxsize=8)
+def _open(kind: str, path: str, level: int, stamp: str) -> Any:
+    """The zarr array of a file, opened once per process (tasks on one worker share it).
+
+    ``stamp`` (size and modification time) keys the cache too: a file rewritten is reopened.
+    """
+    zarr = require("zarr")
+    if kind == "tiff":
+        tifffile = require("tifffile")
+        return zarr.open(tifffile.imread(path, aszarr=True, level=level), mode="r")
+    node = zarr.open(path, mode="r")
+    if hasattr(node, "shape"):
+        return node
+    return node[str(level)]
+
+
+def _stat_identity(path: Path) -> str:
+    stat = path.stat()
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def _hash_array(array: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    for start in range(0, flat.size, 1 << 26):
+        digest.update(flat[start:start + (1 << 26)].tobytes())
+    return digest.hexdigest()
+
+
+def _tiff_levels(path: Path, level: int) -> None:
+    tifffile = require("tifffile")
+    try:
+        with tifffile.TiffFile(path) as tif:
+            levels = len(tif.series[0].levels) if tif.series else 0
+    except (OSError, tifffile.TiffFileError) as error:
+        raise FcconvError(f"Cannot read {str(path)!r} as a TIFF: {error}. Check the file.") from None
+    if levels == 0:
+        raise FcconvError(f"Cannot read {str(path)!r} as a TIFF: it holds no image. Check the file.")
+    if not 0 <= level < levels:
+        raise FcconvError(
+            f"level {level} does not exist in {str(path)!r}: it has {levels} pyramid level(s), "
+            f"0 to {levels - 1}. Pass level between 0 and {levels - 1}."
+        )
+
+
+def _from_path(path: Path, level: int) -> tuple[str, Any, str]:
+    if not path.exists():
+        raise FcconvError(f"Image {str(path)!r} not found. Check the path.")
+    suffix = path.suffix.lower()
+    if suffix in _TIFF and path.is_file():
+        _tiff_levels(path, level)
+        stamp = _stat_identity(path)
+        return "tiff", _open("tiff", str(path), level, stamp), stamp
+    if path.is_dir() and ((path / "zarr.json").is_file() or (path / ".zarray").is_file()
+                          or (path / ".zgroup").is_file()):
+        node = require("zarr").open(str(path), mode="r")
+        if not hasattr(node, "shape"):
+            names = sorted(node.array_keys())
+            if str(level) not in names:
+                raise FcconvError(
+                    f"level {level} does not exist in the zarr group {str(path)!r}; its arrays are "
+                    f"{', '.join(names) or 'none'}. Pass level= one of them (a pyramid's '0', '1', ...).")
+        elif level:
+            raise FcconvError(f"level {level} needs a zarr group of levels '0', '1', ...; {str(path)!r} "
+                              "is one array. Pass level=0.")
+        meta = path / "zarr.json" if (path / "zarr.json").is_file() else path
+        stamp = _stat_identity(meta)
+        return "zarr", _open("zarr", str(path), level, stamp), stamp
+    raise FcconvError(
+        f"Cannot read {str(path)!r}: unknown image type. Give a TIFF file ({', '.join(_TIFF)}), a "
+        "zarr store (a directory with zarr.json), a numpy array or a dask array."
+    )
+
+
+def open_source(image: Any, *, layout: str, level: int, ndim: int, channels: int) -> Source:
+    """Wrap ``image`` as a :class:`Source`, checking its rank, channels and layout.
+
+    Raises:
+        FcconvError: on an unknown type or file, a missing level, or a shape that does not hold
+            ``channels`` channels in ``layout``.
+    """
+    if layout not in LAYOUTS:
+        raise FcconvError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}.")
+    if isinstance(level, bool) or not isinstance(level, int) or level < 0:
+        raise FcconvError(f"level must be an int >= 0; got {level!r}.")
+    path: str | None = None
+    if isinstance(image, (str, os.PathLike)):
+        kind, array, identity = _from_path(Path(image).expanduser(), level)
+        path = str(Path(image).expanduser().resolve())
+    else:
+        if level:
+            raise FcconvError(f"level {level} applies to TIFF and zarr pyramids; this image is a "
+                              f"{type(image).__name__}. Pass level=0.")
+        kind, array, identity = _from_object(image)
+    shape = tuple(int(s) for s in array.shape)
+    stored = layout if len(shape) == ndim + 1 else "HW" if len(shape) == ndim else None
+    if stored is None:
+        raise FcconvError(
+            f"The image has shape {format_shape(shape)}; the model needs {ndim} spatial dim(s) and "
+            f"{channels} channel(s): ({channels}, *spatial) with layout='CHW', (*spatial, {channels}) "
+            "with layout='HWC', or (*spatial) for one channel."
+        )
+    per_sample = (shape[0], *shape[1:]) if stored == "CHW" else (
+        (shape[-1], *shape[:-1]) if stored == "HWC" else (1, *shape))
+    if per_sample[0] != channels:
+        other = "HWC" if layout == "CHW" else "CHW"
+        raise FcconvError(
+            f"The image {format_shape(shape)} read as {stored} has {per_sample[0]} channel(s); the model "
+            f"takes {channels}. Check the image, or pass layout={other!r} if channels come "
+            f"{'last' if other == 'HWC' else 'first'}."
+        )
+    return Source(kind, per_sample, np.dtype(array.dtype), stored, f"{kind}|{identity}|{layout}|{level}",
+                  path=path, level=level, data=array if path is None else None)
+
+
+def _from_object(image: Any) -> tuple[str, Any, str]:
+    if isinstance(image, np.memmap) and isinstance(image.filename, (str, os.PathLike)):
+        base = image.base if isinstance(image.base, np.memmap) else image
+        return "array", image, (f"memmap|{_stat_identity(Path(image.filename))}|{getattr(base, 'offset', 0)}"
+                                f"|{image.shape}|{image.strides}|{image.dtype}")
+    if isinstance(image, np.ndarray):
+        return "array", image, f"sha256|{_hash_array(image)}|{image.shape}|{image.dtype}"
+    module = type(image).__module__.split(".")[0]
+    if module == "dask":
+        return "dask", image, f"dask|{image.name}"
+    if module == "zarr" and hasattr(image, "shape"):
+        return "array", image, f"zarr|{image.store_path}|{image.shape}|{image.dtype}"
+    if module == "torch":
+        raise FcconvError("image is a torch tensor; pass image.numpy() (CPU) or a path to the file.")
+    raise FcconvError(
+        f"Cannot read an image of type {type(image).__name__}. Give a numpy array or memmap, a zarr "
+        "array or a path to one, a TIFF path or a dask array."
+    )

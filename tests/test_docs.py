@@ -72,7 +72,9 @@ def _cases() -> list[Any]:
     return cases
 
 
-_namespaces: dict[Path, tuple[int, dict[str, Any]]] = {}
+# Per docs file: how many blocks ran, their namespace and their working folder (files that one block
+# writes are read by the next, as a reader running the page top to bottom would).
+_namespaces: dict[Path, tuple[int, dict[str, Any], Path]] = {}
 
 
 def _run(block: Block, namespace: dict[str, Any]) -> None:
@@ -89,18 +91,18 @@ def _run(block: Block, namespace: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("block", _cases())
 def test_python_block_runs_as_written(block: Block, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
-    # The blocks before this one, in a namespace kept from the previous test of the same file.
-    done, namespace = _namespaces.get(block.path, (0, {}))
+    # The blocks before this one, in a namespace and folder kept from the previous test of the same file.
+    done, namespace, folder = _namespaces.get(block.path, (0, {}, tmp_path))
     if done > block.index:
-        done, namespace = 0, {}
+        done, namespace, folder = 0, {}, tmp_path
+    monkeypatch.chdir(folder)
     for earlier in blocks(block.path, "python")[done:block.index]:
         if "no-run" not in earlier.tags:
             _run(earlier, namespace)
     _namespaces.pop(block.path, None)
     _run(block, namespace)
-    _namespaces[block.path] = (block.index + 1, namespace)
+    _namespaces[block.path] = (block.index + 1, namespace, folder)
 
 
 def _readme_commands() -> list[list[str]]:

@@ -20,6 +20,7 @@ import onnx_ir as ir
 from onnxscript import rewriter
 from onnxscript.rewriter import pattern
 
+import onnx
 from fcconv._shapes import format_shape
 from fcconv.errors import NotEquivalentError
 from fcconv.onnx._check import OnnxReport, SizeCheck
@@ -173,12 +174,14 @@ class MatMulToConv(MatMulAddToConv):
 
 def rules() -> list[Any]:
     """The onnxscript rewrite rules of :func:`linear_to_conv`, to combine with other rules."""
-    return [MatMulAddToConv().rule(), MatMulToConv().rule(), GemmBiasToConv().rule(), GemmToConv().rule()]
+    add = MatMulAddToConv().rule().commute()  # Add(MatMul(x, W), b) and Add(b, MatMul(x, W))
+    return [*add, MatMulToConv().rule(), GemmBiasToConv().rule(), GemmToConv().rule()]
 
 
 def linear_to_conv_model(proto: Any) -> tuple[Any, dict[str, int]]:
     """:func:`linear_to_conv` on a ``ModelProto`` in memory; the new model and what was rewritten."""
     before = op_counts(proto)
+    proto = onnx.shape_inference.infer_shapes(proto)  # the ranks the MatMul rules need
     out = rewriter.rewrite(proto, pattern_rewrite_rules=rules())
     after = op_counts(out)
     done = Counter({f"{op} -> Conv": before.get(op, 0) - after.get(op, 0) for op in ("Gemm", "MatMul")})

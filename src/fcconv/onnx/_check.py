@@ -41,6 +41,8 @@ class SizeCheck:
     deep: bool | None
 
     def __str__(self) -> str:
+        if self.max_abs != self.max_abs:  # NaN: a size with nothing to compare with
+            return f"input {format_shape(self.input_shape)} -> {format_shape(self.output_shape)}: ran"
         if self.bound_ratio is None:
             bound = "no rounding bound derived"
         else:

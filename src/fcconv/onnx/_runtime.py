@@ -16,7 +16,7 @@ from torch import Tensor
 from fcconv._io import atomic_output
 from fcconv.errors import FcconvError
 
-__all__ = ["LINEAR_OPS", "load", "op_counts", "require", "run", "save", "session"]
+__all__ = ["LINEAR_OPS", "load", "op_counts", "require", "run", "save", "session", "symbolic_dims"]
 
 #: The op types a conv-only graph must not hold.
 LINEAR_OPS = ("Gemm", "MatMul")
@@ -75,6 +75,14 @@ def save(model: Any, path: str | Path, *, what: str = "the ONNX model") -> None:
 def op_counts(model: Any) -> dict[str, int]:
     """How many nodes of each op type the main graph holds, most frequent first."""
     return dict(Counter(node.op_type for node in model.graph.node).most_common())
+
+
+def symbolic_dims(model: Any) -> dict[int, str]:
+    """The symbolic dims of the model's image input, e.g. ``{0: "batch", 2: "height", 3: "width"}``."""
+    names = {init.name for init in model.graph.initializer}
+    graph_input = next(i for i in model.graph.input if i.name not in names)
+    return {i: d.dim_param for i, d in enumerate(graph_input.type.tensor_type.shape.dim)
+            if d.HasField("dim_param")}
 
 
 def session(model: Any) -> Any:

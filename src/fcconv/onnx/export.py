@@ -18,7 +18,7 @@ from fcconv import FullyConvolutional
 from fcconv._shapes import check_input_shape, format_shape
 from fcconv.errors import FcconvError
 from fcconv.onnx._check import OnnxReport, check_size, check_sizes_for
-from fcconv.onnx._runtime import LINEAR_OPS, op_counts, require, save, session
+from fcconv.onnx._runtime import LINEAR_OPS, op_counts, require, save, session, symbolic_dims
 from fcconv.onnx.rewrite import linear_to_conv_model
 
 __all__ = ["export"]
@@ -92,8 +92,7 @@ def export(module: nn.Module, path: str | Path, input_shape: Sequence[int], *, d
                 "(--static) for a fixed-size file, or make the model size-agnostic."
             ) from None
     save(proto, path)
-    return OnnxReport(str(path), tuple(checks), op_counts(proto), {k: v.__name__ for k, v in dims.items()},
-                      rewritten)
+    return OnnxReport(str(path), tuple(checks), op_counts(proto), symbolic_dims(proto), rewritten)
 
 
 def _exportable(module: nn.Module) -> nn.Module:

@@ -24,7 +24,7 @@ import onnx
 from fcconv._shapes import format_shape
 from fcconv.errors import NotEquivalentError
 from fcconv.onnx._check import OnnxReport, SizeCheck
-from fcconv.onnx._runtime import load, op_counts, run, save, session
+from fcconv.onnx._runtime import load, op_counts, run, save, session, symbolic_dims
 
 __all__ = ["linear_to_conv", "linear_to_conv_model", "rules"]
 
@@ -215,7 +215,7 @@ def linear_to_conv(src: str | Path, dst: str | Path) -> OnnxReport:
     out, done = linear_to_conv_model(proto)
     checks = (_check_against_file(proto, out, "the rewritten model"),)
     save(out, dst)
-    return OnnxReport(str(dst), checks, op_counts(out), {}, done)
+    return OnnxReport(str(dst), checks, op_counts(out), symbolic_dims(out), done)
 
 
 def _check_against_file(original: Any, rewritten: Any, what: str) -> SizeCheck:

@@ -32,7 +32,7 @@ import onnx
 from fcconv._shapes import check_input_shape, format_shape
 from fcconv.errors import FcconvError, NotEquivalentError
 from fcconv.onnx._check import OnnxReport, SizeCheck
-from fcconv.onnx._runtime import load, op_counts, run, save, session
+from fcconv.onnx._runtime import load, op_counts, run, save, session, symbolic_dims
 from onnx import helper, numpy_helper
 
 __all__ = ["convolutionalize", "convolutionalize_model"]
@@ -327,8 +327,7 @@ def convolutionalize(src: str | Path, dst: str | Path, input_shape: Sequence[int
                                  "not a map of several cells.")
     checks.append(SizeCheck(big, tuple(y.shape), float("nan"), float("nan"), None, None))
     save(model, dst)
-    return OnnxReport(str(dst), tuple(checks), op_counts(model),
-                      {0: "batch", 2: "height", 3: "width"}, done)
+    return OnnxReport(str(dst), tuple(checks), op_counts(model), symbolic_dims(model), done)
 
 
 def _same_scores(expected: torch.Tensor, got: torch.Tensor, x: torch.Tensor) -> SizeCheck:

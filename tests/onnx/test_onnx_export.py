@@ -38,8 +38,8 @@ def test_export_plain_classifier_checks_the_training_size(tmp_path: Path) -> Non
     before = {k: v.clone() for k, v in model.state_dict().items()}
     report = fonnx.export(model, tmp_path / "m.onnx", SHAPE)
     assert (tmp_path / "m.onnx").is_file()
-    assert [c.input_shape for c in report.checks] == [(2, *SHAPE)]
-    assert report.checks[0].output_shape == (2, 5)
+    assert [c.input_shape for c in report.checks] == [(1, *SHAPE)]
+    assert report.checks[0].output_shape == (1, 5)
     assert report.checks[0].bound_ratio is not None and report.checks[0].bound_ratio <= 1
     assert "Gemm" in report.op_counts and not report.conv_only
     assert report.dynamic == {0: "batch"}

@@ -16,9 +16,9 @@ from torch import nn
 
 from fcconv import FullyConvolutional
 from fcconv._shapes import check_input_shape, format_shape
-from fcconv.errors import FcconvError
+from fcconv.errors import FcconvError, NotEquivalentError
 from fcconv.onnx._check import OnnxReport, check_size, check_sizes_for
-from fcconv.onnx._runtime import LINEAR_OPS, op_counts, require, save, session, symbolic_dims
+from fcconv.onnx._runtime import LINEAR_OPS, op_counts, require, run, save, session, symbolic_dims
 from fcconv.onnx.rewrite import linear_to_conv_model
 
 __all__ = ["export"]
@@ -30,7 +30,7 @@ def export(module: nn.Module, path: str | Path, input_shape: Sequence[int], *, d
            conv_only: bool = False, check_sizes: Sequence[Sequence[int]] | None = None) -> OnnxReport:
     """Export ``module`` to ONNX (``torch.onnx.export(..., dynamo=True)``) and check the file.
 
-    The file is run in onnxruntime at the training size and at the other sizes the module accepts
+    The file is run in onnxruntime (batch 1) at the training size and at the other sizes the module accepts
     (a :class:`~fcconv.FullyConvolutional`: its ``min_size`` and a non-square odd size; another
     module: the training size only), or at ``check_sizes``, and compared with the module within
     the float32 rounding bound :func:`fcconv.compare` derives. It is written atomically, and only
@@ -78,8 +78,7 @@ def export(module: nn.Module, path: str | Path, input_shape: Sequence[int], *, d
     sess = _session(proto, sizes)
     checks = []
     for i, spatial in enumerate(sizes):
-        batch = 2 if dynamic and i == 0 else 1
-        x = _example(module, (batch, shape[0], *spatial))
+        x = _example(module, (1, shape[0], *spatial))
         try:
             checks.append(check_size(module, sess, x, "the exported ONNX model"))
         except FcconvError as error:
@@ -91,8 +90,23 @@ def export(module: nn.Module, path: str | Path, input_shape: Sequence[int], *, d
                 f"a shape was frozen at export, so it works at a fixed size only. {error} Pass dynamic=False "
                 "(--static) for a fixed-size file, or make the model size-agnostic."
             ) from None
+    if dynamic:
+        _check_batch(module, sess, shape)
     save(proto, path)
     return OnnxReport(str(path), tuple(checks), op_counts(proto), symbolic_dims(proto), rewritten)
+
+
+def _check_batch(module: nn.Module, sess: Any, shape: tuple[int, ...]) -> None:
+    """The batch dim is symbolic: a batch of 3 gives 3 outputs (the values are checked at batch 1)."""
+    x = _example(module, (3, *shape))
+    with torch.no_grad():
+        expected = module(x)
+    got = run(sess, x)
+    if tuple(got.shape) != tuple(expected.shape):
+        raise NotEquivalentError(
+            f"The exported file gives {format_shape(got.shape)} for a batch of 3 where PyTorch gives "
+            f"{format_shape(expected.shape)}: the batch size was frozen at export."
+        )
 
 
 def _exportable(module: nn.Module) -> nn.Module:

@@ -16,7 +16,8 @@ from torch import Tensor
 from fcconv._io import atomic_output
 from fcconv.errors import FcconvError
 
-__all__ = ["LINEAR_OPS", "load", "op_counts", "require", "run", "save", "session", "symbolic_dims"]
+__all__ = ["LINEAR_OPS", "check_output", "load", "op_counts", "require", "run", "save", "session",
+           "symbolic_dims"]
 
 #: The op types a conv-only graph must not hold.
 LINEAR_OPS = ("Gemm", "MatMul")
@@ -63,6 +64,17 @@ def load(path: str | Path) -> Any:
 def _initializer_inputs(model: Any) -> int:
     names = {init.name for init in model.graph.initializer}
     return sum(1 for i in model.graph.input if i.name in names)
+
+
+def check_output(dst: str | Path, src: str | Path | None = None) -> None:
+    """Refuse, before any work, an output whose folder is missing or that is the input file."""
+    dst = Path(dst)
+    if not dst.parent.is_dir():
+        raise FcconvError(f"Cannot write {str(dst)!r}: folder {str(dst.parent)!r} does not exist. "
+                          "Create it or choose another output path.")
+    if src is not None and dst.exists() and Path(src).exists() and dst.samefile(src):
+        raise FcconvError(f"The output {str(dst)!r} is the input file; fcconv never overwrites its input. "
+                          "Choose another output path.")
 
 
 def save(model: Any, path: str | Path, *, what: str = "the ONNX model") -> None:

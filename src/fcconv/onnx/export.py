@@ -18,7 +18,16 @@ from fcconv import FullyConvolutional
 from fcconv._shapes import check_input_shape, format_shape
 from fcconv.errors import FcconvError, NotEquivalentError
 from fcconv.onnx._check import OnnxReport, check_size, check_sizes_for
-from fcconv.onnx._runtime import LINEAR_OPS, op_counts, require, run, save, session, symbolic_dims
+from fcconv.onnx._runtime import (
+    LINEAR_OPS,
+    check_output,
+    op_counts,
+    require,
+    run,
+    save,
+    session,
+    symbolic_dims,
+)
 from fcconv.onnx.rewrite import linear_to_conv_model
 
 __all__ = ["export"]
@@ -60,6 +69,7 @@ def export(module: nn.Module, path: str | Path, input_shape: Sequence[int], *, d
     """
     require("onnxscript")
     shape = check_input_shape(input_shape)
+    check_output(path)
     if not isinstance(module, nn.Module):
         raise FcconvError(f"export expects a torch.nn.Module; got {type(module).__name__}.")
     sizes = check_sizes_for(module, shape, check_sizes)

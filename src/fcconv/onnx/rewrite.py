@@ -24,7 +24,7 @@ import onnx
 from fcconv._shapes import format_shape
 from fcconv.errors import NotEquivalentError
 from fcconv.onnx._check import OnnxReport, SizeCheck
-from fcconv.onnx._runtime import load, op_counts, run, save, session, symbolic_dims
+from fcconv.onnx._runtime import check_output, load, op_counts, run, save, session, symbolic_dims
 
 __all__ = ["linear_to_conv", "linear_to_conv_model", "rules"]
 
@@ -211,6 +211,7 @@ def linear_to_conv(src: str | Path, dst: str | Path) -> OnnxReport:
         >>> report.conv_only
         True
     """
+    check_output(dst, src)
     proto = load(src)
     out, done = linear_to_conv_model(proto)
     checks = (_check_against_file(proto, out, "the rewritten model"),)

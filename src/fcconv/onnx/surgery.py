@@ -32,7 +32,7 @@ import onnx
 from fcconv._shapes import check_input_shape, format_shape
 from fcconv.errors import FcconvError, NotEquivalentError
 from fcconv.onnx._check import OnnxReport, SizeCheck
-from fcconv.onnx._runtime import load, op_counts, run, save, session, symbolic_dims
+from fcconv.onnx._runtime import check_output, load, op_counts, run, save, session, symbolic_dims
 from onnx import helper, numpy_helper
 
 __all__ = ["convolutionalize", "convolutionalize_model"]
@@ -309,6 +309,7 @@ def convolutionalize(src: str | Path, dst: str | Path, input_shape: Sequence[int
         (1, 1000, 4, 2)
     """
     shape = check_input_shape(input_shape)
+    check_output(dst, src)
     original = load(src)
     model, done = convolutionalize_model(original, shape)
     sess = session(model)

@@ -141,7 +141,7 @@ def check_size(module: nn.Module, sess: Any, x: Tensor, what: str) -> SizeCheck:
     """
     with torch.no_grad():
         expected = module(x)
-    got = run(sess, x).to(expected.dtype)
+    got = run(sess, x).to(dtype=expected.dtype, device=expected.device)
     shape = tuple(x.shape)
     if got.shape != expected.shape:
         raise NotEquivalentError(

@@ -142,7 +142,7 @@ def test_resnet18_fcn_conv_only_at_three_sizes(tmp_path: Path) -> None:
     report = fonnx.export(fcn, tmp_path / "r18.onnx", (3, 224, 224), conv_only=True)
     assert report.conv_only and len(report.checks) == 3
     assert report.checks[-1].output_shape[2:] == fcn.grid_shape(report.checks[-1].input_shape[2:])
-    assert report.max_abs < 1e-3 * max(1.0, report.max_abs / max(c.max_rel for c in report.checks))
+    assert all(c.bound_ratio is not None and c.bound_ratio <= 1 for c in report.checks)
 
 
 @pytest.mark.slow
@@ -150,5 +150,5 @@ def test_resnet50_exports(tmp_path: Path) -> None:
     torchvision = pytest.importorskip("torchvision")
     start = time.perf_counter()
     report = fonnx.export(torchvision.models.resnet50().eval(), tmp_path / "r50.onnx", (3, 224, 224))
-    assert report.checks[0].output_shape == (2, 1000)
+    assert report.checks[0].output_shape == (1, 1000)
     print(f"resnet50 export + check: {time.perf_counter() - start:.1f} s")

@@ -110,6 +110,22 @@ def test_an_op_the_surgery_cannot_handle_is_named(tmp_path: Path) -> None:
     assert report.rewritten["Gemm -> Conv 3x3"] == 1
 
 
+def test_a_body_with_a_frozen_shape_is_refused(tmp_path: Path) -> None:
+    """x -> Reshape(x, [1, 2, 3, 3]) -> Flatten -> Gemm: the reshape breaks at any other size."""
+    frozen = numpy_helper.from_array(torch.tensor([1, 2, 3, 3]).numpy(), "frozen")
+    w = numpy_helper.from_array(torch.randn(4, 18).numpy(), "w")
+    nodes = [helper.make_node("Reshape", ["x", "frozen"], ["r"], name="body_reshape"),
+             helper.make_node("Flatten", ["r"], ["f"]), helper.make_node("Gemm", ["f", "w"], ["y"], transB=1)]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph(nodes, "frozen", [x], [y], [frozen, w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save(model, str(tmp_path / "src.onnx"))
+    with pytest.raises(fcconv.FcconvError, match=r"training size \(3, 3\) but not at \(5, 6\): its"):
+        fonnx.convolutionalize(tmp_path / "src.onnx", tmp_path / "dst.onnx", (2, 3, 3))
+    assert not (tmp_path / "dst.onnx").exists()
+
+
 def test_bad_files_and_shapes(tmp_path: Path) -> None:
     (tmp_path / "junk.onnx").write_bytes(b"\x00\x01garbage")
     with pytest.raises(fcconv.FcconvError, match="'.*junk.onnx' is not a valid ONNX model"):

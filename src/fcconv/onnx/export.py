@@ -39,9 +39,9 @@ def export(module: nn.Module, path: str | Path, input_shape: Sequence[int], *, d
            conv_only: bool = False, check_sizes: Sequence[Sequence[int]] | None = None) -> OnnxReport:
     """Export ``module`` to ONNX (``torch.onnx.export(..., dynamo=True)``) and check the file.
 
-    The file is run in onnxruntime (batch 1) at the training size and at the other sizes the module accepts
-    (a :class:`~fcconv.FullyConvolutional`: its ``min_size`` and a non-square odd size; another
-    module: the training size only), or at ``check_sizes``, and compared with the module within
+    The file is run in onnxruntime (batch 1) at the training size and at the other sizes the module
+    accepts (a :class:`~fcconv.FullyConvolutional`: its ``min_size`` and a non-square odd size;
+    another module: the training size only), or at ``check_sizes``, and compared with the module within
     the float32 rounding bound :func:`fcconv.compare` derives. It is written atomically, and only
     when every check passes.
 
@@ -91,7 +91,9 @@ def export(module: nn.Module, path: str | Path, input_shape: Sequence[int], *, d
         x = _example(module, (1, shape[0], *spatial))
         try:
             checks.append(check_size(module, sess, x, "the exported ONNX model"))
-        except FcconvError as error:
+        except NotEquivalentError:
+            raise
+        except FcconvError as error:  # onnxruntime failed: a shape frozen at export
             if i == 0 or not dynamic:
                 raise
             raise FcconvError(

@@ -107,3 +107,19 @@ def test_onnx_errors_are_one_line(tmp_path: Path) -> None:
 def test_help_shows_examples(name: str) -> None:
     result = run(name, "--help")
     assert result.exit_code == 0 and "Examples:" in result.output and f"fcconv {name} " in result.output
+
+
+def test_missing_extra_is_one_line(tmp_path: Path) -> None:
+    """Without onnxscript, the commands say which extra to install (in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['onnxscript'] = None\n"
+            "from fcconv.cli import main\n"
+            f"main(['export', 'Linear(4, 2)', '--input', '4,1,1', '-o', {str(tmp_path / 'x.onnx')!r}])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip() == (
+        "Error: fcconv.onnx needs the package 'onnxscript', which is not installed. "
+        "Install the extra: pip install 'fcconv[onnx]'.")
+    assert list(tmp_path.iterdir()) == []

@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("fcconv.cli.verify", "Certify that two models compute the same function."),
     "bench": ("fcconv.cli.bench", "Run the benchmarks in bench/ and print their ratios."),
     "demo": ("fcconv.cli.demo", "Watch a digit classifier become a detector (no download)."),
+    "export": ("fcconv.cli.export", "Export a model to ONNX, checked in onnxruntime at several sizes."),
+    "onnx": ("fcconv.cli.onnx", "Surgery on ONNX files: convolutionalize, linear-to-conv."),
 }
 
 

@@ -1,0 +1,81 @@
+"""``fcconv onnx convolutionalize|linear-to-conv SRC.onnx -o DST.onnx``: surgery on ONNX files.
+
+Both commands read a file written by any exporter, never write it, check the result in
+onnxruntime and write DST atomically only when the checks pass; they print what was replaced,
+the sizes run, the max differences and the op counts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from fcconv.cli._app import InputShape, OutputPath, fail, step
+
+__all__ = ["command"]
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return b.exists() and a.exists() and a.samefile(b)
+    except OSError:
+        return False
+
+
+@click.group(
+    "onnx",
+    epilog="""\b
+Examples:
+  fcconv onnx convolutionalize resnet18.onnx --input 3,224,224 -o resnet18-fcn.onnx
+  fcconv onnx linear-to-conv model.onnx -o model-conv-only.onnx
+
+\b
+Needs the onnx extra: pip install 'fcconv[onnx]'.""",
+)
+def command() -> None:
+    """Surgery on ONNX files written by any exporter (torchvision, timm, Keras...)."""
+
+
+@command.command("convolutionalize")
+@click.argument("src", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--input", "-i", "input_shape", type=InputShape(), required=True,
+              help="Per-sample training input shape C,H,W of SRC.")
+@click.option("-o", "--output", "output", type=OutputPath(), required=True, help="The file to write (.onnx).")
+@click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
+def convolutionalize(src: Path, input_shape: tuple[int, ...], output: Path, quiet: bool) -> None:
+    """Turn the classifier SRC into a fully convolutional model giving score maps (dynamic H, W).
+
+    \b
+    Example:
+      fcconv onnx convolutionalize resnet18.onnx --input 3,224,224 -o resnet18-fcn.onnx
+    """
+    import fcconv.onnx
+
+    if _same_file(src, output):
+        fail(f"-o {str(output)!r} is the input file; fcconv never overwrites its input. Choose another path.")
+    with step(f"Convolutionalizing {src}", quiet=quiet):
+        report = fcconv.onnx.convolutionalize(src, output, input_shape)
+    if not quiet:
+        click.echo(str(report))
+
+
+@command.command("linear-to-conv")
+@click.argument("src", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", "output", type=OutputPath(), required=True, help="The file to write (.onnx).")
+@click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
+def linear_to_conv(src: Path, output: Path, quiet: bool) -> None:
+    """Turn every Gemm / MatMul(+Add) with constant weights in SRC into a 1x1 Conv.
+
+    \b
+    Example:
+      fcconv onnx linear-to-conv model.onnx -o model-conv-only.onnx
+    """
+    import fcconv.onnx
+
+    if _same_file(src, output):
+        fail(f"-o {str(output)!r} is the input file; fcconv never overwrites its input. Choose another path.")
+    with step(f"Rewriting {src}", quiet=quiet):
+        report = fcconv.onnx.linear_to_conv(src, output)
+    if not quiet:
+        click.echo(str(report))

@@ -1,0 +1,165 @@
+"""Checking an ONNX file in onnxruntime against a PyTorch module, within the bound ``compare`` derives."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fcconv import FullyConvolutional, NotEquivalentError, compare
+from fcconv._shapes import format_shape
+from fcconv.errors import FcconvError
+from fcconv.onnx._runtime import run
+
+__all__ = ["OnnxReport", "SizeCheck", "check_sizes_for", "check_size"]
+
+
+@dataclass(frozen=True)
+class SizeCheck:
+    """One input size run in onnxruntime and compared with the PyTorch module.
+
+    Attributes:
+        input_shape: the full input shape ``(N, C, *spatial)``.
+        output_shape: the output shape onnxruntime gave (equal to PyTorch's).
+        max_abs: largest ``|onnxruntime - pytorch|``.
+        max_rel: ``max_abs`` over the largest PyTorch output magnitude.
+        bound_ratio: ``max |onnxruntime - pytorch|`` over the float32 rounding bound that
+            :func:`fcconv.compare` derives for the PyTorch computation, counted twice (both runtimes
+            round); None where compare derives none (an op without a rule).
+        deep: True when the bound compounds over several layers (valid but loose, see
+            :mod:`fcconv.verify`).
+    """
+
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    max_abs: float
+    max_rel: float
+    bound_ratio: float | None
+    deep: bool | None
+
+    def __str__(self) -> str:
+        if self.max_abs != self.max_abs:  # NaN: a size with nothing to compare with
+            return f"input {format_shape(self.input_shape)} -> {format_shape(self.output_shape)}: ran"
+        if self.bound_ratio is None:
+            bound = "no rounding bound derived"
+        else:
+            bound = f"{self.bound_ratio:.2g} of the rounding bound" + (" (deep)" if self.deep else "")
+        return (f"input {format_shape(self.input_shape)} -> {format_shape(self.output_shape)}: max abs "
+                f"difference {self.max_abs:.3g} (rel {self.max_rel:.3g}), {bound}")
+
+
+@dataclass(frozen=True)
+class OnnxReport:
+    """What an fcconv.onnx function wrote and checked. ``str(report)`` prints it.
+
+    Attributes:
+        path: the file written.
+        checks: one :class:`SizeCheck` per input size run.
+        op_counts: how many nodes of each op type the graph holds.
+        dynamic: the symbolic input dims, e.g. ``{0: "batch", 2: "height", 3: "width"}``.
+        rewritten: what the pass replaced, e.g. ``{"Gemm -> Conv": 3}``.
+    """
+
+    path: str
+    checks: tuple[SizeCheck, ...]
+    op_counts: dict[str, int]
+    dynamic: dict[int, str] = field(default_factory=dict)
+    rewritten: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def conv_only(self) -> bool:
+        """True when the graph holds no Gemm and no MatMul."""
+        return not any(op in self.op_counts for op in ("Gemm", "MatMul"))
+
+    @property
+    def max_abs(self) -> float:
+        """Largest difference over all checked sizes."""
+        return max((c.max_abs for c in self.checks), default=0.0)
+
+    def __str__(self) -> str:
+        dims = ", ".join(f"{k}: {v}" for k, v in self.dynamic.items()) or "none (static shapes)"
+        ops = ", ".join(f"{k} {v}" for k, v in self.op_counts.items())
+        lines = [f"wrote {self.path}", f"  symbolic input dims: {dims}", f"  ops: {ops}",
+                 f"  conv-only (no Gemm, no MatMul): {'yes' if self.conv_only else 'no'}"]
+        if self.rewritten:
+            lines.append("  rewritten: " + ", ".join(f"{k} {v}" for k, v in self.rewritten.items()))
+        lines.append(f"  checked in onnxruntime at {len(self.checks)} size(s):")
+        lines += [f"    {c}" for c in self.checks]
+        return "\n".join(lines)
+
+
+def check_sizes_for(module: nn.Module, input_shape: tuple[int, ...],
+                    check_sizes: Sequence[Sequence[int]] | None) -> list[tuple[int, ...]]:
+    """The spatial sizes to check: ``check_sizes`` or, by default, those the module accepts.
+
+    A :class:`~fcconv.FullyConvolutional` accepts any size from ``min_size``: the training size,
+    the minimum and a non-square odd size; any other module only its training size.
+    """
+    spatial = tuple(input_shape[1:])
+    if check_sizes is not None:
+        sizes = [tuple(int(s) for s in size) for size in check_sizes]
+        for size in sizes:
+            if len(size) != len(spatial) or any(s <= 0 for s in size):
+                raise FcconvError(
+                    f"check_sizes must hold spatial sizes of {len(spatial)} positive ints like "
+                    f"{format_shape(spatial)}; got {format_shape(size)}."
+                )
+        return list(dict.fromkeys([spatial, *sizes]))
+    if isinstance(module, FullyConvolutional):
+        odd = tuple(s + (i + 1) * t + 1 for i, (s, t) in enumerate(zip(spatial, module.stride)))
+        return list(dict.fromkeys([spatial, tuple(module.min_size), odd]))
+    return [spatial]
+
+
+class _Shifted(nn.Module):
+    """``module(x) + delta``: the PyTorch module moved onto onnxruntime's output, for ``compare``.
+
+    ``compare(module, _Shifted(module, ort - torch), [x])`` measures ``|ort - torch|`` against the
+    rounding bound of both runs, with ``delta`` exact (a buffer) in the bound's propagation.
+    """
+
+    def __init__(self, module: nn.Module, delta: Tensor) -> None:
+        super().__init__()
+        self.module = module
+        self.register_buffer("delta", delta)
+
+    def forward(self, x: Tensor) -> Any:
+        return self.module(x) + self.delta
+
+
+def check_size(module: nn.Module, sess: Any, x: Tensor, what: str) -> SizeCheck:
+    """Run ``x`` in onnxruntime and in ``module``; raise if they differ by more than rounding.
+
+    The bound is the one :func:`fcconv.compare` derives for the float32 computation: both runtimes
+    are within it of the exact result, so they may differ by twice it.
+
+    Raises:
+        NotEquivalentError: if the outputs differ in shape or by more than the bound.
+    """
+    with torch.no_grad():
+        expected = module(x)
+    got = run(sess, x).to(dtype=expected.dtype, device=expected.device)
+    shape = tuple(x.shape)
+    if got.shape != expected.shape:
+        raise NotEquivalentError(
+            f"{what} gives an output of shape {format_shape(got.shape)} on an input {format_shape(shape)} "
+            f"where PyTorch gives {format_shape(expected.shape)}; a shape was frozen at export."
+        )
+    diff = (got - expected).abs()
+    max_abs = float(diff.max()) if diff.numel() else 0.0
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    report = compare(module, _Shifted(module, got - expected), [x])
+    out = report.outputs
+    check = SizeCheck(shape, tuple(got.shape), max_abs, max_abs / scale if scale else max_abs,
+                      out.bound_ratio, None if out.bound_single_layer is None else not out.bound_single_layer)
+    if not torch.isfinite(got).all() or out.bound_ok is False:
+        raise NotEquivalentError(
+            f"{what} differs from the PyTorch module at input {format_shape(shape)} by up to {max_abs:.3g} "
+            f"({check.max_rel:.3g} of the largest output), more than float32 rounding allows "
+            f"({out.bound_ratio} times the derived bound); at {out.worst}. The exported graph does not "
+            "compute the same function."
+        )
+    return check

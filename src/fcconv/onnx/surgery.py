@@ -1,0 +1,342 @@
+"""``fcconv.onnx.convolutionalize``: net surgery on an ONNX classifier that fcconv did not write.
+
+The ONNX twin of :func:`fcconv.convolutionalize`, for a file exported by someone else (torchvision,
+timm, Keras...). Shapes come from ONNX shape inference at the training size, never from guessing.
+
+Before: ``features -> GlobalAveragePool -> Flatten -> Gemm(512 -> 1000)`` (inputs ``1x3x224x224``).
+After: ``features -> AveragePool(7x7, stride 1) -> Identity -> Conv(512 -> 1000, 1x1)`` (inputs
+``batch x 3 x height x width``, outputs ``batch x 1000 x h x w``).
+
+* The flatten point is the first node that turns a feature map ``(N, C, H, W)`` into rows ``(N, F)``
+  (Flatten, Reshape, Squeeze, or a ReduceMean without keepdims). It becomes an Identity.
+* A global pool feeding it (GlobalAveragePool, GlobalMaxPool, ReduceMean over H and W) becomes a
+  stride-1 AveragePool / MaxPool over the training feature size.
+* The first Gemm / MatMul after it becomes a Conv whose kernel covers the map ``(C, H, W)`` (the
+  flatten order of NCHW is the kernel's); later ones become 1x1 Convs; per-feature constants of
+  Add / Sub / Mul / Div become ``(M, 1, 1)``; Softmax over the features runs over the channels.
+* Anything else in the head is refused, naming the node and its op type.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+import onnx
+from fcconv._shapes import check_input_shape, format_shape
+from fcconv.errors import FcconvError, NotEquivalentError
+from fcconv.onnx._check import OnnxReport, SizeCheck
+from fcconv.onnx._runtime import check_output, load, op_counts, run, save, session, symbolic_dims
+from onnx import helper, numpy_helper
+
+__all__ = ["convolutionalize", "convolutionalize_model"]
+
+_ELEMENTWISE = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "Elu", "Selu", "HardSigmoid", "HardSwish",
+                "Erf", "Gelu", "Identity", "Dropout", "Softplus", "Mish", "Cast", "BatchNormalization"}
+_BINARY = {"Add", "Sub", "Mul", "Div"}
+_FLATTENS = {"Flatten", "Reshape", "Squeeze"}
+_GLOBAL_POOLS = {"GlobalAveragePool": "AveragePool", "GlobalMaxPool": "MaxPool", "ReduceMean": "AveragePool"}
+
+
+class _Surgery:
+    """The model being operated on, its shapes at the training size, and the values now maps."""
+
+    def __init__(self, model: Any, shape: tuple[int, ...]) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.shapes = _inferred_shapes(model, shape)
+        self.inits = {i.name: i for i in self.graph.initializer}
+        self.constants = {n.output[0]: n for n in self.graph.node if n.op_type == "Constant"}
+        self.producers = {o: n for n in self.graph.node for o in n.output}
+        self.layout: dict[str, tuple[int, ...]] = {}  # value -> the (C, H, W) its features come from
+        self.done: dict[str, int] = {}
+
+    def const(self, name: str) -> np.ndarray | None:
+        """The value of an initializer, a Constant, or an Identity of one (deduplicated weights)."""
+        producer = self.producers.get(name)
+        if producer is not None and producer.op_type == "Identity" and name not in self.layout:
+            return self.const(producer.input[0])
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        node = self.constants.get(name)
+        if node is not None:
+            return numpy_helper.to_array(helper.get_attribute_value(node.attribute[0]))
+        return None
+
+    def add_init(self, name: str, array: np.ndarray) -> str:
+        while name in self.inits:
+            name += "_"
+        tensor = numpy_helper.from_array(np.ascontiguousarray(array), name)
+        self.graph.initializer.append(tensor)
+        self.inits[name] = tensor
+        return name
+
+    def replace(self, node: Any, new: Any, what: str) -> None:
+        new.name = node.name
+        node.CopyFrom(new)
+        self.done[what] = self.done.get(what, 0) + 1
+
+    def fail(self, node: Any, why: str) -> FcconvError:
+        return FcconvError(
+            f"Cannot convolutionalize node {node.name or '(unnamed)'!r} ({node.op_type}): {why}. fcconv.onnx "
+            "handles heads of Flatten/Reshape, global pools, Gemm/MatMul with constant weights, elementwise "
+            "ops and Softmax; convolutionalize the PyTorch model (fcconv.convolutionalize) and export it."
+        )
+
+
+def _inferred_shapes(model: Any, shape: tuple[int, ...]) -> dict[str, tuple[int, ...] | None]:
+    """Every value's shape for one input of ``(1, *shape)``, by ONNX shape inference."""
+    fixed = copy.deepcopy(model)
+    dims = fixed.graph.input[0].type.tensor_type.shape.dim
+    if len(dims) != len(shape) + 1:
+        raise FcconvError(
+            f"The model's input has rank {len(dims)}; input_shape {format_shape(shape)} asks for rank "
+            f"{len(shape) + 1}. Pass the per-sample shape (C, H, W) of its input."
+        )
+    for dim, size in zip(dims, (1, *shape)):
+        dim.Clear()
+        dim.dim_value = size
+    del fixed.graph.value_info[:]
+    inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
+    out: dict[str, tuple[int, ...] | None] = {}
+    for info in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        tensor = info.type.tensor_type
+        if tensor.HasField("shape") and all(d.HasField("dim_value") for d in tensor.shape.dim):
+            out[info.name] = tuple(int(d.dim_value) for d in tensor.shape.dim)
+        else:
+            out.setdefault(info.name, None)
+    return out
+
+
+def _flatten_point(s: _Surgery) -> int:
+    for i, node in enumerate(s.graph.node):
+        if not node.input or node.op_type in ("Shape", "Constant"):
+            continue
+        src, dst = s.shapes.get(node.input[0]), s.shapes.get(node.output[0])
+        if src is not None and dst is not None and len(src) == 4 and len(dst) == 2:
+            return i
+    raise FcconvError(
+        "Found no node that flattens a feature map (N, C, H, W) into rows (N, F): the model has no "
+        "classifier head to convolutionalize (it may be fully convolutional already)."
+    )
+
+
+def _spatial_axes(s: _Surgery, node: Any) -> bool:
+    axes = None
+    for attr in node.attribute:
+        if attr.name == "axes":
+            axes = list(helper.get_attribute_value(attr))
+    if axes is None and len(node.input) > 1:
+        value = s.const(node.input[1])
+        axes = None if value is None else [int(a) for a in value.reshape(-1)]
+    return axes is not None and sorted(a % 4 for a in axes) == [2, 3]
+
+
+def _slide_pool(s: _Surgery, node: Any) -> None:
+    """A global pool becomes a stride-1 pool over the training feature size."""
+    source = s.shapes[node.input[0]]
+    assert source is not None
+    kernel = list(source[2:])
+    new = helper.make_node(_GLOBAL_POOLS[node.op_type], [node.input[0]], [node.output[0]],
+                           kernel_shape=kernel, strides=[1, 1])
+    s.replace(node, new, f"{node.op_type} -> {new.op_type} {kernel[0]}x{kernel[1]}")
+
+
+def _enter_head(s: _Surgery, node: Any) -> None:
+    """Turn the flatten point (and a global pool feeding it) into maps."""
+    x = node.input[0]
+    source = s.shapes[x]
+    assert source is not None
+    if node.op_type == "ReduceMean" and _spatial_axes(s, node):
+        _slide_pool(s, node)
+        s.layout[node.output[0]] = (source[1], 1, 1)
+        return
+    if node.op_type not in _FLATTENS:
+        raise s.fail(node, f"it turns the map {format_shape(source)} into rows and is not a flatten")
+    pool = s.producers.get(x)
+    if source[2:] == (1, 1) and pool is not None and pool.op_type in _GLOBAL_POOLS and (
+            pool.op_type != "ReduceMean" or _spatial_axes(s, pool)):
+        _slide_pool(s, pool)
+    s.layout[x] = (source[1], *source[2:])
+    s.layout[node.output[0]] = s.layout[x]
+    s.replace(node, helper.make_node("Identity", [x], [node.output[0]]), f"{node.op_type} -> Identity")
+
+
+def _linear(s: _Surgery, node: Any) -> None:
+    """Gemm / MatMul with a constant weight -> Conv whose kernel covers the incoming layout."""
+    layout = s.layout[node.input[0]]
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.input[1] in s.layout or s.const(node.input[1]) is None:
+        raise s.fail(node, "its weight is not a constant")
+    weight = s.const(node.input[1])
+    assert weight is not None
+    if node.op_type == "Gemm":
+        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            raise s.fail(node, "transA, alpha or beta is set")
+        matrix = weight if attrs.get("transB", 0) else weight.T
+    else:
+        matrix = weight.T
+    if matrix.ndim != 2 or matrix.shape[1] != int(np.prod(layout)):
+        raise s.fail(node, f"its weight {format_shape(weight.shape)} does not take the "
+                           f"{int(np.prod(layout))} features of the map {format_shape(layout)}")
+    inputs = [node.input[0], s.add_init(f"{node.name or 'fc'}_kernel", matrix.reshape(-1, *layout))]
+    if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+        bias = s.const(node.input[2])
+        if bias is None or bias.size not in (1, matrix.shape[0]):
+            raise s.fail(node, "its bias is not a constant vector")
+        vector = np.broadcast_to(bias.reshape(-1), (matrix.shape[0],))
+        inputs.append(s.add_init(f"{node.name or 'fc'}_bias", vector))
+    conv = helper.make_node("Conv", inputs, [node.output[0]], kernel_shape=list(layout[1:]))
+    s.replace(node, conv, f"{node.op_type} -> Conv {layout[1]}x{layout[2]}")
+    s.layout[node.output[0]] = (matrix.shape[0], 1, 1)
+
+
+def _binary(s: _Surgery, node: Any) -> None:
+    mapped = [i for i in node.input if i in s.layout]
+    layout = s.layout[mapped[0]]
+    if len(mapped) == 1:
+        other = next(i for i in node.input if i not in s.layout)
+        value = s.const(other)
+        if value is None:
+            raise s.fail(node, "its other operand is neither a constant nor from the head")
+        if value.size != 1:
+            if value.size != layout[0] or layout[1:] != (1, 1):
+                raise s.fail(node, f"its constant {format_shape(value.shape)} is not one value per feature")
+            index = list(node.input).index(other)
+            node.input[index] = s.add_init(f"{other}_per_channel", value.reshape(-1, 1, 1))
+    s.layout[node.output[0]] = layout
+
+
+def _softmax(s: _Surgery, node: Any) -> None:
+    axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), -1)
+    if axis not in (1, -1):
+        raise s.fail(node, f"it runs over axis {axis}, not the features")
+    s.replace(node, helper.make_node(node.op_type, list(node.input), list(node.output), axis=1),
+              f"{node.op_type} over channels")
+    s.layout[node.output[0]] = s.layout[node.input[0]]
+
+
+def _convert_head(s: _Surgery, start: int) -> None:
+    for node in list(s.graph.node)[start + 1:]:
+        if not any(i in s.layout for i in node.input):
+            continue
+        op = node.op_type
+        if op in ("Gemm", "MatMul") and node.input[0] in s.layout:
+            _linear(s, node)
+        elif op in _ELEMENTWISE:
+            for out in node.output:
+                s.layout[out] = s.layout[node.input[0]]
+        elif op in _BINARY:
+            _binary(s, node)
+        elif op in ("Softmax", "LogSoftmax"):
+            _softmax(s, node)
+        elif op in _FLATTENS:
+            s.layout[node.output[0]] = s.layout[node.input[0]]
+            s.replace(node, helper.make_node("Identity", [node.input[0]], [node.output[0]]),
+                      f"{op} -> Identity")
+        elif op == "Shape":
+            continue  # feeds the shape of a flatten that is now an Identity: removed as unused
+        else:
+            raise s.fail(node, "this op type cannot slide over a larger map")
+
+
+def _make_dynamic(s: _Surgery) -> None:
+    """Symbolic batch, height and width in; score maps out; stale intermediate shapes dropped."""
+    graph_input = s.graph.input[0]
+    for dim, name in zip(graph_input.type.tensor_type.shape.dim, ("batch", None, "height", "width")):
+        if name is not None:
+            dim.Clear()
+            dim.dim_param = name
+    for out in s.graph.output:
+        if out.name not in s.layout:
+            raise FcconvError(f"The model's output {out.name!r} does not come from its classifier head; "
+                              "fcconv.onnx convolutionalizes models with one output, the scores.")
+        elem = out.type.tensor_type.elem_type
+        dims: list[str | int | None] = ["batch", s.layout[out.name][0], "h", "w"]
+        out.CopyFrom(helper.make_tensor_value_info(out.name, elem, dims))
+    del s.graph.value_info[:]
+
+
+def convolutionalize_model(model: Any, input_shape: Sequence[int]) -> tuple[Any, dict[str, int]]:
+    """:func:`convolutionalize` on a ``ModelProto`` in memory: the new model and what was replaced."""
+    shape = check_input_shape(input_shape)
+    if len(shape) != 3:
+        raise FcconvError(f"fcconv.onnx.convolutionalize handles images (C, H, W); got input_shape "
+                          f"{format_shape(shape)}.")
+    s = _Surgery(copy.deepcopy(model), shape)
+    start = _flatten_point(s)
+    _enter_head(s, s.graph.node[start])
+    _convert_head(s, start)
+    _make_dynamic(s)
+    ir_model = ir.serde.deserialize_model(s.model)
+    ir.passes.common.RemoveUnusedNodesPass()(ir_model)
+    ir.passes.common.IdentityEliminationPass()(ir_model)
+    out = ir.serde.serialize_model(ir_model)
+    onnx.checker.check_model(out)
+    return out, s.done
+
+
+def convolutionalize(src: str | Path, dst: str | Path, input_shape: Sequence[int]) -> OnnxReport:
+    """Turn the ONNX classifier ``src`` into a fully convolutional one that gives score maps, into ``dst``.
+
+    See the module docstring for what changes. The result is run in onnxruntime at the training
+    size, where it must give the original file's scores, and at a larger non-square size, where it
+    must run and give a map of several cells.
+
+    Args:
+        src: the ONNX file to read (never written).
+        dst: the file to write, atomically; written only when the checks pass.
+        input_shape: the per-sample training shape ``(C, H, W)``.
+
+    Returns:
+        An :class:`OnnxReport`: the sizes run, the difference from ``src`` at the training size, the op
+        counts and the replacements.
+
+    Raises:
+        FcconvError: if ``src`` is not ONNX, a node of the head cannot slide (named, with its op
+            type), or the body holds a shape fixed at the training size.
+        NotEquivalentError: if the result gives other scores than ``src`` at the training size.
+
+    Example:
+        >>> report = fcconv.onnx.convolutionalize("resnet18.onnx", "resnet18-fcn.onnx", (3, 224, 224))
+        >>> report.checks[1].output_shape
+        (1, 1000, 4, 2)
+    """
+    shape = check_input_shape(input_shape)
+    check_output(dst, src)
+    original = load(src)
+    model, done = convolutionalize_model(original, shape)
+    sess = session(model)
+    x = torch.randn((1, *shape), generator=torch.Generator().manual_seed(0))
+    checks = [_same_scores(run(session(Path(src)), x), run(sess, x), x)]
+    big = (1, shape[0], shape[1] + shape[1] // 2 + 1, shape[2] + shape[2] // 4 + 3)
+    try:
+        y = run(sess, torch.randn(big, generator=torch.Generator().manual_seed(1)))
+    except FcconvError as error:
+        raise FcconvError(
+            f"The convolutionalized model runs at the training size {format_shape(shape[1:])} but not at "
+            f"{format_shape(big[2:])}: its body holds a shape fixed at export. {error}"
+        ) from None
+    if y.dim() != 4 or y.shape[2] * y.shape[3] < 2:
+        raise NotEquivalentError(f"At input {format_shape(big)} the result gives {format_shape(y.shape)}, "
+                                 "not a map of several cells.")
+    checks.append(SizeCheck(big, tuple(y.shape), float("nan"), float("nan"), None, None))
+    save(model, dst)
+    return OnnxReport(str(dst), tuple(checks), op_counts(model), symbolic_dims(model), done)
+
+
+def _same_scores(expected: torch.Tensor, got: torch.Tensor, x: torch.Tensor) -> SizeCheck:
+    if got.numel() != expected.numel() or not bool(torch.isfinite(got).all()):
+        raise NotEquivalentError(
+            f"At the training input {format_shape(x.shape)} the result gives {format_shape(got.shape)} where "
+            f"the original gives {format_shape(expected.shape)}, or non-finite values."
+        )
+    diff = float((got.reshape(expected.shape) - expected).abs().max())
+    scale = float(expected.abs().max())
+    return SizeCheck(tuple(x.shape), tuple(got.shape), diff, diff / scale if scale else diff, None, None)

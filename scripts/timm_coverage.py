@@ -19,7 +19,7 @@ is downloaded), put in eval mode and float64, and checked in a forked process (a
 costs one row, not the run):
 
 1. ``convolutionalize(model, input_size)`` at its ``pretrained_cfg`` input size;
-2. ``compare(model, fcn, x)`` on one seeded float64 input at that size: the library's certified verdict;
+2. ``compare(model, fcn, inputs=x)`` on one seeded float64 input at that size: the certified verdict;
 3. ``fcn.grid_shape`` at a larger, non-square size (+64 px high, +32 px wide) against the shape of
    the map the FCN returns there. The table also gives ``fcn.exact_sliding_window``.
 
@@ -170,7 +170,7 @@ def check(name: str) -> tuple[tuple[int, ...], str, str]:
         return shape, "refused" if isinstance(error, FcconvError) else "crashed", first_line(error)
     x = torch.randn((1, *shape), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     try:
-        report = compare(model, fcn, x)
+        report = compare(model, fcn, inputs=x)
     except Exception as error:  # noqa: BLE001
         return shape, "compare failed", first_line(error)
     if not report.equivalent:

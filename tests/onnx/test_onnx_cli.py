@@ -12,6 +12,7 @@ from click.testing import CliRunner, Result
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 import onnx  # noqa: E402
+
 from fcconv.cli import app  # noqa: E402
 
 TESTS = Path(__file__).parent.parent

@@ -13,8 +13,9 @@ import fcconv
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
-import fcconv.onnx as fonnx  # noqa: E402
 import onnx  # noqa: E402
+
+import fcconv.onnx as fonnx  # noqa: E402
 from fcconv.onnx._runtime import run, session  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -55,7 +55,7 @@ def command(model: str, input_shape: tuple[int, ...], to: str | None, conv_only:
         module = load_model(model, factory=factory, kwargs=kwargs, seed=seed).module
     if to == "fcn":
         with step("Convolutionalizing", quiet=quiet):
-            module = fcconv.convolutionalize(as_fcn_source(module), input_shape, head="conv")
+            module = fcconv.convolutionalize(as_fcn_source(module), input_shape, head_impl="conv")
     with step(f"Exporting and checking {output}", quiet=quiet):
         report = fcconv.onnx.export(module, output, input_shape, dynamic=not static, conv_only=conv_only)
     if not quiet:

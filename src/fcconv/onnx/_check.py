@@ -30,7 +30,7 @@ class SizeCheck:
             :func:`fcconv.compare` derives for the PyTorch computation, counted twice (both runtimes
             round); None where compare derives none (an op without a rule).
         deep: True when the bound compounds over several layers (valid but loose, see
-            :mod:`fcconv.verify`).
+            :mod:`fcconv.certify`).
     """
 
     input_shape: tuple[int, ...]
@@ -117,7 +117,7 @@ def check_sizes_for(module: nn.Module, input_shape: tuple[int, ...],
 class _Shifted(nn.Module):
     """``module(x) + delta``: the PyTorch module moved onto onnxruntime's output, for ``compare``.
 
-    ``compare(module, _Shifted(module, ort - torch), [x])`` measures ``|ort - torch|`` against the
+    ``compare(module, _Shifted(module, ort - torch), inputs=[x])`` measures ``|ort - torch|`` against the
     rounding bound of both runs, with ``delta`` exact (a buffer) in the bound's propagation.
     """
 
@@ -151,8 +151,8 @@ def check_size(module: nn.Module, sess: Any, x: Tensor, what: str) -> SizeCheck:
     diff = (got - expected).abs()
     max_abs = float(diff.max()) if diff.numel() else 0.0
     scale = float(expected.abs().max()) if expected.numel() else 0.0
-    report = compare(module, _Shifted(module, got - expected), [x])
-    out = report.outputs
+    report = compare(module, _Shifted(module, got - expected), inputs=[x])
+    out = report.output_agreement
     check = SizeCheck(shape, tuple(got.shape), max_abs, max_abs / scale if scale else max_abs,
                       out.bound_ratio, None if out.bound_single_layer is None else not out.bound_single_layer)
     if not torch.isfinite(got).all() or out.bound_ok is False:

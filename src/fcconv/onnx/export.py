@@ -17,6 +17,7 @@ from torch import nn
 from fcconv import FullyConvolutional
 from fcconv._shapes import check_input_shape, format_shape
 from fcconv.errors import FcconvError, NotEquivalentError
+from fcconv.models.modules import UnfoldConv1d, UnfoldConv2d, UnfoldConv3d
 from fcconv.onnx._check import OnnxReport, check_size, check_sizes_for
 from fcconv.onnx._runtime import (
     LINEAR_OPS,
@@ -124,14 +125,14 @@ def _check_batch(module: nn.Module, sess: Any, shape: tuple[int, ...]) -> None:
 def _exportable(module: nn.Module) -> nn.Module:
     """A FullyConvolutional computes its large-kernel head as plain convs in the file.
 
-    ``head='auto'`` picks unfold + matmul for PyTorch on CPU, by input size; ONNX runtimes get the
+    ``head_impl='auto'`` picks unfold + matmul for PyTorch on CPU, by input size; ONNX runtimes get the
     conv, which is the same function (a copy is changed, never the module).
     """
-    if isinstance(module, FullyConvolutional) and module.head != "conv":
+    if isinstance(module, FullyConvolutional) and module.head_impl != "conv":
         module = copy.deepcopy(module)
         for sub in module.modules():
-            if isinstance(sub, nn.modules.conv._ConvNd) and hasattr(sub, "method"):
-                setattr(sub, "method", "conv")  # noqa: B010 - any UnfoldConv, duck-typed
+            if isinstance(sub, (UnfoldConv1d, UnfoldConv2d, UnfoldConv3d)):
+                sub.method = "conv"
     return module
 
 

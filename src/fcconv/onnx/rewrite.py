@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 from onnxscript import rewriter
 from onnxscript.rewriter import pattern
 
-import onnx
 from fcconv._shapes import format_shape
 from fcconv.errors import NotEquivalentError
 from fcconv.onnx._check import OnnxReport, SizeCheck

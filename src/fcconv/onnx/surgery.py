@@ -25,15 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import torch
+from onnx import helper, numpy_helper
 
-import onnx
 from fcconv._shapes import check_input_shape, format_shape
 from fcconv.errors import FcconvError, NotEquivalentError
 from fcconv.onnx._check import OnnxReport, SizeCheck
 from fcconv.onnx._runtime import check_output, load, op_counts, run, save, session, symbolic_dims
-from onnx import helper, numpy_helper
 
 __all__ = ["convolutionalize", "convolutionalize_model"]
 

@@ -27,6 +27,7 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from fcconv._shapes import check_input_shape, format_shape, per_dim
+from fcconv._sparse import coo_to_csr, ravel
 from fcconv.errors import FcconvError, NotEquivalentError
 from fcconv.matrix import (
     LAYOUTS,
@@ -34,7 +35,6 @@ from fcconv.matrix import (
     conv_bias_vector,
     conv_geometry,
     conv_weight_matrix,
-    coo_to_csr,
 )
 
 __all__ = [
@@ -358,9 +358,7 @@ def _transpose_matrix(conv: _ConvTransposeNd, shape: tuple[int, ...], out_shape:
         keep = torch.ones_like(row, dtype=torch.bool)
         for c, size in zip(coords[1:], shape[1:]):
             keep &= c < size
-        row = coords[0][keep]
-        for c, size in zip(coords[1:], shape[1:]):
-            row = row * size + c[keep]
+        row = ravel([c[keep] for c in coords], shape)
         col, values = col[keep], values[keep]
     transposed = torch.sparse_coo_tensor(
         torch.stack((col, row)), values, (matrix.shape[1], math.prod(shape)), check_invariants=False

@@ -370,7 +370,7 @@ def test_failed_write_leaves_no_partial_file_and_keeps_the_old_one(tmp_path: Pat
 
     monkeypatch.setattr(torch, "save", full_disk)
     result = run("convert", "Linear(8, 3)", "--to", "pointwise", "-o", str(out))
-    assert_one_line_error(result, f"Cannot write '{out}': No space left on device")
+    assert_one_line_error(result, f"Cannot write a torch.save checkpoint to '{out}': No space left on device")
     assert files_in(tmp_path) == ["out.pt"]
     assert out.read_bytes() == b"previous result"
 

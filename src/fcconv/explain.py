@@ -16,7 +16,7 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from fcconv._shapes import check_input_shape, format_shape
 from fcconv.errors import FcconvError, NotEquivalentError
-from fcconv.layers import _check_conv_input, conv_output_shape
+from fcconv.layers import conv_output_shape
 from fcconv.matrix import ConvGeometry, conv_geometry, conv_matrix_nnz
 
 __all__ = ["Explanation", "Relation", "explain"]
@@ -243,7 +243,7 @@ def _stride_text(geom: ConvGeometry, shape: tuple[int, ...], covers: bool) -> st
 
 
 def _explain_conv(conv: _ConvNd, shape: tuple[int, ...]) -> Explanation:
-    _check_conv_input(conv, shape, "explain")
+    check_input_shape(shape, conv=conv, caller="explain")
     out_shape = conv_output_shape(conv, shape)
     in_numel, out_numel = math.prod(shape), math.prod(out_shape)
     params = sum(p.numel() for p in conv.parameters())

@@ -212,25 +212,6 @@ def linear_to_pointwise(
                      _copy_bias(linear.bias, share_weights), linear)
 
 
-def _check_conv_input(conv: _ConvNd, input_shape: Sequence[int], fn: str) -> tuple[int, ...]:
-    shape = check_input_shape(input_shape)
-    ndim = len(conv.kernel_size)
-    name = f"{type(conv).__name__}(in_channels={conv.in_channels})"
-    if len(shape) != ndim + 1:
-        raise FcconvError(
-            f"{fn}: {name} takes inputs of rank {ndim + 1} (C plus {ndim} spatial dims); got "
-            f"input_shape {format_shape(shape)} of rank {len(shape)}. Pass the per-sample shape "
-            "without the batch dimension."
-        )
-    if shape[0] != conv.in_channels:
-        raise NotEquivalentError(
-            f"{fn}: {name} expects {conv.in_channels} input channels; got input_shape "
-            f"{format_shape(shape)} with {shape[0]}. Pass the shape of the tensor that enters "
-            "this conv."
-        )
-    return shape
-
-
 def _transpose_geometry(conv: _ConvTransposeNd, spatial: tuple[int, ...]) -> tuple[int, ...]:
     """The output spatial size of a transposed conv: the input size of its adjoint conv."""
     if isinstance(conv.padding, str):
@@ -266,7 +247,7 @@ def conv_output_shape(conv: nn.Module, input_shape: Sequence[int]) -> tuple[int,
         (8, 4, 4)
     """
     conv = _check_conv(conv, "conv_output_shape", transpose_ok=True)
-    shape = _check_conv_input(conv, input_shape, "conv_output_shape")
+    shape = check_input_shape(input_shape, conv=conv, caller="conv_output_shape")
     if isinstance(conv, _ConvTransposeNd):
         out = _transpose_geometry(conv, shape[1:])
         if any(o <= 0 for o in out):
@@ -311,7 +292,7 @@ def conv_matrix(conv: nn.Module, input_shape: Sequence[int], *, layout: str = "d
             f"layout must be one of {', '.join(map(repr, LAYOUTS))}; got {layout!r}. Use 'csr' "
             "or 'coo' for a sparse matrix whose memory grows with its nonzeros."
         )
-    shape = _check_conv_input(conv, input_shape, "conv_matrix")
+    shape = check_input_shape(input_shape, conv=conv, caller="conv_matrix")
     out_shape = conv_output_shape(conv, shape)
     if layout == "dense":
         nbytes = math.prod(out_shape) * math.prod(shape) * conv.weight.element_size()
@@ -408,7 +389,7 @@ def conv_to_linear(
         Linear(in_features=4, out_features=2, bias=True)
     """
     conv = _check_conv(conv, "conv_to_linear", transpose_ok=True)
-    shape = _check_conv_input(conv, input_shape, "conv_to_linear")
+    shape = check_input_shape(input_shape, conv=conv, caller="conv_to_linear")
     out_shape = conv_output_shape(conv, shape)
     in_numel, out_numel = math.prod(shape), math.prod(out_shape)
     if _covering_kernel(conv, shape):

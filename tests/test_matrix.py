@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
+from fcconv.certify import assert_equivalent
 from fcconv.errors import FcconvError
 from fcconv.matrix import (
     conv_bias_vector,
@@ -75,12 +76,13 @@ def check_exact(conv: Any, input_shape: tuple[int, ...]) -> Tensor:
                          dilation=conv.dilation)
     nnz = conv_matrix_nnz(geom, conv.padding_mode, conv.out_channels, conv.weight.shape[1])
     assert csr._nnz() == coo._nnz() == nnz  # memory proportional to the structural nonzeros
-    # And the matrix is the conv: y = M x + b on a random input (float64, tolerance of the sums).
-    x = torch.randn(2, *input_shape, dtype=torch.float64)
-    y = x.flatten(1) @ dense.T.double()
-    if conv.bias is not None:
-        y = y + conv_bias_vector(conv.bias, geom.out_spatial).double()
-    torch.testing.assert_close(y, conv.double()(x).flatten(1), rtol=1e-12, atol=1e-12)
+    # And the matrix is the conv: x -> M x + b is the same function, certified by compare.
+    linear = nn.Linear(dense.shape[1], dense.shape[0], bias=conv.bias is not None, dtype=dense.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(dense)
+        if conv.bias is not None:
+            linear.bias.copy_(conv_bias_vector(conv.bias, geom.out_spatial))
+    assert_equivalent(conv, linear, input_shape, input_map=lambda v: v.flatten(1))
     return dense
 
 

@@ -179,6 +179,7 @@ def test_explain_pointwise_and_json() -> None:
     fields = json.loads(result.output)
     assert fields["relation"] in ("pointwise", "kernel_covers_input")
     assert "pointwise" in fields["holds"] and fields["input_shape"] == [4, 1, 1]
+    assert fields["equivalent_layer"].startswith("Linear(4, 2)") and fields["built_by"].startswith("fcconv.")
 
 
 def test_explain_takes_a_factory_too() -> None:

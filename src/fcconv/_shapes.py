@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 import operator
 from collections.abc import Sequence
 from typing import Any, SupportsIndex, cast
@@ -24,7 +23,6 @@ __all__ = [
     "dim_labels",
     "format_shape",
     "module_dtype_device",
-    "numel",
     "per_dim",
     "stochastic_in_training",
 ]
@@ -111,11 +109,6 @@ def _check_fits_conv(shape: tuple[int, ...], conv: nn.Module, caller: str) -> No
             f"{format_shape(shape)} with {shape[0]}. Pass the shape of the tensor that enters "
             "this conv."
         )
-
-
-def numel(shape: Sequence[int]) -> int:
-    """The number of elements of a per-sample shape."""
-    return math.prod(shape)
 
 
 # ----------------------------------------------------------------------------------------------

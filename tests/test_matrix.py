@@ -233,7 +233,7 @@ def test_padding_mode_geometry(mode: str, padding: int, size: int, message: str)
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(layout="bsr"), r"^layout must be one of dense, csr, coo; got 'bsr'\."),
+        (dict(layout="bsr"), r"^layout must be one of 'dense', 'csr', 'coo'; got 'bsr'\."),
         (dict(padding_mode="mirror"), r"^padding_mode must be one of zeros, reflect, replicate, circular; "
                                       r"got 'mirror'\."),
         (dict(groups=3), r"^groups must divide the 4 output channels; got groups=3\."),

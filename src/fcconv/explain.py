@@ -16,7 +16,7 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from fcconv._shapes import check_input_shape, format_shape
 from fcconv.errors import FcconvError, NotEquivalentError
-from fcconv.layers import conv_output_shape
+from fcconv.layers import conv_module_geometry, conv_output_shape
 from fcconv.matrix import ConvGeometry, conv_geometry, conv_matrix_nnz
 
 __all__ = ["Explanation", "Relation", "explain"]
@@ -250,8 +250,7 @@ def _explain_conv(conv: _ConvNd, shape: tuple[int, ...]) -> Explanation:
     bias = conv.bias is not None
     matrix_shape = (out_numel, in_numel)
     if isinstance(conv, _ConvTransposeNd):
-        adjoint = conv_geometry(out_shape[1:], conv.kernel_size, stride=conv.stride,
-                                padding=conv.padding, dilation=conv.dilation)
+        adjoint = conv_module_geometry(conv, out_shape[1:])
         nnz = conv_matrix_nnz(adjoint, "zeros", conv.in_channels, conv.out_channels // conv.groups)
         return Explanation(
             layer=repr(conv), input_shape=shape, output_shape=out_shape, relation="structured_matrix",
@@ -270,8 +269,7 @@ def _explain_conv(conv: _ConvNd, shape: tuple[int, ...]) -> Explanation:
                 else "none: a transposed conv's padding would crop the output border."
             ),
         )
-    geom = conv_geometry(shape[1:], conv.kernel_size, stride=conv.stride,
-                         padding=conv.padding, dilation=conv.dilation)
+    geom = conv_module_geometry(conv, shape[1:])
     nnz = conv_matrix_nnz(geom, conv.padding_mode, conv.out_channels, conv.in_channels // conv.groups)
     covers = geom.single_position and (conv.padding_mode == "zeros" or not geom.pads)
     pointwise = (all(k == 1 for k in geom.kernel) and all(s == 1 for s in geom.stride)

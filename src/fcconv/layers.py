@@ -30,8 +30,8 @@ from fcconv._shapes import check_input_shape, format_shape, per_dim
 from fcconv._sparse import coo_to_csr, ravel
 from fcconv.errors import FcconvError, NotEquivalentError
 from fcconv.matrix import (
-    LAYOUTS,
     ConvGeometry,
+    check_layout,
     conv_bias_vector,
     conv_geometry,
     conv_weight_matrix,
@@ -39,6 +39,7 @@ from fcconv.matrix import (
 
 __all__ = [
     "conv_matrix",
+    "conv_module_geometry",
     "conv_output_shape",
     "conv_to_linear",
     "linear_to_conv",
@@ -226,8 +227,16 @@ def _transpose_geometry(conv: _ConvTransposeNd, spatial: tuple[int, ...]) -> tup
     )
 
 
-def _geometry(conv: _ConvNd, spatial: tuple[int, ...]) -> ConvGeometry:
-    return conv_geometry(spatial, conv.kernel_size, stride=conv.stride,
+def conv_module_geometry(conv: _ConvNd, in_spatial: Sequence[int]) -> ConvGeometry:
+    """:func:`~fcconv.matrix.conv_geometry` with the kernel, stride, padding and dilation of ``conv``.
+
+    For a transposed conv, the geometry of its adjoint conv (the same attributes) on ``in_spatial``.
+
+    Example:
+        >>> conv_module_geometry(nn.Conv2d(3, 8, 3, stride=2, padding=1), (32, 32)).out_spatial
+        (16, 16)
+    """
+    return conv_geometry(in_spatial, conv.kernel_size, stride=conv.stride,
                          padding=conv.padding, dilation=conv.dilation)
 
 
@@ -256,7 +265,7 @@ def conv_output_shape(conv: nn.Module, input_shape: Sequence[int]) -> tuple[int,
                 f"{format_shape(shape)}. Use a larger input or less padding."
             )
         return (conv.out_channels, *out)
-    return (conv.out_channels, *_geometry(conv, shape[1:]).out_spatial)
+    return (conv.out_channels, *conv_module_geometry(conv, shape[1:]).out_spatial)
 
 
 def conv_matrix(conv: nn.Module, input_shape: Sequence[int], *, layout: str = "dense") -> Tensor:
@@ -287,11 +296,7 @@ def conv_matrix(conv: nn.Module, input_shape: Sequence[int], *, layout: str = "d
         torch.Size([4, 9])
     """
     conv = _check_conv(conv, "conv_matrix", transpose_ok=True)
-    if layout not in LAYOUTS:
-        raise FcconvError(
-            f"layout must be one of {', '.join(map(repr, LAYOUTS))}; got {layout!r}. Use 'csr' "
-            "or 'coo' for a sparse matrix whose memory grows with its nonzeros."
-        )
+    check_layout(layout)
     shape = check_input_shape(input_shape, conv=conv, caller="conv_matrix")
     out_shape = conv_output_shape(conv, shape)
     if layout == "dense":
@@ -322,8 +327,7 @@ def _transpose_matrix(conv: _ConvTransposeNd, shape: tuple[int, ...], out_shape:
         conv.weight, out_shape[1:], stride=conv.stride, padding=conv.padding,
         dilation=conv.dilation, groups=conv.groups, layout="coo" if layout != "dense" else layout,
     )
-    adjoint_out = conv_geometry(out_shape[1:], conv.kernel_size, stride=conv.stride,
-                                padding=conv.padding, dilation=conv.dilation).out_spatial
+    adjoint_out = conv_module_geometry(conv, out_shape[1:]).out_spatial
     extra = adjoint_out != shape[1:]
     if layout == "dense":
         if extra:
@@ -355,7 +359,7 @@ def _covering_kernel(conv: _ConvNd, shape: tuple[int, ...]) -> bool:
         and tuple(conv.kernel_size) == shape[1:]
         and all(d == 1 or k == 1 for d, k in zip(
             per_dim(conv.dilation, len(conv.kernel_size), "dilation", allow_one=True), conv.kernel_size))
-        and not _geometry(conv, shape[1:]).pads
+        and not conv_module_geometry(conv, shape[1:]).pads
     )
 
 

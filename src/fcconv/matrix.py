@@ -42,6 +42,7 @@ __all__ = [
     "ConvGeometry",
     "Layout",
     "PaddingMode",
+    "check_layout",
     "conv_bias_vector",
     "conv_geometry",
     "conv_matrix_nnz",
@@ -53,6 +54,15 @@ PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
 LAYOUTS: tuple[Layout, ...] = ("dense", "csr", "coo")
 """The layouts of a conv matrix: a strided tensor, or torch sparse CSR or COO."""
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def check_layout(layout: str) -> None:
+    """Raise an :class:`FcconvError` unless ``layout`` is one of :data:`LAYOUTS`."""
+    if layout not in LAYOUTS:
+        raise FcconvError(
+            f"layout must be one of {', '.join(map(repr, LAYOUTS))}; got {layout!r}. Use 'csr' "
+            "or 'coo' for a sparse matrix whose memory grows with its nonzeros."
+        )
 
 
 @dataclass(frozen=True)
@@ -335,8 +345,7 @@ def conv_weight_matrix(
         >>> conv_weight_matrix(w, (2, 2)).shape  # the kernel covers the input: one row per channel
         torch.Size([2, 4])
     """
-    if layout not in LAYOUTS:
-        raise FcconvError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}.")
+    check_layout(layout)
     _check_kernel(weight, in_spatial, groups)
     geom = conv_geometry(in_spatial, weight.shape[2:], stride=stride, padding=padding,
                          dilation=dilation)

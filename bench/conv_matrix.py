@@ -167,7 +167,8 @@ def run_case(case: Case, rounds: int, slow_rounds: int) -> tuple[Row, list[tuple
     best = t[best_name]
 
     geom = conv_module_geometry(conv, shape[1:])
-    nnz = conv_matrix_nnz(geom, conv.padding_mode, conv.out_channels, conv.weight.shape[1])
+    nnz = conv_matrix_nnz(geom, conv.padding_mode, c_out=conv.out_channels,
+                          c_in_per_group=conv.weight.shape[1])
     nbytes = csr_bytes(csr)
     # Proportional to the nonzeros: a value (4 B) and a column index (8 B) per nonzero, plus one
     # row pointer (8 B) per row; nothing that grows with rows x cols.

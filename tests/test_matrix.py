@@ -74,7 +74,8 @@ def check_exact(conv: Any, input_shape: tuple[int, ...]) -> Tensor:
     assert torch.equal(coo.to_dense(), dense)
     geom = conv_geometry(input_shape[1:], conv.kernel_size, stride=conv.stride, padding=conv.padding,
                          dilation=conv.dilation)
-    nnz = conv_matrix_nnz(geom, conv.padding_mode, conv.out_channels, conv.weight.shape[1])
+    nnz = conv_matrix_nnz(geom, conv.padding_mode, c_out=conv.out_channels,
+                          c_in_per_group=conv.weight.shape[1])
     assert csr._nnz() == coo._nnz() == nnz  # memory proportional to the structural nonzeros
     # And the matrix is the conv: x -> M x + b is the same function, certified by compare.
     linear = nn.Linear(dense.shape[1], dense.shape[0], bias=conv.bias is not None, dtype=dense.dtype)

@@ -251,7 +251,8 @@ def _explain_conv(conv: _ConvNd, shape: tuple[int, ...]) -> Explanation:
     matrix_shape = (out_numel, in_numel)
     if isinstance(conv, _ConvTransposeNd):
         adjoint = conv_module_geometry(conv, out_shape[1:])
-        nnz = conv_matrix_nnz(adjoint, "zeros", conv.in_channels, conv.out_channels // conv.groups)
+        nnz = conv_matrix_nnz(adjoint, "zeros", c_out=conv.in_channels,
+                              c_in_per_group=conv.out_channels // conv.groups)
         return Explanation(
             layer=repr(conv), input_shape=shape, output_shape=out_shape, relation="structured_matrix",
             holds=("structured_matrix",),
@@ -270,7 +271,8 @@ def _explain_conv(conv: _ConvNd, shape: tuple[int, ...]) -> Explanation:
             ),
         )
     geom = conv_module_geometry(conv, shape[1:])
-    nnz = conv_matrix_nnz(geom, conv.padding_mode, conv.out_channels, conv.in_channels // conv.groups)
+    nnz = conv_matrix_nnz(geom, conv.padding_mode, c_out=conv.out_channels,
+                          c_in_per_group=conv.in_channels // conv.groups)
     covers = geom.single_position and (conv.padding_mode == "zeros" or not geom.pads)
     pointwise = (all(k == 1 for k in geom.kernel) and all(s == 1 for s in geom.stride)
                  and not geom.pads)

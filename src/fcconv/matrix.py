@@ -463,7 +463,7 @@ def conv_bias_vector(bias: Tensor, out_spatial: Sequence[int]) -> Tensor:
     return bias.detach().repeat_interleave(math.prod(out_spatial))
 
 
-def conv_matrix_nnz(geom: ConvGeometry, padding_mode: str, c_out: int, c_in_per_group: int) -> int:
+def conv_matrix_nnz(geom: ConvGeometry, padding_mode: str, *, c_out: int, c_in_per_group: int) -> int:
     """The number of nonzero entries (structural) of the conv's matrix, without building it.
 
     Args:
@@ -474,6 +474,10 @@ def conv_matrix_nnz(geom: ConvGeometry, padding_mode: str, c_out: int, c_in_per_
 
     Returns:
         The number of entries that a weight lands on; folded padding counts each position once.
+
+    Example:
+        >>> conv_matrix_nnz(conv_geometry((3, 3), (2, 2)), "zeros", c_out=1, c_in_per_group=1)
+        16
     """
     _check_padding_mode(geom, padding_mode)
     index, valid = _tap_index(geom, padding_mode)

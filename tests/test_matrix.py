@@ -78,13 +78,19 @@ def check_exact(conv: Any, input_shape: tuple[int, ...]) -> Tensor:
                           c_in_per_group=conv.weight.shape[1])
     assert csr._nnz() == coo._nnz() == nnz  # memory proportional to the structural nonzeros
     # And the matrix is the conv: x -> M x + b is the same function, certified by compare.
-    linear = nn.Linear(dense.shape[1], dense.shape[0], bias=conv.bias is not None, dtype=dense.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(dense)
-        if conv.bias is not None:
-            linear.bias.copy_(conv_bias_vector(conv.bias, geom.out_spatial))
-    assert_equivalent(conv, linear, input_shape, input_map=lambda v: v.flatten(1))
+    assert_equivalent(conv, as_linear(dense, conv, geom.out_spatial), input_shape,
+                      input_map=lambda v: v.flatten(1))
     return dense
+
+
+def as_linear(matrix: Tensor, conv: Any, out_spatial: tuple[int, ...]) -> nn.Linear:
+    """The Linear ``x -> M x + b`` of a conv's matrix, ``b`` its bias repeated over positions."""
+    linear = nn.Linear(matrix.shape[1], matrix.shape[0], bias=conv.bias is not None, dtype=matrix.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(matrix)
+        if conv.bias is not None:
+            linear.bias.copy_(conv_bias_vector(conv.bias, out_spatial))
+    return linear
 
 
 # Grid: every padding mode x padding form x stride x dilation x groups x rank, with bias.
@@ -151,6 +157,11 @@ def test_low_precision_dtypes(dtype: torch.dtype, mode: str) -> None:
     else:
         bound = 9 * torch.finfo(dtype).eps * conv_weight_matrix(w64.abs(), spatial, **kwargs)  # type: ignore[arg-type]
         assert bool(((low.double() - exact).abs() <= bound).all())
+    # And the low-precision matrix is the conv's function: certified by compare, allowing the summed
+    # taps of folded modes their rounding (compare's parameter_rounding, made for them).
+    out_spatial = conv_geometry(spatial, (3, 3), padding=2).out_spatial
+    assert_equivalent(conv, as_linear(low, conv, out_spatial), (2, *spatial),
+                      input_map=lambda v: v.flatten(1), parameter_rounding=mode != "zeros")
 
 
 def test_groups_give_a_block_diagonal_matrix() -> None:

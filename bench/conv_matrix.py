@@ -42,8 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fcconv.layers import conv_matrix, conv_output_shape, linear_to_conv
-from fcconv.matrix import conv_geometry, conv_matrix_nnz
+from fcconv.layers import conv_matrix, conv_module_geometry, conv_output_shape, linear_to_conv
+from fcconv.matrix import conv_matrix_nnz
 
 
 @dataclass
@@ -166,9 +166,9 @@ def run_case(case: Case, rounds: int, slow_rounds: int) -> tuple[Row, list[tuple
     best_name = min((n for n in valid if valid[n]), key=t.__getitem__)
     best = t[best_name]
 
-    geom = conv_geometry(shape[1:], conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                         dilation=conv.dilation)
-    nnz = conv_matrix_nnz(geom, conv.padding_mode, conv.out_channels, conv.weight.shape[1])
+    geom = conv_module_geometry(conv, shape[1:])
+    nnz = conv_matrix_nnz(geom, conv.padding_mode, c_out=conv.out_channels,
+                          c_in_per_group=conv.weight.shape[1])
     nbytes = csr_bytes(csr)
     # Proportional to the nonzeros: a value (4 B) and a column index (8 B) per nonzero, plus one
     # row pointer (8 B) per row; nothing that grows with rows x cols.

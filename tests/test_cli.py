@@ -19,6 +19,7 @@ from click.testing import CliRunner, Result
 from torch import nn
 
 import cli_models
+from fcconv.certify import assert_equivalent
 from fcconv.cli import COMMANDS, app
 from fcconv.cli._app import LazyGroup
 from fcconv.cli._spec import build_layer
@@ -178,6 +179,7 @@ def test_explain_pointwise_and_json() -> None:
     fields = json.loads(result.output)
     assert fields["relation"] in ("pointwise", "kernel_covers_input")
     assert "pointwise" in fields["holds"] and fields["input_shape"] == [4, 1, 1]
+    assert fields["equivalent_layer"].startswith("Linear(4, 2)") and fields["built_by"].startswith("fcconv.")
 
 
 def test_explain_takes_a_factory_too() -> None:
@@ -246,8 +248,7 @@ def test_convert_conv_to_linear(tmp_path: Path) -> None:
     linear = build_layer(saved["module"])
     linear.load_state_dict(saved["state_dict"])
     conv = build_layer(spec, seed=0)  # the command's default seed: the same weights
-    x = torch.randn(4, 2, 5, 5, dtype=torch.float64)
-    assert torch.allclose(linear.double()(x.flatten(1)), conv.double()(x).flatten(1), rtol=0, atol=1e-12)
+    assert_equivalent(conv, linear, (2, 5, 5), input_map=lambda v: v.flatten(1))
     assert files_in(tmp_path) == ["linear.pt"]
 
 
@@ -259,12 +260,11 @@ def test_convert_linear_to_pointwise(tmp_path: Path) -> None:
     conv = build_layer(saved["module"])
     assert isinstance(conv, nn.Conv1d) and conv.kernel_size == (1,)
     conv.load_state_dict(saved["state_dict"])
-    linear = torch.nn.Linear(8, 3)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         linear = cli_models.linear_layer()
-    x = torch.randn(2, 8, 4)
-    torch.testing.assert_close(conv(x), linear(x.transpose(1, 2)).transpose(1, 2))
+    assert_equivalent(linear, conv, (4, 8), input_map=lambda v: v.transpose(1, 2),
+                      output_map=lambda y: y.transpose(1, 2))
 
 
 def test_convert_checkpoint_with_factory(tmp_path: Path) -> None:
@@ -370,7 +370,7 @@ def test_failed_write_leaves_no_partial_file_and_keeps_the_old_one(tmp_path: Pat
 
     monkeypatch.setattr(torch, "save", full_disk)
     result = run("convert", "Linear(8, 3)", "--to", "pointwise", "-o", str(out))
-    assert_one_line_error(result, f"Cannot write '{out}': No space left on device")
+    assert_one_line_error(result, f"Cannot write a torch.save checkpoint to '{out}': No space left on device")
     assert files_in(tmp_path) == ["out.pt"]
     assert out.read_bytes() == b"previous result"
 
@@ -405,8 +405,7 @@ def test_convert_to_fcn_and_load_it_back(tmp_path: Path) -> None:
     assert tuple(saved["geometry"]["stride"]) == (1, 1)
     fcn = load_model(str(out)).module
     source = load_model("cli_models:factory").module
-    x = torch.randn(2, 1, 8, 8)
-    torch.testing.assert_close(fcn(x).flatten(1), source(x))
+    assert_equivalent(source, fcn, (1, 8, 8))
     big = torch.randn(1, 1, 11, 13)
     assert fcn(big).shape == (1, 3, 4, 6)
 
@@ -422,8 +421,7 @@ def test_fcn_file_from_a_checkpoint_rebuilds_with_its_factory(tmp_path: Path) ->
     assert result.exit_code == 0, result.output
     assert _load(out)["structure"] == "cli_models:factory"
     fcn = load_model(str(out)).module
-    x = torch.randn(3, 1, 8, 8)
-    torch.testing.assert_close(fcn(x).flatten(1), trained.eval()(x))
+    assert_equivalent(trained.eval(), fcn, (1, 8, 8))
     with pytest.raises(FcconvError, match="^The weights of .* do not fit the model cli_models:factory conv"):
         load_model(str(out), factory="cli_models:factory", kwargs="classes=4")
 

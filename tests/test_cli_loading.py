@@ -165,7 +165,7 @@ def test_timm_name_converts_and_verifies_offline(tmp_path: Path, no_network: Non
     result = _fcconv("convert", "timm:test_resnet", "--kwargs", "num_classes=3", "--input", "3,64,64",
                      "--to", "fcn", "-o", str(out))
     assert result.exit_code == 0, result.output
-    assert "timm:test_resnet --to fcn" in result.output and "outputs 3" in result.output
+    assert "timm:test_resnet --to fcn" in result.output and "num_classes 3" in result.output
     saved = torch.load(out, weights_only=True)
     assert saved["structure"] == "timm:test_resnet" and saved["kwargs"] == "num_classes=3"
     # verify rebuilds the FCN from the recorded timm name and compares it with a fresh build.

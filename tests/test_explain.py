@@ -18,7 +18,7 @@ def test_linear_scenario_1_matches_linear_to_conv() -> None:
     assert ex.relation == "kernel_covers_input"
     assert ex.holds == ("kernel_covers_input",)
     assert ex.output_shape == (2, 1, 1)
-    assert ex.equivalent == "Conv2d(1, 2, kernel_size=2)"
+    assert ex.equivalent_layer == "Conv2d(1, 2, kernel_size=2)"
     conv = fcconv.linear_to_conv(linear, (1, 2, 2))
     assert ex.params == ex.equivalent_params == sum(p.numel() for p in conv.parameters()) == 10
     assert ex.matrix_shape == (2, 4) and ex.matrix_nnz == 8 and ex.density == 1.0
@@ -37,7 +37,7 @@ def test_linear_over_channels_is_pointwise() -> None:
     ex = explain(nn.Linear(4, 2, bias=False), (4, 8, 8))
     assert ex.relation == "pointwise"
     assert ex.output_shape == (2, 8, 8)
-    assert ex.equivalent == "Conv2d(4, 2, kernel_size=1, bias=False)"
+    assert ex.equivalent_layer == "Conv2d(4, 2, kernel_size=1, bias=False)"
     assert ex.matrix_nnz == 2 * 4 * 64
     assert "4x4" in ex.stride_effect  # stride 2 on 8x8
     assert "bias alone" in ex.padding_effect
@@ -96,7 +96,7 @@ def test_conv_covering_input_with_zero_padding_is_cropped() -> None:
     conv = nn.Conv2d(2, 3, 3, padding=1)
     ex = explain(conv, (2, 1, 1))
     assert ex.relation == "kernel_covers_input"
-    assert "cropped" in ex.equivalent and "cropped" in ex.padding_effect
+    assert "cropped" in ex.equivalent_layer and "cropped" in ex.padding_effect
     linear = fcconv.conv_to_linear(conv, (2, 1, 1))
     assert torch.equal(linear.weight, conv.weight[:, :, 1, 1])
 
@@ -104,7 +104,7 @@ def test_conv_covering_input_with_zero_padding_is_cropped() -> None:
 def test_pointwise_conv_with_groups_is_block_diagonal() -> None:
     ex = explain(nn.Conv2d(8, 8, 1, groups=2), (8, 4, 4))
     assert ex.relation == "pointwise"
-    assert "block-diagonal (2 blocks)" in ex.equivalent
+    assert "block-diagonal (2 blocks)" in ex.equivalent_layer
     assert ex.equivalent_params == 8 * 8 + 8
 
 

@@ -108,6 +108,21 @@ def assert_copies(a: Tensor, b: Tensor) -> None:
     assert a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
 
 
+def assert_shared_or_copied(result: nn.Module, source: nn.Module, share: bool) -> None:
+    """Weight and bias of ``result`` alias ``source``'s with ``share``, else are copies."""
+    check = assert_aliases if share else assert_copies
+    check(result.weight, source.weight)
+    if source.bias is not None:
+        check(result.bias, source.bias)
+
+
+def assert_same_linear(back: nn.Module, linear: nn.Linear) -> None:
+    """The round trip gives the Linear back, weight and bias bit for bit."""
+    assert type(back) is nn.Linear and back.weight.shape == linear.weight.shape
+    assert torch.equal(back.weight, linear.weight)
+    assert (back.bias is None and linear.bias is None) or torch.equal(back.bias, linear.bias)
+
+
 def make_linear(in_features: int, out_features: int, dtype: torch.dtype = torch.float32, bias: bool = True,
                 seed: int = 0) -> Any:
     torch.manual_seed(seed)
@@ -160,13 +175,8 @@ def check_linear_to_conv(linear: Any, shape: tuple[int, ...], share: bool) -> An
     assert_outputs_match(linear, conv, x.flatten(1), input_map=lambda v: v.reshape(-1, *shape))
     # Round trip: the kernel reshaped back, bit for bit.
     back = conv_to_linear(conv, shape, share_weights=share)
-    assert type(back) is nn.Linear and back.weight.shape == linear.weight.shape
-    assert torch.equal(back.weight, linear.weight)
-    assert (back.bias is None and linear.bias is None) or torch.equal(back.bias, linear.bias)
-    # Sharing or copying.
-    (assert_aliases if share else assert_copies)(conv.weight, linear.weight)
-    if linear.bias is not None:
-        (assert_aliases if share else assert_copies)(conv.bias, linear.bias)
+    assert_same_linear(back, linear)
+    assert_shared_or_copied(conv, linear, share)
     # Source unchanged.
     assert_unchanged(linear, snap)
     return conv
@@ -219,9 +229,8 @@ def check_linear_to_pointwise(linear: Any, ndim: int, share: bool) -> Any:
     assert_outputs_match(linear, conv, x.movedim(1, -1), input_map=lambda v: v.movedim(-1, 1),
                          output_map=lambda y: y.movedim(1, -1))
     back = pointwise_to_linear(conv, share_weights=share)
-    assert type(back) is nn.Linear and torch.equal(back.weight, linear.weight)
-    assert (back.bias is None and linear.bias is None) or torch.equal(back.bias, linear.bias)
-    (assert_aliases if share else assert_copies)(conv.weight, linear.weight)
+    assert_same_linear(back, linear)
+    assert_shared_or_copied(conv, linear, share)
     assert_unchanged(linear, snap)
     return conv
 

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
+from fcconv.certify import assert_equivalent
 from fcconv.errors import FcconvError
 from fcconv.matrix import (
     conv_bias_vector,
@@ -73,15 +74,23 @@ def check_exact(conv: Any, input_shape: tuple[int, ...]) -> Tensor:
     assert torch.equal(coo.to_dense(), dense)
     geom = conv_geometry(input_shape[1:], conv.kernel_size, stride=conv.stride, padding=conv.padding,
                          dilation=conv.dilation)
-    nnz = conv_matrix_nnz(geom, conv.padding_mode, conv.out_channels, conv.weight.shape[1])
+    nnz = conv_matrix_nnz(geom, conv.padding_mode, c_out=conv.out_channels,
+                          c_in_per_group=conv.weight.shape[1])
     assert csr._nnz() == coo._nnz() == nnz  # memory proportional to the structural nonzeros
-    # And the matrix is the conv: y = M x + b on a random input (float64, tolerance of the sums).
-    x = torch.randn(2, *input_shape, dtype=torch.float64)
-    y = x.flatten(1) @ dense.T.double()
-    if conv.bias is not None:
-        y = y + conv_bias_vector(conv.bias, geom.out_spatial).double()
-    torch.testing.assert_close(y, conv.double()(x).flatten(1), rtol=1e-12, atol=1e-12)
+    # And the matrix is the conv: x -> M x + b is the same function, certified by compare.
+    assert_equivalent(conv, as_linear(dense, conv, geom.out_spatial), input_shape,
+                      input_map=lambda v: v.flatten(1))
     return dense
+
+
+def as_linear(matrix: Tensor, conv: Any, out_spatial: tuple[int, ...]) -> nn.Linear:
+    """The Linear ``x -> M x + b`` of a conv's matrix, ``b`` its bias repeated over positions."""
+    linear = nn.Linear(matrix.shape[1], matrix.shape[0], bias=conv.bias is not None, dtype=matrix.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(matrix)
+        if conv.bias is not None:
+            linear.bias.copy_(conv_bias_vector(conv.bias, out_spatial))
+    return linear
 
 
 # Grid: every padding mode x padding form x stride x dilation x groups x rank, with bias.
@@ -148,6 +157,11 @@ def test_low_precision_dtypes(dtype: torch.dtype, mode: str) -> None:
     else:
         bound = 9 * torch.finfo(dtype).eps * conv_weight_matrix(w64.abs(), spatial, **kwargs)  # type: ignore[arg-type]
         assert bool(((low.double() - exact).abs() <= bound).all())
+    # And the low-precision matrix is the conv's function: certified by compare, allowing the summed
+    # taps of folded modes their rounding (compare's parameter_rounding, made for them).
+    out_spatial = conv_geometry(spatial, (3, 3), padding=2).out_spatial
+    assert_equivalent(conv, as_linear(low, conv, out_spatial), (2, *spatial),
+                      input_map=lambda v: v.flatten(1), parameter_rounding=mode != "zeros")
 
 
 def test_groups_give_a_block_diagonal_matrix() -> None:
@@ -231,7 +245,7 @@ def test_padding_mode_geometry(mode: str, padding: int, size: int, message: str)
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(layout="bsr"), r"^layout must be one of dense, csr, coo; got 'bsr'\."),
+        (dict(layout="bsr"), r"^layout must be one of 'dense', 'csr', 'coo'; got 'bsr'\."),
         (dict(padding_mode="mirror"), r"^padding_mode must be one of zeros, reflect, replicate, circular; "
                                       r"got 'mirror'\."),
         (dict(groups=3), r"^groups must divide the 4 output channels; got groups=3\."),

@@ -16,7 +16,7 @@ from fcconv._shapes import (
     per_dim,
     stochastic_in_training,
 )
-from fcconv.errors import FcconvError
+from fcconv.errors import FcconvError, NotEquivalentError
 
 
 @pytest.mark.parametrize(("value", "expected"), [
@@ -51,6 +51,27 @@ def test_labels_rank_and_input_shape() -> None:
     assert check_input_shape((np.int64(3), 4)) == (3, 4)
     with pytest.raises(FcconvError, match=r"^input_shape must hold integers"):
         check_input_shape((3, True))
+
+
+def test_check_input_shape_options() -> None:
+    # any_rank: compare's shapes, one int for a flat vector, any rank from 1 up.
+    assert check_input_shape(4, any_rank=True) == (4,)
+    assert check_input_shape((np.int64(2), 3, 4, 5, 6), any_rank=True) == (2, 3, 4, 5, 6)
+    with pytest.raises(FcconvError, match=r"^input_shape must have rank 2 to 4"):
+        check_input_shape((4,))
+    with pytest.raises(FcconvError, match=r"^input_shape must be a per-sample shape"):
+        check_input_shape(4)
+    with pytest.raises(FcconvError, match=r"^input_shape must be a per-sample shape .* or 4 for 4 features"):
+        check_input_shape(True, any_rank=True)
+    with pytest.raises(FcconvError, match=r"^input_shape must have at least one dim"):
+        check_input_shape((), any_rank=True)
+    # conv: the shape must enter the conv.
+    conv = nn.Conv2d(3, 4, 3)
+    assert check_input_shape((3, 5, 5), conv=conv) == (3, 5, 5)
+    with pytest.raises(FcconvError, match=r"^f: Conv2d\(in_channels=3\) takes inputs of rank 3"):
+        check_input_shape((3, 5), conv=conv, caller="f")
+    with pytest.raises(NotEquivalentError, match=r"^f: Conv2d\(in_channels=3\) expects 3 input channels"):
+        check_input_shape((2, 5, 5), conv=conv, caller="f")
 
 
 def test_module_dtype_device() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 import operator
 from collections.abc import Sequence
 from typing import Any, SupportsIndex, cast
@@ -12,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fcconv.errors import FcconvError
+from fcconv.errors import FcconvError, NotEquivalentError
 
 __all__ = [
     "SPATIAL_LABELS",
@@ -24,7 +23,6 @@ __all__ = [
     "dim_labels",
     "format_shape",
     "module_dtype_device",
-    "numel",
     "per_dim",
     "stochastic_in_training",
 ]
@@ -35,30 +33,52 @@ def format_shape(shape: Sequence[int]) -> str:
     return "(" + ", ".join(str(int(s)) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
-def check_input_shape(input_shape: object, *, what: str = "input_shape") -> tuple[int, ...]:
-    """Return ``input_shape`` as a tuple ``(C, *spatial)`` with 1 to 3 spatial dims, or raise.
+def check_input_shape(
+    input_shape: object,
+    *,
+    what: str = "input_shape",
+    any_rank: bool = False,
+    conv: nn.Module | None = None,
+    caller: str | None = None,
+) -> tuple[int, ...]:
+    """Return ``input_shape`` as a tuple of positive ints, or raise: the one per-sample shape check.
+
+    By default the shape is ``(C, *spatial)`` with 1 to 3 spatial dims, the input of a Conv1d/2d/3d.
+    Python and numpy integers and 0-d integer tensors are accepted; bools are refused.
 
     Args:
         input_shape: the per-sample shape, without the batch dimension, e.g. ``(3, 224, 224)``.
-        what: the argument name used in error messages.
+        what: the argument name used in error messages (``"--input"`` on the command line).
+        any_rank: accept any rank from 1 up, and one int ``n`` for ``(n,)`` (a flat vector of ``n``
+            features), as :func:`fcconv.compare` does for any module.
+        conv: also check that the shape enters this convolution: rank ``1 + len(conv.kernel_size)``
+            and ``conv.in_channels`` channels.
+        caller: the function named at the start of the messages about ``conv``.
 
     Raises:
-        FcconvError: if it is not a sequence of 2 to 4 positive integers.
+        FcconvError: if it is not a sequence of positive integers of an accepted rank.
+        NotEquivalentError: if its channel count is not ``conv.in_channels``.
+
+    Example:
+        >>> check_input_shape((3, 32, 32)), check_input_shape(4, any_rank=True)
+        ((3, 32, 32), (4,))
     """
+    if any_rank and _is_int(input_shape):
+        input_shape = (input_shape,)
     if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence):
+        example = "(3, 32, 32), or 4 for 4 features" if any_rank else "(3, 32, 32)"
         raise FcconvError(
-            f"{what} must be a per-sample shape (C, *spatial) such as (3, 32, 32); "
-            f"got {input_shape!r}. Pass a tuple of 2 to 4 positive integers, without the batch size."
+            f"{what} must be a per-sample shape (C, *spatial) such as {example}; got "
+            f"{input_shape!r:.80}. Pass a tuple of positive integers, without the batch size."
         )
-    try:
-        if any(isinstance(s, bool) for s in input_shape):
-            raise TypeError
-        shape = tuple(operator.index(s) for s in input_shape)  # ints, numpy ints, 0-d int tensors
-    except TypeError:
+    if not all(_is_int(s) for s in input_shape):
         raise FcconvError(
-            f"{what} must hold integers; got {input_shape!r}. Pass e.g. (3, 32, 32)."
-        ) from None
-    if not 2 <= len(shape) <= 4:
+            f"{what} must hold integers; got {input_shape!r:.80}. Pass e.g. (3, 32, 32)."
+        )
+    shape = tuple(operator.index(s) for s in input_shape)  # ints, numpy ints, 0-d int tensors
+    if any_rank and not shape:
+        raise FcconvError(f"{what} must have at least one dim; got (). Pass e.g. (4,) for 4 features.")
+    if not any_rank and not 2 <= len(shape) <= 4:
         raise FcconvError(
             f"{what} must have rank 2 to 4, (C, L), (C, H, W) or (C, D, H, W), for Conv1d/2d/3d; "
             f"got rank {len(shape)}: {format_shape(shape)}. Leave out the batch dimension; "
@@ -69,12 +89,26 @@ def check_input_shape(input_shape: object, *, what: str = "input_shape") -> tupl
             f"{what} sizes must be positive; got {format_shape(shape)}. "
             "Every channel and spatial size must be at least 1."
         )
+    if conv is not None:
+        _check_fits_conv(shape, conv, caller or "fcconv")
     return shape
 
 
-def numel(shape: Sequence[int]) -> int:
-    """The number of elements of a per-sample shape."""
-    return math.prod(shape)
+def _check_fits_conv(shape: tuple[int, ...], conv: nn.Module, caller: str) -> None:
+    ndim, c_in = len(cast(Sequence[int], conv.kernel_size)), cast(int, conv.in_channels)
+    name = f"{type(conv).__name__}(in_channels={c_in})"
+    if len(shape) != ndim + 1:
+        raise FcconvError(
+            f"{caller}: {name} takes inputs of rank {ndim + 1} (C plus {ndim} spatial dims); got "
+            f"input_shape {format_shape(shape)} of rank {len(shape)}. Pass the per-sample shape "
+            "without the batch dimension."
+        )
+    if shape[0] != c_in:
+        raise NotEquivalentError(
+            f"{caller}: {name} expects {c_in} input channels; got input_shape "
+            f"{format_shape(shape)} with {shape[0]}. Pass the shape of the tensor that enters "
+            "this conv."
+        )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from fcconv._shapes import check_input_shape, format_shape
 from fcconv.errors import FcconvError, NotEquivalentError
-from fcconv.layers import _check_conv_input, conv_output_shape
+from fcconv.layers import conv_module_geometry, conv_output_shape
 from fcconv.matrix import ConvGeometry, conv_geometry, conv_matrix_nnz
 
 __all__ = ["Explanation", "Relation", "explain"]
@@ -41,8 +41,8 @@ class Explanation:
         relation: the equivalence that holds: ``"kernel_covers_input"``, ``"pointwise"`` or
             ``"structured_matrix"``.
         holds: every relation that holds (a Linear on ``(C, 1, 1)`` is both scenario 1 and 2).
-        equivalent: the equivalent layer, as code, and the fcconv call that builds it.
-        how: the fcconv call that builds the equivalent layer.
+        equivalent_layer: the equivalent layer, as code.
+        built_by: the fcconv call that builds the equivalent layer.
         params: parameters of the layer.
         equivalent_params: parameters of the equivalent layer.
         matrix_shape: ``(out_numel, in_numel)`` of the layer's matrix on this input.
@@ -56,8 +56,8 @@ class Explanation:
     output_shape: tuple[int, ...]
     relation: Relation
     holds: tuple[Relation, ...]
-    equivalent: str
-    how: str
+    equivalent_layer: str
+    built_by: str
     params: int
     equivalent_params: int
     matrix_shape: tuple[int, int]
@@ -78,8 +78,8 @@ class Explanation:
             f"{format_shape(self.output_shape)}",
             f"Equivalence: {_TITLES[self.relation]}"
             + (f"; also {', '.join(also)}" if also else ""),
-            f"  equivalent layer: {self.equivalent}",
-            f"  built by:         {self.how}",
+            f"  equivalent layer: {self.equivalent_layer}",
+            f"  built by:         {self.built_by}",
             f"  parameters:       {self.params:,} here, {self.equivalent_params:,} in the equivalent",
             f"  matrix:           {rows:,} x {cols:,}, {self.matrix_nnz:,} nonzeros "
             f"({100 * self.density:.3g}% dense)",
@@ -126,8 +126,8 @@ def _explain_linear(linear: nn.Linear, shape: tuple[int, ...]) -> Explanation:
         return Explanation(
             layer=repr(linear), input_shape=shape, output_shape=(out, *([1] * n)),
             relation="kernel_covers_input", holds=tuple(holds),
-            equivalent=f"{conv}({c}, {out}, kernel_size={_kernel_arg(spatial)}{bias_arg})",
-            how=f"fcconv.linear_to_conv(linear, {format_shape(shape)})",
+            equivalent_layer=f"{conv}({c}, {out}, kernel_size={_kernel_arg(spatial)}{bias_arg})",
+            built_by=f"fcconv.linear_to_conv(linear, {format_shape(shape)})",
             params=params, equivalent_params=params, matrix_shape=(out, numel), matrix_nnz=out * numel,
             stride_effect=(
                 f"none here. The {_x(spatial)} kernel covers the whole {_x(spatial)} input, so it fits "
@@ -145,8 +145,8 @@ def _explain_linear(linear: nn.Linear, shape: tuple[int, ...]) -> Explanation:
     return Explanation(
         layer=repr(linear), input_shape=shape, output_shape=(out, *spatial),
         relation="pointwise", holds=tuple(holds),
-        equivalent=f"{conv}({c}, {out}, kernel_size=1{bias_arg})",
-        how=f"fcconv.linear_to_pointwise(linear, ndim={n})",
+        equivalent_layer=f"{conv}({c}, {out}, kernel_size=1{bias_arg})",
+        built_by=f"fcconv.linear_to_pointwise(linear, ndim={n})",
         params=params, equivalent_params=params,
         matrix_shape=(out * positions, numel), matrix_nnz=out * c * positions,
         stride_effect=(
@@ -243,21 +243,21 @@ def _stride_text(geom: ConvGeometry, shape: tuple[int, ...], covers: bool) -> st
 
 
 def _explain_conv(conv: _ConvNd, shape: tuple[int, ...]) -> Explanation:
-    _check_conv_input(conv, shape, "explain")
+    check_input_shape(shape, conv=conv, caller="explain")
     out_shape = conv_output_shape(conv, shape)
     in_numel, out_numel = math.prod(shape), math.prod(out_shape)
     params = sum(p.numel() for p in conv.parameters())
     bias = conv.bias is not None
     matrix_shape = (out_numel, in_numel)
     if isinstance(conv, _ConvTransposeNd):
-        adjoint = conv_geometry(out_shape[1:], conv.kernel_size, stride=conv.stride,
-                                padding=conv.padding, dilation=conv.dilation)
-        nnz = conv_matrix_nnz(adjoint, "zeros", conv.in_channels, conv.out_channels // conv.groups)
+        adjoint = conv_module_geometry(conv, out_shape[1:])
+        nnz = conv_matrix_nnz(adjoint, "zeros", c_out=conv.in_channels,
+                              c_in_per_group=conv.out_channels // conv.groups)
         return Explanation(
             layer=repr(conv), input_shape=shape, output_shape=out_shape, relation="structured_matrix",
             holds=("structured_matrix",),
-            equivalent=f"Linear({in_numel}, {out_numel}{'' if bias else ', bias=False'})",
-            how=f"fcconv.conv_to_linear(conv, {format_shape(shape)})",
+            equivalent_layer=f"Linear({in_numel}, {out_numel}{'' if bias else ', bias=False'})",
+            built_by=f"fcconv.conv_to_linear(conv, {format_shape(shape)})",
             params=params, equivalent_params=in_numel * out_numel + (out_numel if bias else 0),
             matrix_shape=matrix_shape, matrix_nnz=nnz,
             stride_effect=(
@@ -270,9 +270,9 @@ def _explain_conv(conv: _ConvNd, shape: tuple[int, ...]) -> Explanation:
                 else "none: a transposed conv's padding would crop the output border."
             ),
         )
-    geom = conv_geometry(shape[1:], conv.kernel_size, stride=conv.stride,
-                         padding=conv.padding, dilation=conv.dilation)
-    nnz = conv_matrix_nnz(geom, conv.padding_mode, conv.out_channels, conv.in_channels // conv.groups)
+    geom = conv_module_geometry(conv, shape[1:])
+    nnz = conv_matrix_nnz(geom, conv.padding_mode, c_out=conv.out_channels,
+                          c_in_per_group=conv.in_channels // conv.groups)
     covers = geom.single_position and (conv.padding_mode == "zeros" or not geom.pads)
     pointwise = (all(k == 1 for k in geom.kernel) and all(s == 1 for s in geom.stride)
                  and not geom.pads)
@@ -286,19 +286,19 @@ def _explain_conv(conv: _ConvNd, shape: tuple[int, ...]) -> Explanation:
     bias_arg = "" if bias else ", bias=False"
     if holds[0] == "pointwise":
         groups = conv.groups
-        equivalent = f"Linear({conv.in_channels}, {conv.out_channels}{bias_arg}) at every position"
+        eq_layer = f"Linear({conv.in_channels}, {conv.out_channels}{bias_arg}) at every position"
         if groups > 1:
-            equivalent += f", block-diagonal ({groups} blocks)"
-        how = "fcconv.pointwise_to_linear(conv)"
+            eq_layer += f", block-diagonal ({groups} blocks)"
+        built_by = "fcconv.pointwise_to_linear(conv)"
         eq_params = conv.in_channels * conv.out_channels + (conv.out_channels if bias else 0)
     else:
-        equivalent = f"Linear({in_numel}, {out_numel}{bias_arg})"
-        how = f"fcconv.conv_to_linear(conv, {format_shape(shape)})"
+        eq_layer = f"Linear({in_numel}, {out_numel}{bias_arg})"
+        built_by = f"fcconv.conv_to_linear(conv, {format_shape(shape)})"
         eq_params = in_numel * out_numel + (out_numel if bias else 0)
         if holds[0] == "kernel_covers_input" and geom.pads:
-            equivalent += " with the kernel cropped to the input"
+            eq_layer += " with the kernel cropped to the input"
         elif holds[0] == "structured_matrix":
-            equivalent += " whose weight is the conv's matrix (fcconv.conv_matrix)"
+            eq_layer += " whose weight is the conv's matrix (fcconv.conv_matrix)"
     stride_text = _stride_text(geom, shape, covers)
     if pointwise and not covers:
         stride_text = (
@@ -307,7 +307,8 @@ def _explain_conv(conv: _ConvNd, shape: tuple[int, ...]) -> Explanation:
         )
     return Explanation(
         layer=repr(conv), input_shape=shape, output_shape=out_shape, relation=holds[0],
-        holds=tuple(holds), equivalent=equivalent, how=how, params=params, equivalent_params=eq_params,
+        holds=tuple(holds), equivalent_layer=eq_layer, built_by=built_by, params=params,
+        equivalent_params=eq_params,
         matrix_shape=matrix_shape, matrix_nnz=nnz, stride_effect=stride_text,
         padding_effect=_padding_text(conv, geom, shape, holds[0]),
     )

@@ -27,18 +27,19 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from fcconv._shapes import check_input_shape, format_shape, per_dim
+from fcconv._sparse import coo_to_csr, ravel
 from fcconv.errors import FcconvError, NotEquivalentError
 from fcconv.matrix import (
-    LAYOUTS,
     ConvGeometry,
+    check_layout,
     conv_bias_vector,
     conv_geometry,
     conv_weight_matrix,
-    coo_to_csr,
 )
 
 __all__ = [
     "conv_matrix",
+    "conv_module_geometry",
     "conv_output_shape",
     "conv_to_linear",
     "linear_to_conv",
@@ -212,25 +213,6 @@ def linear_to_pointwise(
                      _copy_bias(linear.bias, share_weights), linear)
 
 
-def _check_conv_input(conv: _ConvNd, input_shape: Sequence[int], fn: str) -> tuple[int, ...]:
-    shape = check_input_shape(input_shape)
-    ndim = len(conv.kernel_size)
-    name = f"{type(conv).__name__}(in_channels={conv.in_channels})"
-    if len(shape) != ndim + 1:
-        raise FcconvError(
-            f"{fn}: {name} takes inputs of rank {ndim + 1} (C plus {ndim} spatial dims); got "
-            f"input_shape {format_shape(shape)} of rank {len(shape)}. Pass the per-sample shape "
-            "without the batch dimension."
-        )
-    if shape[0] != conv.in_channels:
-        raise NotEquivalentError(
-            f"{fn}: {name} expects {conv.in_channels} input channels; got input_shape "
-            f"{format_shape(shape)} with {shape[0]}. Pass the shape of the tensor that enters "
-            "this conv."
-        )
-    return shape
-
-
 def _transpose_geometry(conv: _ConvTransposeNd, spatial: tuple[int, ...]) -> tuple[int, ...]:
     """The output spatial size of a transposed conv: the input size of its adjoint conv."""
     if isinstance(conv.padding, str):
@@ -245,8 +227,16 @@ def _transpose_geometry(conv: _ConvTransposeNd, spatial: tuple[int, ...]) -> tup
     )
 
 
-def _geometry(conv: _ConvNd, spatial: tuple[int, ...]) -> ConvGeometry:
-    return conv_geometry(spatial, conv.kernel_size, stride=conv.stride,
+def conv_module_geometry(conv: _ConvNd, in_spatial: Sequence[int]) -> ConvGeometry:
+    """:func:`~fcconv.matrix.conv_geometry` with the kernel, stride, padding and dilation of ``conv``.
+
+    For a transposed conv, the geometry of its adjoint conv (the same attributes) on ``in_spatial``.
+
+    Example:
+        >>> conv_module_geometry(nn.Conv2d(3, 8, 3, stride=2, padding=1), (32, 32)).out_spatial
+        (16, 16)
+    """
+    return conv_geometry(in_spatial, conv.kernel_size, stride=conv.stride,
                          padding=conv.padding, dilation=conv.dilation)
 
 
@@ -266,7 +256,7 @@ def conv_output_shape(conv: nn.Module, input_shape: Sequence[int]) -> tuple[int,
         (8, 4, 4)
     """
     conv = _check_conv(conv, "conv_output_shape", transpose_ok=True)
-    shape = _check_conv_input(conv, input_shape, "conv_output_shape")
+    shape = check_input_shape(input_shape, conv=conv, caller="conv_output_shape")
     if isinstance(conv, _ConvTransposeNd):
         out = _transpose_geometry(conv, shape[1:])
         if any(o <= 0 for o in out):
@@ -275,7 +265,7 @@ def conv_output_shape(conv: nn.Module, input_shape: Sequence[int]) -> tuple[int,
                 f"{format_shape(shape)}. Use a larger input or less padding."
             )
         return (conv.out_channels, *out)
-    return (conv.out_channels, *_geometry(conv, shape[1:]).out_spatial)
+    return (conv.out_channels, *conv_module_geometry(conv, shape[1:]).out_spatial)
 
 
 def conv_matrix(conv: nn.Module, input_shape: Sequence[int], *, layout: str = "dense") -> Tensor:
@@ -306,12 +296,8 @@ def conv_matrix(conv: nn.Module, input_shape: Sequence[int], *, layout: str = "d
         torch.Size([4, 9])
     """
     conv = _check_conv(conv, "conv_matrix", transpose_ok=True)
-    if layout not in LAYOUTS:
-        raise FcconvError(
-            f"layout must be one of {', '.join(map(repr, LAYOUTS))}; got {layout!r}. Use 'csr' "
-            "or 'coo' for a sparse matrix whose memory grows with its nonzeros."
-        )
-    shape = _check_conv_input(conv, input_shape, "conv_matrix")
+    check_layout(layout)
+    shape = check_input_shape(input_shape, conv=conv, caller="conv_matrix")
     out_shape = conv_output_shape(conv, shape)
     if layout == "dense":
         nbytes = math.prod(out_shape) * math.prod(shape) * conv.weight.element_size()
@@ -341,8 +327,7 @@ def _transpose_matrix(conv: _ConvTransposeNd, shape: tuple[int, ...], out_shape:
         conv.weight, out_shape[1:], stride=conv.stride, padding=conv.padding,
         dilation=conv.dilation, groups=conv.groups, layout="coo" if layout != "dense" else layout,
     )
-    adjoint_out = conv_geometry(out_shape[1:], conv.kernel_size, stride=conv.stride,
-                                padding=conv.padding, dilation=conv.dilation).out_spatial
+    adjoint_out = conv_module_geometry(conv, out_shape[1:]).out_spatial
     extra = adjoint_out != shape[1:]
     if layout == "dense":
         if extra:
@@ -358,9 +343,7 @@ def _transpose_matrix(conv: _ConvTransposeNd, shape: tuple[int, ...], out_shape:
         keep = torch.ones_like(row, dtype=torch.bool)
         for c, size in zip(coords[1:], shape[1:]):
             keep &= c < size
-        row = coords[0][keep]
-        for c, size in zip(coords[1:], shape[1:]):
-            row = row * size + c[keep]
+        row = ravel([c[keep] for c in coords], shape)
         col, values = col[keep], values[keep]
     transposed = torch.sparse_coo_tensor(
         torch.stack((col, row)), values, (matrix.shape[1], math.prod(shape)), check_invariants=False
@@ -376,7 +359,7 @@ def _covering_kernel(conv: _ConvNd, shape: tuple[int, ...]) -> bool:
         and tuple(conv.kernel_size) == shape[1:]
         and all(d == 1 or k == 1 for d, k in zip(
             per_dim(conv.dilation, len(conv.kernel_size), "dilation", allow_one=True), conv.kernel_size))
-        and not _geometry(conv, shape[1:]).pads
+        and not conv_module_geometry(conv, shape[1:]).pads
     )
 
 
@@ -410,7 +393,7 @@ def conv_to_linear(
         Linear(in_features=4, out_features=2, bias=True)
     """
     conv = _check_conv(conv, "conv_to_linear", transpose_ok=True)
-    shape = _check_conv_input(conv, input_shape, "conv_to_linear")
+    shape = check_input_shape(input_shape, conv=conv, caller="conv_to_linear")
     out_shape = conv_output_shape(conv, shape)
     in_numel, out_numel = math.prod(shape), math.prod(out_shape)
     if _covering_kernel(conv, shape):

@@ -18,14 +18,14 @@ The dense matrix is written block by block through strided views (one ``copy_`` 
 along each axis), so building it costs little more than ``torch.zeros`` of its size; the script
 ``bench/conv_matrix.py`` measures it against ``jacrev``, ``jacfwd`` and ``jacobian``.
 
-The module-level wrapper is :func:`fcconv.conv_matrix`.
+The sparse layouts (CSR, COO, sums of folded taps) are packed in :mod:`fcconv._sparse`; the
+module-level wrapper is :func:`fcconv.conv_matrix`.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from fcconv._shapes import format_shape, per_dim
+from fcconv._sparse import assemble, coo_to_csr, fold_coo, folded
 from fcconv.errors import FcconvError
 
 __all__ = [
@@ -41,11 +42,11 @@ __all__ = [
     "ConvGeometry",
     "Layout",
     "PaddingMode",
+    "check_layout",
     "conv_bias_vector",
     "conv_geometry",
     "conv_matrix_nnz",
     "conv_weight_matrix",
-    "coo_to_csr",
 ]
 
 Layout = Literal["dense", "csr", "coo"]
@@ -53,6 +54,15 @@ PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
 LAYOUTS: tuple[Layout, ...] = ("dense", "csr", "coo")
 """The layouts of a conv matrix: a strided tensor, or torch sparse CSR or COO."""
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def check_layout(layout: str) -> None:
+    """Raise an :class:`FcconvError` unless ``layout`` is one of :data:`LAYOUTS`."""
+    if layout not in LAYOUTS:
+        raise FcconvError(
+            f"layout must be one of {', '.join(map(repr, LAYOUTS))}; got {layout!r}. Use 'csr' "
+            "or 'coo' for a sparse matrix whose memory grows with its nonzeros."
+        )
 
 
 @dataclass(frozen=True)
@@ -335,8 +345,7 @@ def conv_weight_matrix(
         >>> conv_weight_matrix(w, (2, 2)).shape  # the kernel covers the input: one row per channel
         torch.Size([2, 4])
     """
-    if layout not in LAYOUTS:
-        raise FcconvError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}.")
+    check_layout(layout)
     _check_kernel(weight, in_spatial, groups)
     geom = conv_geometry(in_spatial, weight.shape[2:], stride=stride, padding=padding,
                          dilation=dilation)
@@ -354,8 +363,8 @@ def conv_weight_matrix(
         return _circular_matrix(weight, geom, groups, layout)
     col, values, per_row = _entries(weight, geom, groups, padding_mode)
     if folds:
-        return _folded(col, values, per_row, (rows, cols), layout)
-    return _assemble(col, values, per_row, (rows, cols), layout)
+        return folded(col, values, per_row, (rows, cols), layout)
+    return assemble(col, values, per_row, (rows, cols), layout)
 
 
 def _check_kernel(weight: Tensor, in_spatial: Sequence[int], groups: int) -> None:
@@ -403,39 +412,6 @@ def _entries(weight: Tensor, geom: ConvGeometry, groups: int, padding_mode: str
     return col, values, per_row
 
 
-def _folded(col: Tensor, values: Tensor, per_row: Tensor, size: tuple[int, int], layout: str) -> Tensor:
-    """The matrix whose entries sum the taps that land on them (reflect and replicate padding)."""
-    rows, cols = size
-    device = values.device
-    row = torch.arange(rows, device=device).repeat_interleave(per_row)
-    if layout == "dense":
-        matrix = torch.zeros(rows, cols, dtype=values.dtype, device=device)
-        matrix.index_put_((row, col), values, accumulate=True)
-        return matrix
-    # Sum the taps that land on one entry in tap order, as the dense path and autograd do
-    # (``coalesce`` sums in another order, which can change the last bit).
-    keys, slot = torch.unique(row * cols + col, return_inverse=True)
-    summed = torch.zeros(keys.numel(), dtype=values.dtype, device=device)
-    summed.index_put_((slot,), values, accumulate=True)
-    row, col = keys.div(cols, rounding_mode="floor"), keys.remainder(cols)
-    return _assemble(col, summed, torch.bincount(row, minlength=rows), size, layout)
-
-
-def _assemble(col: Tensor, values: Tensor, per_row: Tensor, size: tuple[int, int], layout: str) -> Tensor:
-    """A sparse CSR or COO matrix from row-sorted entries, ``per_row`` of them in each row."""
-    rows = size[0]
-    if layout == "csr":
-        crow = torch.zeros(rows + 1, dtype=torch.int64, device=values.device)
-        torch.cumsum(per_row, 0, out=crow[1:])
-        with warnings.catch_warnings():  # "CSR support is in beta state"
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
-    row = torch.arange(rows, device=values.device).repeat_interleave(per_row)
-    return torch.sparse_coo_tensor(
-        torch.stack((row, col)), values, size, is_coalesced=True, check_invariants=False
-    )
-
-
 def _circular_matrix(weight: Tensor, geom: ConvGeometry, groups: int, layout: str) -> Tensor:
     """The matrix of a conv with circular padding: fold the padded input's matrix like autograd does.
 
@@ -465,48 +441,9 @@ def _circular_matrix(weight: Tensor, geom: ConvGeometry, groups: int, layout: st
         for d, (size, lo) in enumerate(zip(geom.in_spatial, geom.pad_left)):
             m = m.narrow(2 + d, lo, size)
         return m.reshape(rows, -1)
-    # Sparse: the same additions on the entries' coordinates; each step sums at most two entries
-    # per position, so the order within a step does not matter.
-    row, col = inner.indices()
-    values = inner.values()
-    full = (c_in, *padded)
-    coords = list(torch.unravel_index(col, full))
-    for d, src, dst, length in steps:
-        axis = coords[1 + d]
-        moved = (axis >= src) & (axis < src + length)
-        coords[1 + d] = torch.where(moved, axis - src + dst, axis)
-        key = row * math.prod(full) + _ravel(coords, full)
-        key, slot = torch.unique(key, return_inverse=True)
-        values = torch.zeros(key.numel(), dtype=values.dtype, device=values.device).index_put_(
-            (slot,), values, accumulate=True)
-        row = key.div(math.prod(full), rounding_mode="floor")
-        coords = list(torch.unravel_index(key.remainder(math.prod(full)), full))
-    inside = torch.ones_like(row, dtype=torch.bool)
-    for d, (size, lo) in enumerate(zip(geom.in_spatial, geom.pad_left)):
-        coords[1 + d] = coords[1 + d] - lo
-        inside &= (coords[1 + d] >= 0) & (coords[1 + d] < size)
-    shape = (c_in, *geom.in_spatial)
-    col = _ravel([c[inside] for c in coords], shape)
-    row, values = row[inside], values[inside]
-    cols = math.prod(shape)
-    coo = torch.sparse_coo_tensor(torch.stack((row, col)), values, (rows, cols),
-                                  is_coalesced=True, check_invariants=False)
+    # Sparse: the same additions on the entries' coordinates.
+    coo = fold_coo(inner, (c_in, *padded), steps, geom.pad_left, geom.in_spatial)
     return coo if layout == "coo" else coo_to_csr(coo)
-
-
-def _ravel(coords: Sequence[Tensor], shape: Sequence[int]) -> Tensor:
-    """The flat row-major index of ``coords`` in a tensor of ``shape``."""
-    flat = coords[0]
-    for c, size in zip(coords[1:], shape[1:]):
-        flat = flat * size + c
-    return flat
-
-
-def coo_to_csr(coo: Tensor) -> Tensor:
-    """A coalesced COO tensor as CSR, without torch's "CSR support is in beta state" warning."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return coo.to_sparse_csr()
 
 
 def conv_bias_vector(bias: Tensor, out_spatial: Sequence[int]) -> Tensor:
@@ -526,7 +463,7 @@ def conv_bias_vector(bias: Tensor, out_spatial: Sequence[int]) -> Tensor:
     return bias.detach().repeat_interleave(math.prod(out_spatial))
 
 
-def conv_matrix_nnz(geom: ConvGeometry, padding_mode: str, c_out: int, c_in_per_group: int) -> int:
+def conv_matrix_nnz(geom: ConvGeometry, padding_mode: str, *, c_out: int, c_in_per_group: int) -> int:
     """The number of nonzero entries (structural) of the conv's matrix, without building it.
 
     Args:
@@ -537,6 +474,10 @@ def conv_matrix_nnz(geom: ConvGeometry, padding_mode: str, c_out: int, c_in_per_
 
     Returns:
         The number of entries that a weight lands on; folded padding counts each position once.
+
+    Example:
+        >>> conv_matrix_nnz(conv_geometry((3, 3), (2, 2)), "zeros", c_out=1, c_in_per_group=1)
+        16
     """
     _check_padding_mode(geom, padding_mode)
     index, valid = _tap_index(geom, padding_mode)

@@ -426,8 +426,8 @@ def test_mismatched_output_sizes():
 @pytest.mark.parametrize(("args", "kwargs", "message"), [
     ((torch.zeros(3), nn.Linear(3, 2), (3,)), {}, "compare expects the reference to be a torch.nn.Module"),
     ((nn.Linear(3, 2), "conv", (3,)), {}, "compare expects the candidate to be a torch.nn.Module"),
-    ((nn.Linear(3, 2), nn.Linear(3, 2), "x"), {}, "input_shape must be the reference's per-sample"),
-    ((nn.Linear(3, 2), nn.Linear(3, 2), (3, 0)), {}, "input_shape must hold positive sizes"),
+    ((nn.Linear(3, 2), nn.Linear(3, 2), "x"), {}, "input_shape must be a per-sample shape"),
+    ((nn.Linear(3, 2), nn.Linear(3, 2), (3, 0)), {}, "input_shape sizes must be positive"),
     ((nn.Linear(3, 2), nn.Linear(3, 2), torch.zeros(2, 3)), {}, "input_shape is the reference's per-sample"),
     ((nn.Linear(3, 2), nn.Linear(3, 2)), {"inputs": torch.zeros(0, 3)}, "Input batch 0 has shape"),
     ((nn.Linear(3, 2), nn.Linear(3, 2)), {"inputs": (3,)}, "inputs must be a batch tensor"),

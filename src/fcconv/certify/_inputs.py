@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fcconv._shapes import stochastic_in_training
+from fcconv._shapes import check_input_shape, stochastic_in_training
 from fcconv.errors import FcconvError
 
 __all__ = ["as_float64", "check_module", "float64_copies", "input_batches", "output_maps", "round_through"]
@@ -38,13 +38,6 @@ def check_module(module: object, role: str) -> nn.Module:
             f"for you: call {role}.eval() first."
         )
     return module
-
-
-def _is_shape(value: object) -> bool:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return True
-    return (isinstance(value, (tuple, list, torch.Size)) and len(value) > 0
-            and all(isinstance(s, int) and not isinstance(s, bool) for s in value))
 
 
 def as_float64(x: Tensor) -> Tensor:
@@ -84,18 +77,7 @@ def _checked_shape(input_shape: object) -> tuple[int, ...]:
             "input_shape is the reference's per-sample input shape, e.g. (3, 32, 32); got tensors. "
             "Pass your own batches as inputs=x (or inputs=[x1, x2])."
         )
-    if not _is_shape(input_shape):
-        raise FcconvError(
-            "input_shape must be the reference's per-sample input shape, e.g. (3, 32, 32), or 4 for 4 "
-            f"features; got {input_shape!r:.80}."
-        )
-    shape = (input_shape,) if isinstance(input_shape, int) else tuple(input_shape)  # type: ignore[arg-type]
-    if any(s <= 0 for s in shape):
-        raise FcconvError(
-            f"input_shape must hold positive sizes; got {shape}. Pass the per-sample shape without the "
-            "batch dimension, e.g. (3, 32, 32)."
-        )
-    return shape
+    return check_input_shape(input_shape, any_rank=True)
 
 
 def _generated_batches(shape: tuple[int, ...], dtypes: Sequence[torch.dtype], work: torch.dtype,

@@ -304,9 +304,9 @@ def step(message: str, *, quiet: bool = False) -> Iterator[None]:
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
+    """Deprecated: use ``with fcconv._io.atomic_output(path) as tmp:`` (the one atomic writer).
 
-    A failed or interrupted write leaves no file behind and ``path`` as it was.
+    Kept only until ``cli/heatmap.py`` calls :func:`~fcconv._io.atomic_output` itself; then delete.
     """
     with atomic_output(path) as tmp:
         write(tmp)

@@ -29,8 +29,9 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from fcconv import __version__
+from fcconv._io import atomic_output
 from fcconv._shapes import format_shape
-from fcconv.cli._app import InputShape, OutputPath, fail, step, write_atomically
+from fcconv.cli._app import InputShape, OutputPath, fail, step
 from fcconv.cli._loading import CONVERT_FORMAT, LoadedModel, as_fcn_source, load_model
 from fcconv.cli._spec import layer_spec
 from fcconv.layers import conv_output_shape, conv_to_linear, linear_to_pointwise
@@ -178,8 +179,8 @@ def command(model: str, to: str, input_shape: tuple[int, ...] | None, output: Pa
         loaded = load_model(model, factory=factory, kwargs=kwargs, seed=seed)
     with step(f"Converting to {to}", quiet=quiet):
         payload = convert_loaded(loaded, to, input_shape, head_impl)
-    with step(f"Writing {output}", quiet=quiet):
-        write_atomically(output, lambda tmp: torch.save(payload, tmp))
+    with step(f"Writing {output}", quiet=quiet), atomic_output(output, what="a torch.save checkpoint") as tmp:
+        torch.save(payload, tmp)
     if not quiet:
         geometry = ", ".join(f"{k} {_plain(v)}" for k, v in payload["geometry"].items())
         size = output.stat().st_size / 2**20

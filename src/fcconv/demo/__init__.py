@@ -12,7 +12,7 @@ Three acts, all offline and in a few seconds on a laptop CPU (:func:`run_demo`):
 
 Example:
     >>> result = run_demo("fcconv-demo.png", progress=False, echo=None)
-    >>> result.textbook.conv_identical, result.exact, len(result.canvas.labels)
+    >>> result.textbook.conv_identical, result.equivalent, len(result.canvas.labels)
     (True, True, 24)
 """
 

@@ -110,7 +110,7 @@ def draw_picture(
     fig.suptitle(
         f"A {result.window[0]}x{result.window[1]} digit classifier, convolutionalized, reads the whole "
         f"{h}x{w} canvas in one pass\n{gh}x{gw} windows, "
-        f"{'equal to the sliding window' if result.exact else 'NOT equal to the sliding window'}, "
+        f"{'equal to the sliding window' if result.equivalent else 'NOT equal to the sliding window'}, "
         f"{result.speedup:.0f}x faster. Detection: precision {result.precision:.0%}, "
         f"recall {result.recall:.0%}",
         fontsize=13,

@@ -112,11 +112,6 @@ class Equality:
     report: EquivalenceReport
     same_winner_float32: float
 
-    @property
-    def within_bound(self) -> bool:
-        """The two compute the same function: equal up to rounding (the report's verdict)."""
-        return self.report.equivalent
-
 
 @dataclass(frozen=True)
 class DemoResult:
@@ -159,9 +154,12 @@ class DemoResult:
     picture: Path
 
     @property
-    def exact(self) -> bool:
-        """The float64 dense map equals the sliding window up to rounding, in every value."""
-        return self.equality.within_bound
+    def equivalent(self) -> bool:
+        """The dense map and the sliding window are the same function: the report's verdict.
+
+        Not to be confused with ``exact_sliding_window``, which says why (no layer pads).
+        """
+        return self.equality.report.equivalent
 
     @property
     def speedup(self) -> float:
@@ -312,7 +310,7 @@ def summary(result: DemoResult) -> list[str]:
     right = sum(d.correct for d in result.detections)
     values = gh * gw * NUM_CLASSES
     verdict = (
-        f"equal up to rounding in all {values} values" if result.exact
+        f"equal up to rounding in all {values} values" if result.equivalent
         else "DIFFERENT beyond rounding (a bug: please report it)"
     )
     return [

@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 
 import click
 
-from fcconv._io import atomic_output, check_output_path
+from fcconv._io import check_output_path
 from fcconv._shapes import check_input_shape
 from fcconv.errors import FcconvError
 
@@ -40,7 +40,6 @@ __all__ = [
     "one_line",
     "run_with_errors",
     "step",
-    "write_atomically",
 ]
 
 DEBUG_ENV = "FCCONV_DEBUG"
@@ -301,12 +300,3 @@ def step(message: str, *, quiet: bool = False) -> Iterator[None]:
         click.echo(" failed", err=True)
         raise
     click.echo(f" done ({time.perf_counter() - start:.1f} s)", err=True)
-
-
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Deprecated: use ``with fcconv._io.atomic_output(path) as tmp:`` (the one atomic writer).
-
-    Kept only until ``cli/heatmap.py`` calls :func:`~fcconv._io.atomic_output` itself; then delete.
-    """
-    with atomic_output(path) as tmp:
-        write(tmp)

@@ -16,9 +16,9 @@ import click
 import torch
 from torch import Tensor, nn
 
-from fcconv._io import IMAGE_SUFFIXES, image_format
+from fcconv._io import IMAGE_SUFFIXES, atomic_output, image_format
 from fcconv._shapes import format_shape
-from fcconv.cli._app import InputShape, NumberList, OutputPath, fail, step, write_atomically
+from fcconv.cli._app import InputShape, NumberList, OutputPath, fail, step
 from fcconv.cli._loading import as_fcn_source, import_attribute, load_model
 from fcconv.cli.tiles import MapOutput, is_map_output
 from fcconv.errors import FcconvError
@@ -153,7 +153,8 @@ def _draw(image: Tensor, winner: Tensor, confidence: Tensor, fcn: Any, labels: l
     axes.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7,
                 title="winning class", title_fontsize=7, frameon=False)
     figure.tight_layout()
-    write_atomically(path, lambda tmp: figure.savefig(tmp, format=image_format(path)))
+    with atomic_output(path, what="the heatmap") as tmp:
+        figure.savefig(tmp, format=image_format(path))
 
 
 @click.command(

@@ -39,7 +39,7 @@ from fcconv.models.receptive import Analysis, analyze
 from fcconv.models.shapes import NodeFailure, node_failure, record_shapes
 from fcconv.models.tracing import leaf_matchers, trace
 
-__all__ = ["FullyConvolutional", "convolutionalize"]
+__all__ = ["FullyConvolutional", "check_inference_mode", "convolutionalize"]
 
 _CACHED_ANALYSES = 8  # analyses kept per FCN (one per image size)
 
@@ -347,6 +347,16 @@ def _check_no_training_calls(model: nn.Module, gm: fx.GraphModule) -> None:
             found.append(f"node '{node.name}' ({node.target.__name__}(..., training=True))")
     if found:
         raise _training_error(model, found)
+
+
+def check_inference_mode(model: nn.Module, gm: fx.GraphModule) -> None:
+    """Refuse a model (traced as ``gm``) whose BatchNorm, Dropout or RReLU run in training mode.
+
+    Raises:
+        FcconvError: naming the modules or traced calls, and saying to call ``model.eval()``.
+    """
+    _check_not_training(model)
+    _check_no_training_calls(model, gm)
 
 
 def convolutionalize(model: nn.Module, input_shape: Sequence[int], *, inplace: bool = False,

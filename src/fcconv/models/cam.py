@@ -96,8 +96,7 @@ def _why_not_affine(node: fx.Node, gm: fx.GraphModule, shapes: dict[fx.Node, Nod
     if is_flatten_like(node, gm) and isinstance(src_shape, tuple) and len(src_shape) > 2 and math.prod(
             src_shape[2:]) > 1:
         return (f"it flattens a {format_shape(src_shape[1:])} map into the head, so each position "
-                "has its own weights and the scores are not a mean over positions; "
-                "fcconv.convolutionalize gives a score map of windows for such a model")
+                "has its own weights and the scores are not a mean over positions")
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
         if isinstance(module, nn.Linear):
@@ -222,8 +221,7 @@ def _find_head(gm: fx.GraphModule, shapes: dict[fx.Node, NodeValue]) -> _Head:
         inputs = _tensor_inputs(node, shapes, live)
         why: str | None
         if _is_max_pool(node, gm):
-            why = ("it is a max pooling: the max of a map is not the mean of its positions; "
-                   "fcconv.convolutionalize gives a score map of windows for such a model")
+            why = "it is a max pooling: the max of a map is not the mean of its positions"
         elif len(inputs) != 1:
             why = "it reads the features by more than one path"
         else:
@@ -231,12 +229,14 @@ def _find_head(gm: fx.GraphModule, shapes: dict[fx.Node, NodeValue]) -> _Head:
         if why is not None:
             raise NotEquivalentError(
                 f"{_NOT_FORM}; {describe(node, gm)}, between the output and the global average "
-                f"pool, is not: {why}. A ReLU between the Linears breaks it too."
+                f"pool, is not: {why}. For such a head, fcconv.convolutionalize gives a score map "
+                "of windows instead."
             )
         chain.append(node)
         node = inputs[0]
     raise NotEquivalentError(
-        f"{_NOT_FORM}; {type(gm).__name__} has no global average pool feeding its output."
+        f"{_NOT_FORM}; {type(gm).__name__} has no global average pool feeding its output. "
+        "fcconv.convolutionalize gives a score map of windows instead."
     )
 
 

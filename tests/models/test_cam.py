@@ -50,6 +50,10 @@ class Net(nn.Module):
             return x.mean(-1).mean(-1)
         if self.pool == "view_mean":
             return x.view(x.size(0), x.size(1), -1).mean(2)
+        if self.pool == "sum":
+            return x.sum((2, 3)) / (x.shape[2] * x.shape[3])
+        if self.pool == "flatten_sum":
+            return x.flatten(2).sum(-1) * 0.5
         if self.pool == "avg_pool":
             return F.avg_pool2d(x, x.shape[2:])[:, :, 0, 0]
         if self.pool == "max":
@@ -70,7 +74,8 @@ def _net(**kwargs: str) -> Net:
     return net.eval()
 
 
-@pytest.mark.parametrize("pool", ["adaptive", "mean", "mean_mean", "view_mean", "avg_pool"])
+@pytest.mark.parametrize("pool", ["adaptive", "mean", "mean_mean", "view_mean", "avg_pool", "sum",
+                                  "flatten_sum"])
 def test_cam_mean_is_the_logits_and_each_position_is_the_head(pool: str) -> None:
     net = _net(pool=pool)
     x = torch.randn(2, 3, 15, 17, dtype=DTYPE)
@@ -81,6 +86,7 @@ def test_cam_mean_is_the_logits_and_each_position_is_the_head(pool: str) -> None
         torch.testing.assert_close(cam.logits, net(x), rtol=0, atol=0)
         # position (2, 3) is the head applied to the features there
         f = net.features(x)[:, :, 2, 3]
+        f = f * (0.5 * 42 if pool == "flatten_sum" else 1)  # a sum pool, halved
         by_hand = net.fc2(net.bn(net.fc1(f))) * net.scale + 0.25
     report = fcconv.compare(_Fixed(by_hand), _Fixed(cam.scores[:, :, 2, 3]), inputs=x)
     assert report.equivalent, report

@@ -70,6 +70,7 @@ class _Head:
     features: str   # the node whose positions are the map's cells
     pool: str       # the global average pool of it
     chain: tuple[str, ...]  # the affine nodes from the pool to the output
+    sums: bool = False  # the pool is a sum: each position stands for the sum, count times itself
 
 
 _AFFINE_MODULES = (nn.Identity, nn.Flatten, nn.modules.dropout._DropoutNd)
@@ -143,7 +144,25 @@ def _global_average(node: fx.Node, gm: fx.GraphModule, shapes: dict[fx.Node, Nod
     return _unpooled(src, gm, shapes) if whole else None
 
 
-def _unpooled(node: fx.Node, gm: fx.GraphModule, shapes: dict[fx.Node, NodeValue]) -> fx.Node:
+def _global_sum(node: fx.Node, gm: fx.GraphModule, shapes: dict[fx.Node, NodeValue]) -> fx.Node | None:
+    """The feature map that ``node`` sums over all its positions (``x.sum((2, 3))``), or None."""
+    is_sum = (node.op == "call_method" and node.target == "sum") or (
+        node.op == "call_function" and node.target is torch.sum)
+    src = node.all_input_nodes[0] if is_sum and node.all_input_nodes else None
+    src_shape = shapes.get(src) if src is not None else None
+    if src is None or not isinstance(src_shape, tuple) or len(src_shape) < 3 or arg(
+            node, 3, "dtype") is not None:
+        return None
+    dims = arg(node, 1, "dim")
+    dims = (dims,) if isinstance(dims, int) else dims
+    if not isinstance(dims, (tuple, list)) or not all(isinstance(d, int) for d in dims):
+        return None
+    whole = {d % len(src_shape) for d in dims} == set(range(2, len(src_shape)))
+    return _unpooled(src, gm, shapes, means=False) if whole else None
+
+
+def _unpooled(node: fx.Node, gm: fx.GraphModule, shapes: dict[fx.Node, NodeValue], *,
+              means: bool = True) -> fx.Node:
     """The map before partial averages over positions or flattens of positions (uniform weights:
     a mean of means over the remaining positions is the mean over all): ``x.mean(-1).mean(-1)``,
     ``x.flatten(2).mean(2)``."""
@@ -153,7 +172,7 @@ def _unpooled(node: fx.Node, gm: fx.GraphModule, shapes: dict[fx.Node, NodeValue
         if not isinstance(before, tuple) or not isinstance(after, tuple) or len(before) < 3:
             break
         reduced = reduction_of(node)
-        partial = reduced is not None and reduced[0] == "avg" and all(
+        partial = means and reduced is not None and reduced[0] == "avg" and all(
             d % len(before) >= 2 for d in reduced[1])
         merged = (is_flatten_like(node, gm) and len(after) == 3 and before[:2] == after[:2]
                   and math.prod(before[2:]) == after[2])
@@ -215,9 +234,11 @@ def _find_head(gm: fx.GraphModule, shapes: dict[fx.Node, NodeValue]) -> _Head:
     while node is not None:
         if node.op == "placeholder":
             break
-        features = _global_average(node, gm, shapes)
+        averaged = _global_average(node, gm, shapes)
+        summed = _global_sum(node, gm, shapes) if averaged is None else None
+        features = averaged if averaged is not None else summed
         if features is not None:
-            return _Head(features.name, node.name, tuple(n.name for n in reversed(chain)))
+            return _Head(features.name, node.name, tuple(n.name for n in reversed(chain)), summed is not None)
         inputs = _tensor_inputs(node, shapes, live)
         why: str | None
         if _is_max_pool(node, gm):
@@ -256,6 +277,8 @@ class _Positions(fx.Interpreter):
             f = self.features  # kept: the interpreter frees it after its last user
             self.grid = tuple(f.shape[2:])
             cells = f.movedim(1, -1).reshape(-1, f.shape[1])  # (N * positions, C)
+            if self.head.sums:
+                cells = cells * math.prod(self.grid)
             return cells.reshape(cells.shape[0], *pooled.shape[1:])
         value = super().run_node(n)
         if n.name == self.head.features:

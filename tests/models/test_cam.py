@@ -161,3 +161,29 @@ def test_the_docs_examples_run() -> None:
     assert blocks
     for block in blocks:
         exec(compile(block, str(DOCS), "exec"), {})
+
+
+def test_a_pointwise_conv_after_the_pool_is_affine() -> None:
+    """timm's dla: global pool, then a 1x1 Conv2d as the classifier, then a flatten."""
+    net = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Conv2d(6, 4, 1),
+                        nn.Flatten()).to(DTYPE).eval()
+    cam = fcconv.class_activation_map(net, torch.randn(2, 3, 9, 10, dtype=DTYPE))
+    assert cam.report is not None and cam.report.equivalent and cam.scores.shape == (2, 4, 7, 8)
+
+
+def test_a_layer_norm_after_the_pool_is_refused() -> None:
+    """torchvision's convnext: pool, then LayerNorm2d (permute, layer_norm, permute): not affine."""
+
+    class Norm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.norm, self.fc = nn.Conv2d(3, 6, 3), nn.LayerNorm(6), nn.Linear(6, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = F.adaptive_avg_pool2d(self.conv(x), 1)
+            x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            return self.fc(x.flatten(1))
+
+    with pytest.raises(NotEquivalentError, match=r".*node 'norm' \(module 'norm': LayerNorm.*is not: it "
+                                                 r"normalises each sample by its own statistics"):
+        fcconv.class_activation_map(Norm().to(DTYPE).eval(), torch.randn(1, 3, 9, 9, dtype=DTYPE))

@@ -99,13 +99,15 @@ def _why_not_affine(node: fx.Node, gm: fx.GraphModule, shapes: dict[fx.Node, Nod
         return (f"it flattens a {format_shape(src_shape[1:])} map into the head, so each position "
                 "has its own weights and the scores are not a mean over positions")
     if node.op == "call_module":
-        module = gm.get_submodule(str(node.target))
-        if isinstance(module, nn.Linear):
-            return None if type(module).forward is nn.Linear.forward else "its forward overrides nn.Linear's"
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            return None if not module.training and module.running_mean is not None else (
-                "it normalises with batch statistics")
-        return None if isinstance(module, _AFFINE_MODULES) else "it is not an affine map"
+        return _why_module_not_affine(gm.get_submodule(str(node.target)))
+    if node.op == "call_method" and node.target in ("permute", "transpose", "swapaxes", "movedim"):
+        dims = [d for d in node.args[1:] if isinstance(d, int)]
+        flat = dims[0] if dims and isinstance(dims[0], (list, tuple)) else None
+        keeps = (flat[0] == 0) if flat is not None else (
+            dims[0] == 0 if node.target == "permute" else 0 not in dims and len(dims) == 2)
+        return None if keeps else "it moves the batch dim"
+    if node.op == "call_function" and node.target in (F.layer_norm, F.group_norm, F.normalize):
+        return "it normalises each sample by its own statistics, which is not affine"
     if node.op == "call_function" and node.target in _ARITHMETIC or (
             node.op == "call_method" and node.target in ("add", "sub", "mul", "div")):
         if len(node.args) < 2 or all(isinstance(a, fx.Node) and a is src for a in node.args[:2]):
@@ -122,6 +124,23 @@ def _why_not_affine(node: fx.Node, gm: fx.GraphModule, shapes: dict[fx.Node, Nod
             node.op == "call_method" and node.target in _AFFINE_METHODS):
         return None
     return "it is not an affine map"
+
+
+def _why_module_not_affine(module: nn.Module) -> str | None:
+    """Why a module is not an affine map of each sample; None when it is."""
+    if isinstance(module, nn.Linear):
+        return None if type(module).forward is nn.Linear.forward else "its forward overrides nn.Linear's"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return None if not module.training and module.running_mean is not None else (
+            "it normalises with batch statistics")
+    if type(module).forward in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward):
+        conv: Any = module
+        pointwise = all(k == 1 for k in conv.kernel_size) and not any(
+            conv.padding if isinstance(conv.padding, tuple) else (1,))
+        return None if pointwise else "it is not a 1x1 convolution without padding"
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)):
+        return "it normalises each sample by its own statistics, which is not affine"
+    return None if isinstance(module, _AFFINE_MODULES) else "it is not an affine map"
 
 
 def _global_average(node: fx.Node, gm: fx.GraphModule, shapes: dict[fx.Node, NodeValue]) -> fx.Node | None:

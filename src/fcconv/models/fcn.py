@@ -157,6 +157,10 @@ class FullyConvolutional(nn.Module):
     @property
     def why_not_exact(self) -> str | None:
         """The first node that breaks :attr:`exact_sliding_window`, and why; None when exact."""
+        training = stochastic_in_training(self.graph_module)
+        if training:
+            return (f"module '{training[0]}' ({type(self.graph_module.get_submodule(training[0])).__name__}) "
+                    "is in training mode: its output depends on the batch or on chance (call fcn.eval())")
         try:
             why = self.analysis().why_not_exact
         except FcconvError as error:

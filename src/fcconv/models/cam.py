@@ -280,6 +280,15 @@ def _find_head(gm: fx.GraphModule, shapes: dict[fx.Node, NodeValue]) -> _Head:
     )
 
 
+def _first_tensor(out: Any) -> Tensor:
+    """The output, or the first tensor of a returned tuple, list or dict (as ``compare`` reads it)."""
+    while isinstance(out, (tuple, list, dict)) and out:
+        out = next(iter(out.values())) if isinstance(out, dict) else out[0]
+    if not isinstance(out, Tensor):
+        raise FcconvError(f"The model returns {type(out).__name__}, not class scores (N, classes).")
+    return out
+
+
 class _Positions(fx.Interpreter):
     """Runs the graph with the pool's output replaced by every position of its input, as a batch."""
 
@@ -316,9 +325,7 @@ class _Positions(fx.Interpreter):
 
     def scores(self, x: Tensor) -> Tensor:
         self.batch = x.shape[0]
-        out = self.run(x)
-        while isinstance(out, (tuple, list, dict)):
-            out = next(iter(out.values())) if isinstance(out, dict) else out[0]
+        out = _first_tensor(self.run(x))
         return out.reshape(self.batch, *self.grid, -1).movedim(-1, 1)
 
 
@@ -379,7 +386,7 @@ def class_activation_map(model: nn.Module, x: Tensor, *, leaf_modules: object = 
     head = _find_head(gm, shapes)
     with torch.no_grad():
         scores = _Positions(gm, head).scores(x)
-        logits = model(x)
+        logits = _first_tensor(model(x))
     report = compare(model, _MeanOfMap(gm, head), inputs=x) if certify else None
     if report is not None and not report.equivalent:
         raise NotEquivalentError(

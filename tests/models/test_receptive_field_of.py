@@ -164,3 +164,10 @@ def test_timm_resnet10t_field_is_the_gradient_box() -> None:
     timm = pytest.importorskip("timm")
     fcn = fcconv.convolutionalize(_generic(timm.create_model("resnet10t", pretrained=False)), (3, 224, 224))
     _check(fcn, (257, 300), image_size=True)
+
+
+def test_window_of_a_net_with_a_global_statistic_takes_an_image_size() -> None:
+    """A squeeze-and-excitation-like block: no bounded field, but the window is still the crop."""
+    norm = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    fcn = fcconv.convolutionalize(_generic(norm), (3, 8, 8))
+    assert fcn.window_of((1, 2), (12, 12)) == fcn.window_of((1, 2)) == (1, 2, 9, 10)

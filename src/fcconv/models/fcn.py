@@ -226,7 +226,7 @@ class FullyConvolutional(nn.Module):
         """
         index = self._cell(cell, image_size)
         shift = (0,) * self.ndim
-        if image_size is not None or self.analysis().size_dependent:
+        if self.analysis().size_dependent:
             field = self._sized_analysis(image_size, "The window of a cell").field
             base = self.analysis().field
             if field is None or base is None:

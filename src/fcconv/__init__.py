@@ -16,7 +16,7 @@ from fcconv.layers import (
     linear_to_pointwise,
     pointwise_to_linear,
 )
-from fcconv.models import FullyConvolutional, convolutionalize, sliding_window
+from fcconv.models import FullyConvolutional, class_activation_map, convolutionalize, sliding_window
 from fcconv.tiling import dask_map, tiled_map
 
 __version__ = "0.1.0"
@@ -28,6 +28,7 @@ __all__ = [
     "FullyConvolutional",
     "NotEquivalentError",
     "assert_equivalent",
+    "class_activation_map",
     "compare",
     "conv_matrix",
     "conv_output_shape",

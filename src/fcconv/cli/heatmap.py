@@ -8,7 +8,8 @@ cell's confidence, one window outlined for scale, and the geometry in the title.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +112,15 @@ def _normalize(image: Tensor, mean: tuple[float, ...] | None, std: tuple[float, 
     return image
 
 
-def _draw(image: Tensor, winner: Tensor, confidence: Tensor, fcn: Any, labels: list[str],
+@dataclass(frozen=True)
+class _Cells:
+    """Where the cells of a map lie: the crop of cell ``(i, j)``, and the step between cells."""
+
+    window_of: Callable[[tuple[int, int]], tuple[Any, ...]]
+    stride: tuple[Any, ...]
+
+
+def _draw(image: Tensor, winner: Tensor, confidence: Tensor, cells: _Cells, labels: list[str],
           hidden: set[int], title: str, alpha: float, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -121,8 +130,8 @@ def _draw(image: Tensor, winner: Tensor, confidence: Tensor, fcn: Any, labels: l
 
     grid_h, grid_w = winner.shape
     height, width = image.shape[1:]
-    top0, left0, bottom0, right0 = fcn.window_of((0, 0))
-    stride_y, stride_x = fcn.stride
+    top0, left0, bottom0, right0 = cells.window_of((0, 0))
+    stride_y, stride_x = cells.stride
     cy, cx = (top0 + bottom0) / 2 - 0.5, (left0 + right0) / 2 - 0.5  # centre of cell (0, 0)
 
     scale = 8.0 / max(height, width)
@@ -135,7 +144,7 @@ def _draw(image: Tensor, winner: Tensor, confidence: Tensor, fcn: Any, labels: l
     else:
         axes.imshow(shown)
     # visible even where no class is sure
-    draw_score_map(axes, winner, confidence, fcn.window_of, fcn.stride,
+    draw_score_map(axes, winner, confidence, cells.window_of, cells.stride,
                    opacity=lambda c: alpha * (0.25 + 0.75 * c), hidden=hidden)
     axes.add_patch(Rectangle((left0 - 0.5, top0 - 0.5), right0 - left0, bottom0 - top0, fill=False,
                              edgecolor="white", linestyle="--", linewidth=1.2))
@@ -155,6 +164,63 @@ def _draw(image: Tensor, winner: Tensor, confidence: Tensor, fcn: Any, labels: l
     figure.tight_layout()
     with atomic_output(path, what="the heatmap") as tmp:
         figure.savefig(tmp, format=image_format(path))
+
+
+@dataclass(frozen=True)
+class _Map:
+    scores: Tensor  # (1, classes, H', W'), float32 on the CPU
+    cells: _Cells
+    title: str
+    summary: str
+
+
+def _convert(module: nn.Module, input_shape: tuple[int, ...], head_impl: str, quiet: bool) -> nn.Module:
+    from fcconv.models import convolutionalize
+
+    with step("Convolutionalizing", quiet=quiet):
+        return convolutionalize(as_fcn_source(module), input_shape, head_impl=head_impl)
+
+
+def _dense_map(fcn: nn.Module | None, module: nn.Module, name: str, input_shape: tuple[int, ...],
+               head_impl: str, x: Tensor, target: torch.device, quiet: bool) -> _Map:
+    """The score map of windows: the model convolutionalized (or the converted FCN ``fcn``)."""
+    if fcn is None:
+        fcn = _convert(module, input_shape, head_impl, quiet)
+    window = tuple(fcn.window)  # type: ignore[arg-type]
+    size = tuple(x.shape[2:])
+    if any(s < w for s, w in zip(size, window)):
+        fail(f"The image is {size[1]}x{size[0]} pixels, smaller than the model's window "
+             f"{window[1]}x{window[0]}: give a larger image, or --scale it up.")
+    with step("Computing the dense map", quiet=quiet), torch.inference_mode():
+        scores = fcn.to(target)(x.to(target)).float().cpu()
+    if scores.ndim != 4 or scores.shape[0] != 1:
+        fail(f"The converted model returned a {tuple(scores.shape)} tensor; heatmap needs class scores "
+             "(1, classes, H, W). Is MODEL a classifier?")
+    grid, stride = tuple(scores.shape[2:]), tuple(fcn.stride)  # type: ignore[arg-type]
+    window_of = fcn.window_of
+    cells = _Cells(lambda cell: window_of(cell, size), stride)  # type: ignore[operator]
+    title = (f"{name}: {grid[0]}x{grid[1]} cells, stride {format_shape(stride)}, window "
+             f"{format_shape(window)} (dashed)")
+    summary = (f"Image {size[1]}x{size[0]}, window {format_shape(window)}, stride {format_shape(stride)}: "
+               f"a {grid[0]}x{grid[1]} map ({grid[0] * grid[1]} windows, one pass).")
+    return _Map(scores, cells, title, summary)
+
+
+def _cam_map(module: nn.Module, name: str, x: Tensor, target: torch.device, quiet: bool) -> _Map:
+    """The exact class activation map: the affine head applied at each position, certified."""
+    from fcconv.models import class_activation_map
+
+    with step("Computing the class activation map (certified in float64)", quiet=quiet):
+        cam = class_activation_map(module.to(target), x.to(target))
+    scores = cam.scores.detach().float().cpu()
+    size, grid = tuple(x.shape[2:]), tuple(scores.shape[2:])
+    sy, sx = size[0] / grid[0], size[1] / grid[1]
+    cells = _Cells(lambda c: (c[0] * sy, c[1] * sx, (c[0] + 1) * sy, (c[1] + 1) * sx), (sy, sx))
+    title = f"{name}: class activation map, {grid[0]}x{grid[1]} cells of {sy:.4g}x{sx:.4g} px (dashed)"
+    summary = (f"Image {size[1]}x{size[0]}: a {grid[0]}x{grid[1]} class activation map whose mean is the "
+               f"model's output (certified in float64: {cam.report.max_rel if cam.report else 0:.1e} "
+               "relative difference).")
+    return _Map(scores, cells, title, summary)
 
 
 @click.command(
@@ -201,17 +267,21 @@ Examples:
 @click.option("--workers", type=click.IntRange(min=1), help="With -o X.zarr: run on a local dask cluster.")
 @click.option("--scheduler", metavar="ADDRESS", help="With -o X.zarr: run on this dask scheduler.")
 @click.option("--overwrite", is_flag=True, help="With -o X.zarr: replace a map of another run.")
+@click.option("--cam", is_flag=True,
+              help="Draw the exact class activation map (the head at each position of the last feature "
+                   "map, whose mean is the model's output) instead of the map of windows.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 def command(model: str, image: Path, output: Path, input_shape: tuple[int, ...] | None, factory: str | None,
             kwargs: str, mean: tuple[float, ...] | None, std: tuple[float, ...] | None, labels: str | None,
             hide: str, scale: float, alpha: float, head_impl: str, top: int, device: str, tile: int,
             preview: Path | None, level: int, workers: int | None, scheduler: str | None, overwrite: bool,
-            quiet: bool) -> None:
+            cam: bool, quiet: bool) -> None:
     """Draw the dense class map of the classifier MODEL over IMAGE into OUTPUT.
 
     MODEL follows the loading rules of every command (torchvision:NAME, package.module:factory, a
     checkpoint with --factory, or a file from fcconv convert --to fcn). Pixels are read in [0, 1],
-    then --mean and --std, if given, normalise them.
+    then --mean and --std, if given, normalise them. With --cam, the map is the exact class
+    activation map of a global-average-pool head instead (see docs/cam.md).
     """
     if not image.is_file() and not is_map_output(output):
         fail(f"Image {str(image)!r} not found. Check the path.")
@@ -227,47 +297,39 @@ def command(model: str, image: Path, output: Path, input_shape: tuple[int, ...] 
     if len(input_shape) != 3:
         raise click.BadParameter(f"heatmap needs images: a shape C,H,W; got {format_shape(input_shape)}.",
                                  param_hint="--input")
-    if converted:
-        fcn: nn.Module = loaded.module
-    else:
-        from fcconv.models import convolutionalize
-
-        with step("Convolutionalizing", quiet=quiet):
-            fcn = convolutionalize(as_fcn_source(loaded.module), input_shape, head_impl=head_impl)
     if is_map_output(output):
+        if cam:
+            raise click.UsageError("--cam draws a picture; -o X.zarr writes the map of windows. Drop one.")
         from fcconv.cli.tiles import run
 
+        fcn = loaded.module if converted else _convert(loaded.module, input_shape, head_impl, quiet)
         names = _labels(labels, int(fcn.num_classes))  # type: ignore[arg-type]
         return run(fcn.to(torch.device(device)), image, output, tile=tile, level=level, mean=mean, std=std,
                    preview=preview, labels=names, hidden=_hidden(hide, names), workers=workers,
                    scheduler=scheduler, overwrite=overwrite, quiet=quiet)
     pixels = load_image(image, input_shape[0], scale=scale)
-    window = tuple(fcn.window)  # type: ignore[arg-type]
-    if any(s < w for s, w in zip(pixels.shape[1:], window)):
-        fail(f"The image is {pixels.shape[2]}x{pixels.shape[1]} pixels, smaller than the model's window "
-             f"{window[1]}x{window[0]}: give a larger image, or --scale it up.")
     x = _normalize(pixels, mean, std).unsqueeze(0)
     target = torch.device(device)
-    with step("Computing the dense map", quiet=quiet), torch.inference_mode():
-        scores = fcn.to(target)(x.to(target)).float().cpu()
-    if scores.ndim != 4 or scores.shape[0] != 1:
-        fail(f"The converted model returned a {tuple(scores.shape)} tensor; heatmap needs class scores "
-             "(1, classes, H, W). Is MODEL a classifier?")
+    if cam:
+        if converted:
+            fail(f"--cam needs the classifier itself; {model} is a converted FCN. Pass the model "
+                 "(e.g. torchvision:resnet18 or a checkpoint with --factory).")
+        found = _cam_map(loaded.module, model, x, target, quiet)
+    else:
+        found = _dense_map(loaded.module if converted else None, loaded.module, model, input_shape,
+                           head_impl, x, target, quiet)
+    scores = found.scores
     probabilities = scores[0].softmax(0)
     confidence, winner = probabilities.max(0)
     names = _labels(labels, scores.shape[1])
     hidden = _hidden(hide, names)
-    grid = tuple(winner.shape)
-    stride = tuple(fcn.stride)  # type: ignore[arg-type]
-    title = (f"{model}: {grid[0]}x{grid[1]} cells, stride {format_shape(stride)}, window "
-             f"{format_shape(window)} (dashed), on {pixels.shape[2]}x{pixels.shape[1]} pixels")
+    title = f"{found.title}, on {pixels.shape[2]}x{pixels.shape[1]} pixels"
     with step(f"Drawing {output}", quiet=quiet):
-        _draw(pixels, winner, confidence, fcn, names, hidden, title, alpha, output)
+        _draw(pixels, winner, confidence, found.cells, names, hidden, title, alpha, output)
 
+    click.echo(found.summary)
     counts = torch.bincount(winner.flatten(), minlength=scores.shape[1])
     ranked = [int(c) for c in counts.argsort(descending=True)[:top] if counts[c] > 0]
-    click.echo(f"Image {pixels.shape[2]}x{pixels.shape[1]}, window {format_shape(window)}, stride "
-               f"{format_shape(stride)}: a {grid[0]}x{grid[1]} map ({grid[0] * grid[1]} windows, one pass).")
     click.echo("Top classes: " + ", ".join(
         f"{names[c]} ({int(counts[c])} cells, mean confidence {confidence[winner == c].mean():.2f})"
         for c in ranked

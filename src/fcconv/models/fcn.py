@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,10 +35,13 @@ from fcconv.models.grid import measure_geometry
 from fcconv.models.head import Pass, convert_head
 from fcconv.models.modules import HEAD_IMPLS
 from fcconv.models.ops import flatten_points
+from fcconv.models.receptive import Analysis, analyze
 from fcconv.models.shapes import NodeFailure, node_failure, record_shapes
 from fcconv.models.tracing import leaf_matchers, trace
 
-__all__ = ["FullyConvolutional", "convolutionalize"]
+__all__ = ["FullyConvolutional", "check_inference_mode", "convolutionalize"]
+
+_CACHED_ANALYSES = 8  # analyses kept per FCN (one per image size)
 
 
 class FullyConvolutional(nn.Module):
@@ -54,25 +58,30 @@ class FullyConvolutional(nn.Module):
         window: the input size that one cell sees, per spatial dim: the training size when the
             model gives one output per training image.
         min_size: the smallest input size that gives one cell, per spatial dim.
-        exact_sliding_window: True when no layer pads (nor uses ``ceil_mode``) and no global
-            pooling is left inside the network: then every cell equals the model run on its crop,
-            up to rounding; with padding, cells see the neighbouring pixels where a crop sees
-            zeros at its border, and a squeeze-and-excitation block pools the whole image.
+        exact_sliding_window: proven (:func:`~fcconv.models.receptive.analyze`): True only when
+            every op is on the allow-list of local, translation-equivariant ops and nothing pads;
+            then every cell equals the model run on its crop, up to rounding. With padding, cells
+            see the neighbouring pixels where a crop sees zeros at its border; a GroupNorm or a
+            squeeze-and-excitation block reads the whole image. ``why_not_exact`` names the node.
         head_impl: ``"auto"``, ``"conv"`` or ``"matmul"``, how the convs of the head compute.
         num_classes: the number of channels of the score map (classes).
     """
 
     def __init__(self, graph_module: fx.GraphModule, *, input_shape: Sequence[int],
                  stride: Sequence[int], window: Sequence[int], min_size: Sequence[int],
-                 exact_sliding_window: bool, head_impl: str = "auto",
-                 num_classes: int | None = None) -> None:
+                 exact_sliding_window: bool = True, head_impl: str = "auto",
+                 num_classes: int | None = None, why_not_exact: str | None = None) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.input_shape = tuple(int(s) for s in input_shape)
         self.stride = tuple(int(s) for s in stride)
         self.window = tuple(int(s) for s in window)
         self.min_size = tuple(int(s) for s in min_size)
-        self.exact_sliding_window = bool(exact_sliding_window)
+        # What the size arithmetic claims; the property ANDs it with the proof, never trusts it alone.
+        self._claimed_exact = bool(exact_sliding_window)
+        self._why_not_claimed = why_not_exact or (
+            None if exact_sliding_window else "the score map's size arithmetic does not show it")
+        self._analyses: OrderedDict[tuple[Any, ...], Analysis | FcconvError] = OrderedDict()
         self.head_impl = head_impl
         self.num_classes = num_classes
         self.training = graph_module.training
@@ -107,22 +116,140 @@ class FullyConvolutional(nn.Module):
             )
         return tuple((s - m) // t + 1 for s, m, t in zip(sizes, self.min_size, self.stride))
 
-    def window_of(self, cell: Sequence[int] | int) -> tuple[int, ...]:
+    def analysis(self, image_size: Sequence[int] | int | None = None) -> Analysis:
+        """What :func:`~fcconv.models.receptive.analyze` proves about the net at one input size.
+
+        Args:
+            image_size: spatial size of the image; None for the training size. The last few
+                analyses are cached.
+
+        Raises:
+            FcconvError: if the image gives no cell or the graph cannot be analyzed at that size.
+
+        Example:
+            >>> fcn.analysis((800, 800)).field   # resnet18 converted at 224
+            ReceptiveField(stride=(32, 32), offset=(-217, -217), extent=(627, 627))
+        """
+        size = self.input_shape[1:] if image_size is None else per_dim(image_size, self.ndim, "image_size")
+        if image_size is not None:
+            self.grid_shape(size)  # refuses an image that gives no cell
+        # keyed by the modes too: a Dropout in training mode is not a sliding op, in eval mode it is
+        key = (size, tuple(m.training for m in self.graph_module.modules()))
+        found = self._analyses.get(key)
+        if found is None:
+            try:
+                found = analyze(self.graph_module, (self.input_shape[0], *size))
+            except FcconvError as error:
+                found = error
+            self._analyses[key] = found
+            if len(self._analyses) > _CACHED_ANALYSES:
+                self._analyses.popitem(last=False)
+        self._analyses.move_to_end(key)
+        if isinstance(found, FcconvError):
+            raise found
+        return found
+
+    @property
+    def exact_sliding_window(self) -> bool:
+        """Every cell equals the model run on its crop ``window_of(cell)``, proven (see the class)."""
+        return self.why_not_exact is None
+
+    @property
+    def why_not_exact(self) -> str | None:
+        """The first node that breaks :attr:`exact_sliding_window`, and why; None when exact."""
+        training = stochastic_in_training(self.graph_module)
+        if training:
+            return (f"module '{training[0]}' ({type(self.graph_module.get_submodule(training[0])).__name__}) "
+                    "is in training mode: its output depends on the batch or on chance (call fcn.eval())")
+        try:
+            why = self.analysis().why_not_exact
+        except FcconvError as error:
+            why = f"the proof could not run: {error}"
+        return why or self._why_not_claimed
+
+    def _sized_analysis(self, image_size: Sequence[int] | int | None, what: str) -> Analysis:
+        """The analysis at ``image_size``; refuses None where the geometry depends on the size."""
+        if image_size is None and self.analysis().size_dependent:
+            raise FcconvError(
+                f"{what} depends on the image size for this model (its padding is computed from "
+                "the input size, like TF 'same'); got image_size=None. Pass the spatial size of "
+                "the image, e.g. image_size=x.shape[2:]."
+            )
+        return self.analysis(image_size)
+
+    def receptive_field_of(self, cell: Sequence[int] | int,
+                           image_size: Sequence[int] | int | None = None) -> tuple[int, ...]:
+        """The input box that cell ``cell`` depends on, in input pixels, half-open.
+
+        Everything the cell's scores read, through every layer's padding: it contains the
+        support of the gradient of the cell with respect to the input, and is its bounding box
+        where it lies inside the image. In 2d ``(top, left, bottom, right)``; it may extend past
+        the image (negative starts with padding). The halo of a tile, the region of a saliency
+        map; :meth:`window_of` is the crop the cell scores.
+
+        Args:
+            cell: one index per spatial dim (ints, numpy ints or 0-d tensors).
+            image_size: spatial size of the image; needed only where the geometry depends on it
+                (TF "same" padding), else the training size is used.
+
+        Raises:
+            FcconvError: if the cell depends on the whole image (a global statistic, a position
+                read at run time: the message names the node), if ``image_size`` is needed and
+                missing, or if the cell is not in the map of ``image_size``.
+
+        Example:
+            >>> fcn.receptive_field_of((8, 8))   # resnet18 converted at 224
+            (39, 39, 666, 666)
+        """
+        a = self._sized_analysis(image_size, "The receptive field")
+        if a.field is None:
+            raise FcconvError(
+                f"The cells of this model have no bounded receptive field: {a.why_not_local}. "
+                "Each cell depends on the whole image."
+            )
+        index = self._cell(cell, image_size)
+        return a.field.box(index)
+
+    def window_of(self, cell: Sequence[int] | int,
+                  image_size: Sequence[int] | int | None = None) -> tuple[int, ...]:
         """The crop that cell ``cell`` scores, in input pixels, ends exclusive.
 
         In 2d ``(top, left, bottom, right)``; in general ``(*starts, *ends)`` with
-        ``starts = cell * stride`` and ``ends = starts + window``. For padded models the last
-        cells of a map may extend past the image (the zero padding fills them).
+        ``starts = cell * stride`` and ``ends = starts + window``: what a sliding-window
+        classifier would feed the model for this cell. For padded models the last cells of a map
+        may extend past the image (the zero padding fills them). Where padding is computed from
+        the input size (TF "same"), the window moves with the receptive field: pass ``image_size``.
 
         Example:
             >>> fcn.window_of((1, 2))        # resnet18 converted at 224: stride 32
             (32, 64, 256, 288)
         """
+        index = self._cell(cell, image_size)
+        shift = (0,) * self.ndim
+        if self.analysis().size_dependent:
+            field = self._sized_analysis(image_size, "The window of a cell").field
+            base = self.analysis().field
+            if field is None or base is None:
+                raise FcconvError(
+                    "The window of a cell moves with the image size for this model, but its "
+                    f"receptive field is not bounded: {self.analysis().why_not_local}."
+                )
+            shift = tuple(o - o0 for o, o0 in zip(field.offset, base.offset))
+        starts = tuple(i * t + d for i, t, d in zip(index, self.stride, shift))
+        return starts + tuple(s + w for s, w in zip(starts, self.window))
+
+    def _cell(self, cell: Sequence[int] | int, image_size: Sequence[int] | int | None) -> tuple[int, ...]:
         index = per_dim(cell, self.ndim, "cell")
         if any(i < 0 for i in index):
             raise FcconvError(f"cell indices must be >= 0; got {format_shape(index)}.")
-        starts = tuple(i * t for i, t in zip(index, self.stride))
-        return starts + tuple(s + w for s, w in zip(starts, self.window))
+        if image_size is not None:
+            grid = self.grid_shape(image_size)
+            if any(i >= g for i, g in zip(index, grid)):
+                raise FcconvError(
+                    f"cell {format_shape(index)} is outside the {format_shape(grid)} map of an "
+                    f"image of size {format_shape(per_dim(image_size, self.ndim, 'image_size'))}."
+                )
+        return index
 
     def geometry(self) -> dict[str, Any]:
         """The geometry as plain ints, tuples, bools and str, to save beside the state dict.
@@ -224,6 +351,16 @@ def _check_no_training_calls(model: nn.Module, gm: fx.GraphModule) -> None:
             found.append(f"node '{node.name}' ({node.target.__name__}(..., training=True))")
     if found:
         raise _training_error(model, found)
+
+
+def check_inference_mode(model: nn.Module, gm: fx.GraphModule) -> None:
+    """Refuse a model (traced as ``gm``) whose BatchNorm, Dropout or RReLU run in training mode.
+
+    Raises:
+        FcconvError: naming the modules or traced calls, and saying to call ``model.eval()``.
+    """
+    _check_not_training(model)
+    _check_no_training_calls(model, gm)
 
 
 def convolutionalize(model: nn.Module, input_shape: Sequence[int], *, inplace: bool = False,

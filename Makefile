@@ -11,7 +11,7 @@ $(BIN)/python:
 
 # Stamps re-run the install when pyproject.toml changes.
 $(VENV)/.installed-cli: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e ".[cli,models]"
+	$(BIN)/python -m pip install --quiet -e ".[cli,models,tiles,onnx]"
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
@@ -34,6 +34,8 @@ test-fast: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/conv_matrix.py
 	$(BIN)/python bench/dense_vs_sliding.py
+	$(BIN)/python bench/tiled.py
+	$(BIN)/python bench/onnx.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

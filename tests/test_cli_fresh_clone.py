@@ -188,10 +188,30 @@ def test_demo_canvas_is_a_picture_heatmap_reads(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["canvas.jpg", "canvas"])
-def test_demo_canvas_must_be_a_png(tmp_path: Path, name: str) -> None:
+def test_demo_canvas_must_be_a_png_or_a_tiff(tmp_path: Path, name: str) -> None:
     line = error_line(run("demo", "--canvas", str(tmp_path / name)), 2)
     assert line.startswith("Error: Invalid value for '--canvas': Cannot write the canvas to "), line
-    assert "expected a .png file" in line
+    assert "expected a .png, .tif or .tiff file" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_canvas_as_a_tiled_tiff_of_any_size(tmp_path: Path) -> None:
+    import tifffile
+
+    canvas = tmp_path / "big.tif"
+    result = run("demo", "--canvas", str(canvas), "--canvas-size", "300x420")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"Wrote {canvas}: 420x300 pixels, white ink on black, ")
+    assert "-o digits-map.zarr" in result.output
+    with tifffile.TiffFile(canvas) as tif:
+        page = tif.pages[0]
+        assert (page.shape, page.dtype.name, page.is_tiled) == ((300, 420), "uint8", True)
+
+
+@pytest.mark.parametrize("size", ["5x5", "300", "300x", "0x400", "3,4,5"])
+def test_demo_canvas_size_is_checked(tmp_path: Path, size: str) -> None:
+    line = error_line(run("demo", "--canvas", str(tmp_path / "c.tif"), "--canvas-size", size), 2)
+    assert line.startswith("Error: Invalid value for '--canvas-size': expected HxW"), line
     assert list(tmp_path.iterdir()) == []
 
 

@@ -108,7 +108,7 @@ def test_python_block_runs_as_written(block: Block, tmp_path: Path, monkeypatch:
 def _readme_commands() -> list[list[str]]:
     commands = []
     for block in blocks(ROOT / "README.md", "sh"):
-        for line in block.code.splitlines():
+        for line in block.code.replace("\\\n", " ").splitlines():  # a trailing backslash continues
             words = shlex.split(line, comments=True)
             if words[:1] == ["fcconv"] and words[1:2] != ["bench"]:
                 commands.append(words[1:])

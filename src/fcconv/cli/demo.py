@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import click
@@ -12,13 +13,23 @@ from fcconv.cli._app import OutputPath
 __all__ = ["command"]
 
 
+def _height_width(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*[x,]\s*(\d+)\s*", value)
+    if not match or min(int(match[1]), int(match[2])) < 12:
+        raise click.BadParameter(
+            f"expected HxW, two sizes of at least 12 pixels such as 2048x3072; got {value!r}."
+        )
+    return int(match[1]), int(match[2])
+
+
 @click.command(
     "demo",
     epilog="""\b
 Examples:
   fcconv demo
   fcconv demo --output /tmp/demo.png --seed 3 --no-progress
-  fcconv demo --canvas canvas.png      (a test image for fcconv heatmap)""",
+  fcconv demo --canvas canvas.png      (a test image for fcconv heatmap)
+  fcconv demo --canvas big.tif --canvas-size 2048x3072   (a tiled TIFF for heatmap -o map.zarr)""",
 )
 @click.option("--output", "-o", type=OutputPath(what="the demo picture", suffixes=IMAGE_SUFFIXES),
               default=Path("fcconv-demo.png"), show_default=True,
@@ -27,10 +38,14 @@ Examples:
               help="Picks the held-out digits and their places on the canvas.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show a progress bar while the sliding window runs.")
-@click.option("--canvas", type=OutputPath(what="the canvas", suffixes=(".png",)), metavar="FILE.png",
-              help="Only write the test canvas (for --seed) to FILE.png, a picture fcconv heatmap reads "
-                   "with the embedded model: white digits on black, 192x64 pixels.")
-def command(output: Path, seed: int, progress: bool, canvas: Path | None) -> None:
+@click.option("--canvas", type=OutputPath(what="the canvas", suffixes=(".png", ".tif", ".tiff")),
+              metavar="FILE",
+              help="Only write the test canvas (for --seed) to FILE (.png, or a tiled .tif for big sizes), a "
+                   "picture fcconv heatmap reads with the embedded model: white digits on black.")
+@click.option("--canvas-size", callback=_height_width, default="64x192", show_default=True, metavar="HxW",
+              help="With --canvas: its height and width in pixels, e.g. 2048x3072.")
+def command(output: Path, seed: int, progress: bool, canvas: Path | None,
+            canvas_size: tuple[int, int]) -> None:
     """Watch a digit classifier become a detector, in a few seconds and without any download.
 
     First the textbook: Linear(4, 2) with torch.manual_seed(123) on [[1, 2, 3, 4]], and the two
@@ -41,19 +56,22 @@ def command(output: Path, seed: int, progress: bool, canvas: Path | None) -> Non
     with its confidence, and the detections.
     """
     if canvas is not None:
-        _write_canvas(canvas, seed)
+        _write_canvas(canvas, seed, canvas_size)
         return
     from fcconv.demo import run_demo
 
     run_demo(output, seed=seed, progress=progress, echo=click.echo)
 
 
-def _write_canvas(path: Path, seed: int) -> None:
+def _write_canvas(path: Path, seed: int, size: tuple[int, int]) -> None:
     from fcconv.demo import save_canvas
 
-    digits = save_canvas(path, seed=seed)
+    digits = save_canvas(path, seed=seed, size=size)
     height, width = digits.image.shape[1:]
+    shown = " ".join(map(str, digits.labels[:30])) + (" ..." if len(digits.labels) > 30 else "")
     click.echo(f"Wrote {path}: {width}x{height} pixels, white ink on black, {len(digits.labels)} held-out "
-               f"digits ({' '.join(map(str, digits.labels))}). Map it with the embedded model:")
+               f"digits ({shown}). Map it with the embedded model:")
+    tiled = "--tile 1024 -o digits-map.zarr --preview preview.png"
+    out = "-o digits-map.png" if path.suffix.lower() == ".png" else tiled
     click.echo(f"  fcconv heatmap fcconv.demo.digits:load_digits_model {path} --input 1,12,12 "
-               "--labels fcconv.demo.digits:CLASS_NAMES --hide background -o digits-map.png")
+               f"--labels fcconv.demo.digits:CLASS_NAMES --hide background {out}")

@@ -29,8 +29,8 @@ from fcconv.layers import linear_to_conv, linear_to_pointwise
 from fcconv.models import SlidingWindow, convolutionalize, sliding_window
 
 __all__ = [
-    "CANVAS_SIZE", "DemoResult", "Equality", "TextbookResult", "run_demo", "save_canvas", "summary",
-    "textbook",
+    "CANVAS_SIZE", "CANVAS_SUFFIXES", "DemoResult", "Equality", "TextbookResult", "run_demo", "save_canvas",
+    "summary", "textbook",
 ]
 
 CANVAS_SIZE = (64, 192)
@@ -345,25 +345,36 @@ def summary(result: DemoResult) -> list[str]:
     ]
 
 
-def save_canvas(path: str | os.PathLike[str], *, seed: int = 0) -> Canvas:
-    """Write the demo's test canvas to ``path`` as an 8-bit grayscale PNG; return the canvas.
+CANVAS_SUFFIXES = (".png", ".tif", ".tiff")
 
-    White ink on black, 192x64 pixels (:data:`CANVAS_SIZE`), the held-out digits that ``seed`` picks:
-    what the embedded model reads (``fcconv heatmap fcconv.demo.digits:load_digits_model canvas.png
-    --input 1,12,12``). Written atomically. Needs Pillow (the ``cli`` extra).
+
+def save_canvas(path: str | os.PathLike[str], *, seed: int = 0,
+                size: tuple[int, int] = CANVAS_SIZE) -> Canvas:
+    """Write a canvas of held-out digits to ``path`` as 8-bit grayscale; return the canvas.
+
+    White ink on black, ``size = (height, width)`` pixels (the demo's 64x192 by default), the
+    held-out digits that ``seed`` picks: what the embedded model reads (``fcconv heatmap
+    fcconv.demo.digits:load_digits_model canvas.png --input 1,12,12``). A ``.png`` needs Pillow (the
+    ``cli`` extra); a ``.tif``/``.tiff`` is written tiled (256x256 blocks) with tifffile (the ``tiles``
+    extra), the way large scans are stored, for ``fcconv heatmap ... -o map.zarr``. Written atomically.
 
     Raises:
-        FcconvError: if ``path`` does not end in ``.png`` or cannot be written.
+        FcconvError: if ``path`` is not a .png, .tif or .tiff, or cannot be written.
 
     Example:
         >>> len(save_canvas("canvas.png", seed=0).labels)
         24
     """
-    from PIL import Image
-
-    out = check_output_path(path, what="the canvas", suffixes=(".png",))
-    canvas = make_canvas(*CANVAS_SIZE, seed=seed)
+    out = check_output_path(path, what="the canvas", suffixes=CANVAS_SUFFIXES)
+    canvas = make_canvas(*size, seed=seed)
     pixels = (canvas.image[0] * 255).round().to(torch.uint8).numpy()
     with atomic_output(out, what="the canvas") as tmp:
-        Image.fromarray(pixels).save(tmp, format="PNG")  # uint8 (H, W): mode "L"
+        if out.suffix.lower() == ".png":
+            from PIL import Image
+
+            Image.fromarray(pixels).save(tmp, format="PNG")  # uint8 (H, W): mode "L"
+        else:
+            import tifffile
+
+            tifffile.imwrite(tmp, pixels, tile=(256, 256))
     return canvas

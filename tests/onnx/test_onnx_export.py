@@ -16,6 +16,7 @@ pytest.importorskip("onnxscript")
 import onnx  # noqa: E402
 
 import fcconv.onnx as fonnx  # noqa: E402
+from fcconv.onnx._check import check_size  # noqa: E402
 from fcconv.onnx._runtime import run, session  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -98,6 +99,38 @@ def test_a_mismatch_raises_and_writes_nothing(tmp_path: Path) -> None:
     with pytest.raises(fcconv.NotEquivalentError, match="the exported ONNX model differs from the PyTorch"):
         fonnx.export(_Liar().eval(), tmp_path / "bad.onnx", (3, 8, 8))
     assert list(tmp_path.iterdir()) == []
+
+
+def three_convs() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1),
+                         nn.ReLU(), nn.Conv2d(32, 10, 3, padding=1)).eval()
+
+
+def with_weight_scaled(path: Path, name: str, factor: float) -> onnx.ModelProto:
+    """The ONNX file with the largest entry of initializer ``name`` multiplied by ``factor``."""
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    init = next(i for i in proto.graph.initializer if i.name == name)
+    a = numpy_helper.to_array(init).copy()
+    a.flat[abs(a).argmax()] *= factor
+    init.CopyFrom(numpy_helper.from_array(a, name))
+    return proto
+
+
+def test_a_wrong_weight_in_the_graph_is_caught(tmp_path: Path) -> None:
+    # The check's bound is worst case and compounds through depth (docs/deploy.md, "How well is it
+    # checked"): on these three convs it is about 1e4x the real float32 difference, so it catches the
+    # largest first-layer weight changed by 10% (5x beyond the bound), not by 1e-3 (0.03 of it).
+    model = three_convs()
+    fonnx.export(model, tmp_path / "m.onnx", (3, 16, 16))
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    good = check_size(model, session(onnx.load(str(tmp_path / "m.onnx"))), x, "the file")
+    assert good.bound_ratio is not None and good.bound_ratio <= 1
+    wrong = with_weight_scaled(tmp_path / "m.onnx", "0.weight", 1.1)
+    with pytest.raises(fcconv.NotEquivalentError, match="the wrong file differs from the PyTorch module"):
+        check_size(model, session(wrong), x, "the wrong file")
 
 
 class _FixedSize(nn.Module):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -11,6 +13,9 @@ from torch import nn
 import cli_models
 from fcconv.cli._loading import as_fcn_source, build_model, load_checkpoint, load_model
 from fcconv.errors import FcconvError
+
+if TYPE_CHECKING:
+    from click.testing import Result
 
 
 @pytest.fixture(autouse=True)
@@ -122,3 +127,86 @@ def test_as_fcn_source_wraps_only_a_bare_linear() -> None:
 def test_build_model_refuses_kwargs_on_a_spec() -> None:
     with pytest.raises(FcconvError, match="^A layer spec takes no --kwargs"):
         build_model("Linear(4, 2)", kwargs="bias=False")
+
+
+# --------------------------------------------------------------------------------------------
+# timm:NAME, driven through the real entry point
+
+
+def _fcconv(*args: str) -> Result:
+    from click.testing import CliRunner
+
+    from fcconv.cli import app
+
+    return CliRunner().invoke(app, list(args), prog_name="fcconv")
+
+
+def _one_line_error(result: Result, start: str) -> None:
+    assert result.exit_code == 1, (result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {start}"), result.stderr
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to open a connection fails the test: timm models must be built offline."""
+    import socket
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_timm_name_converts_and_verifies_offline(tmp_path: Path, no_network: None) -> None:
+    pytest.importorskip("timm")
+    out = tmp_path / "fcn.pt"
+    result = _fcconv("convert", "timm:test_resnet", "--kwargs", "num_classes=3", "--input", "3,64,64",
+                     "--to", "fcn", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert "timm:test_resnet --to fcn" in result.output and "outputs 3" in result.output
+    saved = torch.load(out, weights_only=True)
+    assert saved["structure"] == "timm:test_resnet" and saved["kwargs"] == "num_classes=3"
+    # verify rebuilds the FCN from the recorded timm name and compares it with a fresh build.
+    result = _fcconv("verify", "timm:test_resnet", str(out), "--kwargs", "num_classes=3")
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().endswith("on (3, 64, 64): equivalent")
+
+
+def test_timm_name_is_seeded_random_weights_in_eval_mode() -> None:
+    pytest.importorskip("timm")
+    a, b = load_model("timm:test_resnet", seed=1), load_model("timm:test_resnet", seed=1)
+    c = load_model("timm:test_resnet", seed=2)
+    assert type(a.module).__name__ == "ResNet" and not a.module.training
+    assert a.structure == "timm:test_resnet"
+    assert torch.equal(a.module.conv1[0].weight, b.module.conv1[0].weight)
+    assert not torch.equal(a.module.conv1[0].weight, c.module.conv1[0].weight)
+
+
+@pytest.mark.parametrize(
+    ("args", "start"),
+    [
+        (["timm:resnet181"], "Unknown timm model 'resnet181'. Did you mean timm:resnet18,"),
+        (["timm:hf-hub:timm/resnet18.a1_in1k"], "Unknown timm model 'hf-hub:timm/resnet18.a1_in1k'."),
+        (["timm:resnet18.no_such_tag"], "timm could not build 'resnet18.no_such_tag': RuntimeError: Invalid"),
+        (["timm:test_resnet", "--kwargs", "nonsense=1"],
+         "timm:test_resnet does not take --kwargs {'nonsense': 1}: "),
+        (["resnet10t"], "Unknown model 'resnet10t': expected torchvision:NAME"),
+    ],
+)
+def test_timm_bad_names(args: list[str], start: str, tmp_path: Path, no_network: None) -> None:
+    pytest.importorskip("timm")
+    result = _fcconv("convert", *args, "--input", "3,64,64", "--to", "fcn", "-o", str(tmp_path / "x.pt"))
+    _one_line_error(result, start)
+    if args == ["resnet10t"]:
+        assert result.stderr.strip().endswith("Did you mean timm:resnet10t?")
+    assert not list(tmp_path.iterdir())
+
+
+def test_timm_missing_names_the_models_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
+    result = _fcconv("convert", "timm:resnet18", "--input", "3,224,224", "--to", "fcn",
+                     "-o", str(tmp_path / "x.pt"))
+    _one_line_error(result, "timm:resnet18 needs timm, which is not installed. "
+                            "Install it with pip install 'fcconv[models]'.")

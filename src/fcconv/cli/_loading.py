@@ -7,8 +7,9 @@ A MODEL argument is, in this order:
    written by ``fcconv convert``, which knows how to rebuild its own structure;
 2. ``torchvision:NAME``: a torchvision model with random weights (``weights=None``; nothing is
    downloaded);
-3. a layer spec such as ``Conv2d(16, 32, 3, stride=2)`` (see :mod:`fcconv.cli._spec`);
-4. ``package.module:factory``: a callable (called with ``--kwargs``, if any) or an ``nn.Module``
+3. ``timm:NAME``: a timm model with random weights (``pretrained=False``; nothing is downloaded);
+4. a layer spec such as ``Conv2d(16, 32, 3, stride=2)`` (see :mod:`fcconv.cli._spec`);
+5. ``package.module:factory``: a callable (called with ``--kwargs``, if any) or an ``nn.Module``
    attribute; the current folder is searched first, as ``python -m`` does.
 
 Every model comes back in eval mode, on the CPU. Random weights are drawn from ``seed`` and the global
@@ -50,8 +51,8 @@ CONVERT_FORMAT = "fcconv_format"
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
 _MODEL_FORMS = (
-    "torchvision:NAME (e.g. torchvision:resnet18), package.module:factory, a layer spec such as "
-    "'Linear(25088, 4096)', or a checkpoint file with --factory"
+    "torchvision:NAME (e.g. torchvision:resnet18), timm:NAME (e.g. timm:resnet18), package.module:factory, "
+    "a layer spec such as 'Linear(25088, 4096)', or a checkpoint file with --factory"
 )
 
 
@@ -62,7 +63,7 @@ class LoadedModel:
     Attributes:
         module: the model, in eval mode.
         source: the MODEL argument as given.
-        structure: the reference that builds the (untrained) structure: a torchvision name, an import
+        structure: the reference that builds the (untrained) structure: a torchvision or timm name, an import
             path or a layer spec; for a checkpoint, its ``--factory``.
         kwargs: the ``--kwargs`` text given to the factory.
         saved: for a file written by ``fcconv convert``, its metadata (everything but the weights).
@@ -96,6 +97,27 @@ def _torchvision_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
     except TypeError as error:
         raise FcconvError(
             f"torchvision:{name} does not take --kwargs {kwargs}: {error}."
+        ) from None
+
+
+def _timm_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise FcconvError(
+            f"timm:{name} needs timm, which is not installed. Install it with pip install 'fcconv[models]'."
+        ) from None
+    if not timm.is_model(name):  # also refuses hf-hub: and local-dir: names, which read files
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f"Did you mean {', '.join('timm:' + c for c in close)}? " if close else ""
+        raise FcconvError(f"Unknown timm model {name!r}. {hint}See timm.list_models() for the names.")
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as error:
+        raise FcconvError(f"timm:{name} does not take --kwargs {kwargs}: {error}.") from None
+    except Exception as error:  # noqa: BLE001 - timm failed to build it (e.g. an unknown tag)
+        raise FcconvError(
+            f"timm could not build {name!r}: {type(error).__name__}: {one_line(error)}"
         ) from None
 
 
@@ -172,7 +194,7 @@ def build_model(reference: str, *, kwargs: str = "", seed: int = 0) -> nn.Module
     """Build the model ``reference`` names, with random weights from ``seed``, in eval mode.
 
     Args:
-        reference: ``torchvision:NAME``, ``package.module:factory`` or a layer spec.
+        reference: ``torchvision:NAME``, ``timm:NAME``, ``package.module:factory`` or a layer spec.
         kwargs: keyword arguments for the factory, as text: ``"num_classes=10"``.
         seed: seed of the weight initialisation.
 
@@ -188,6 +210,9 @@ def build_model(reference: str, *, kwargs: str = "", seed: int = 0) -> nn.Module
     if reference.startswith("torchvision:"):
         name = reference.partition(":")[2]
         model = seeded(lambda: _torchvision_model(name, options), seed)
+    elif reference.startswith("timm:"):
+        name = reference.partition(":")[2]
+        model = seeded(lambda: _timm_model(name, options), seed)
     elif is_layer_spec(reference):
         if options:
             raise FcconvError(f"A layer spec takes no --kwargs; write them in the spec: {reference!r}.")
@@ -206,6 +231,13 @@ def _unknown_model(reference: str) -> FcconvError:
 
         if reference in models.list_models():
             hint = f" Did you mean torchvision:{reference}?"
+    except ImportError:
+        pass
+    try:
+        import timm
+
+        if not hint and timm.is_model(reference):
+            hint = f" Did you mean timm:{reference}?"
     except ImportError:
         pass
     if reference.lower().endswith(_CHECKPOINT_SUFFIXES) or os.sep in reference:

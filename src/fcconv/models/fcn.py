@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,6 +25,7 @@ from torch import Tensor, fx, nn
 from fcconv._shapes import (
     STOCHASTIC_FUNCTIONS,
     check_input_shape,
+    dim_labels,
     format_shape,
     per_dim,
     stochastic_in_training,
@@ -35,7 +37,7 @@ from fcconv.models.head import Pass, convert_head
 from fcconv.models.modules import HEAD_IMPLS
 from fcconv.models.ops import flatten_points
 from fcconv.models.shapes import NodeFailure, node_failure, record_shapes
-from fcconv.models.tracing import leaf_matchers, trace
+from fcconv.models.tracing import leaf_matchers, trace, unwrap
 
 __all__ = ["FullyConvolutional", "convolutionalize"]
 
@@ -60,12 +62,15 @@ class FullyConvolutional(nn.Module):
             zeros at its border, and a squeeze-and-excitation block pools the whole image.
         head_impl: ``"auto"``, ``"conv"`` or ``"matmul"``, how the convs of the head compute.
         num_classes: the number of channels of the score map (classes).
+        size_modulus: per spatial dim, the step between the input sizes the model accepts: 1
+            for any size from ``min_size``; 32 for a model that runs only at sizes ``S0 + 32k``
+            (DLA, HRNet: branches of different strides added). See :meth:`accepts`.
     """
 
     def __init__(self, graph_module: fx.GraphModule, *, input_shape: Sequence[int],
                  stride: Sequence[int], window: Sequence[int], min_size: Sequence[int],
                  exact_sliding_window: bool, head_impl: str = "auto",
-                 num_classes: int | None = None) -> None:
+                 num_classes: int | None = None, size_modulus: Sequence[int] | None = None) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.input_shape = tuple(int(s) for s in input_shape)
@@ -75,6 +80,7 @@ class FullyConvolutional(nn.Module):
         self.exact_sliding_window = bool(exact_sliding_window)
         self.head_impl = head_impl
         self.num_classes = num_classes
+        self.size_modulus = tuple(int(m) for m in size_modulus or (1,) * len(self.min_size))
         self.training = graph_module.training
 
     @property
@@ -90,7 +96,40 @@ class FullyConvolutional(nn.Module):
                 f"{self.ndim} spatial dim(s) of at least {format_shape(self.min_size)}; got "
                 f"{format_shape(x.shape)}. Pass a batch of images at least that large."
             )
+        self._check_accepted(tuple(x.shape[2:]))
         return self.graph_module(x)
+
+    def accepts(self, spatial: Sequence[int] | int) -> bool:
+        """Whether the model runs at this spatial size: ``>= min_size`` and ``== input size`` modulo
+        ``size_modulus`` in each dim (see :meth:`accepted_sizes`)."""
+        sizes = per_dim(spatial, self.ndim, "spatial")
+        return all(s >= lo and (s - s0) % m == 0 for s, lo, s0, m in
+                   zip(sizes, self.min_size, self.input_shape[1:], self.size_modulus))
+
+    def accepted_sizes(self) -> str:
+        """The sizes the model accepts, e.g. ``'H = 32k, W = 32k (k >= 7)'``; ``'any >= min_size'``."""
+        if all(m == 1 for m in self.size_modulus):
+            return f"any size >= {format_shape(self.min_size)}"
+        parts = []
+        for label, s0, m, lo in zip(dim_labels(self.ndim)[2:], self.input_shape[1:],
+                                    self.size_modulus, self.min_size):
+            r = s0 % m
+            parts.append(f"{label} = {m}k{f' + {r}' if r else ''} >= {lo}" if m > 1 else f"{label} >= {lo}")
+        return ", ".join(parts)
+
+    def _check_accepted(self, sizes: tuple[int, ...]) -> None:
+        if self.accepts(sizes):
+            return
+        nearest = []
+        for s, s0, m, lo in zip(sizes, self.input_shape[1:], self.size_modulus, self.min_size):
+            below = s - (s - s0) % m
+            nearest.append([s] if below == s and s >= lo else
+                           sorted({max(below, lo + (s0 - lo) % m), max(below + m, lo)}))
+        shown = " or ".join(format_shape(c) for c in itertools.product(*nearest))
+        raise FcconvError(
+            f"This model accepts spatial sizes {self.accepted_sizes()}; got "
+            f"{format_shape(sizes)}. Crop or pad the input to an accepted size, e.g. {shown}."
+        )
 
     def grid_shape(self, spatial: Sequence[int] | int) -> tuple[int, ...]:
         """The spatial size of the score map for an input of spatial size ``spatial``.
@@ -105,6 +144,7 @@ class FullyConvolutional(nn.Module):
                 f"An input of spatial size {format_shape(sizes)} gives no cell: each dim must be "
                 f"at least min_size = {format_shape(self.min_size)}."
             )
+        self._check_accepted(sizes)
         return tuple((s - m) // t + 1 for s, m, t in zip(sizes, self.min_size, self.stride))
 
     def window_of(self, cell: Sequence[int] | int) -> tuple[int, ...]:
@@ -130,7 +170,9 @@ class FullyConvolutional(nn.Module):
         ``{"state_dict": fcn.state_dict(), "geometry": fcn.geometry()}`` is a checkpoint that
         :meth:`from_state_dict` reloads with ``torch.load(..., weights_only=True)``.
         """
+        modulus = {} if all(m == 1 for m in self.size_modulus) else {"size_modulus": self.size_modulus}
         return {
+            **modulus,
             "input_shape": self.input_shape,
             "stride": self.stride,
             "window": self.window,
@@ -175,7 +217,7 @@ class FullyConvolutional(nn.Module):
         fcn = _convolutionalize(model, tuple(geometry["input_shape"]), inplace=False,
                                 leaf_modules=leaf_modules, head_impl=_saved_head_impl(geometry),
                                 check_training=False)
-        for key in ("stride", "window", "min_size"):
+        for key in ("stride", "window", "min_size", "size_modulus"):
             if key in geometry and tuple(geometry[key]) != getattr(fcn, key):
                 raise FcconvError(
                     f"The saved geometry has {key}={tuple(geometry[key])} but the model converts to "
@@ -189,6 +231,8 @@ class FullyConvolutional(nn.Module):
             f"input_shape={format_shape(self.input_shape)}, stride={self.stride}, "
             f"window={self.window}, min_size={self.min_size}, num_classes={self.num_classes}, "
             f"exact_sliding_window={self.exact_sliding_window}, head_impl={self.head_impl!r}"
+            + ("" if all(m == 1 for m in self.size_modulus) else
+               f", accepted sizes: {self.accepted_sizes()}")
         )
 
 
@@ -281,6 +325,7 @@ def convolutionalize(model: nn.Module, input_shape: Sequence[int], *, inplace: b
 def _convolutionalize(model: nn.Module, input_shape: Sequence[int], *, inplace: bool,
                       leaf_modules: object, head_impl: str, check_training: bool) -> FullyConvolutional:
     """:func:`convolutionalize`; ``check_training=False`` converts a model in training mode too."""
+    model = unwrap(model) if isinstance(model, nn.Module) else model
     if not isinstance(model, nn.Module):
         raise FcconvError(
             f"convolutionalize expects an nn.Module; got {type(model).__name__}. Pass the model."
@@ -313,7 +358,7 @@ def _convolutionalize(model: nn.Module, input_shape: Sequence[int], *, inplace: 
     return FullyConvolutional(
         gm, input_shape=shape, stride=grid.stride, window=grid.window,
         min_size=grid.min_size, exact_sliding_window=grid.exact, head_impl=head_impl,
-        num_classes=grid.num_classes,
+        num_classes=grid.num_classes, size_modulus=grid.modulus,
     )
 
 

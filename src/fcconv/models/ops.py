@@ -229,7 +229,7 @@ ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
     nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign,
     nn.Tanhshrink, nn.Threshold, nn.LogSigmoid, nn.Identity, nn.Dropout, nn.AlphaDropout,
-    nn.Hardshrink, nn.Softshrink,
+    nn.Hardshrink, nn.Softshrink, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.FeatureAlphaDropout,
 )
 ELEMENTWISE_FUNCTIONS: set[Any] = {
     torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu,
@@ -238,14 +238,18 @@ ELEMENTWISE_FUNCTIONS: set[Any] = {
     F.dropout, F.alpha_dropout, torch.dropout, torch.abs, torch.exp, torch.log, torch.sqrt,
     torch.square, torch.neg, operator.add, operator.sub, operator.mul, operator.truediv,
     operator.neg, operator.pow, operator.iadd, operator.imul, torch.add, torch.mul, torch.sub,
-    torch.div, torch.pow,
+    torch.div, torch.pow, torch.rsqrt, torch.reciprocal, F.dropout1d, F.dropout2d, F.dropout3d,
+    F.feature_alpha_dropout,
 }
 ELEMENTWISE_METHODS = {
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clip", "abs",
     "exp", "log", "sqrt", "square", "neg", "add", "add_", "sub", "sub_", "mul", "mul_", "div",
     "div_", "pow", "contiguous", "float", "double", "half", "bfloat16", "to", "type_as", "clone",
-    "detach",
+    "detach", "rsqrt", "reciprocal",
 }
+# Statistics over one dim; in a head, over the features with keepdim=True (norms written out).
+STAT_FUNCTIONS: set[Any] = {torch.mean, torch.var, torch.std, torch.sum, torch.amax, torch.amin}
+STAT_METHODS = {"mean", "var", "std", "sum", "amax", "amin"}
 DIM_FUNCTIONS: dict[Any, tuple[int, str]] = {  # function -> (position of dim, name of dim)
     F.softmax: (1, "dim"), F.log_softmax: (1, "dim"), F.softmin: (1, "dim"),
     torch.softmax: (1, "dim"), torch.log_softmax: (1, "dim"), F.normalize: (2, "dim"),

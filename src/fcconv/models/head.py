@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from typing import Any
 
 import torch
@@ -43,7 +44,7 @@ from fcconv.models.ops import (
     is_flatten_like,
     permutation_of,
 )
-from fcconv.models.shapes import NodeValue
+from fcconv.models.shapes import NodeValue, record_sizes
 from fcconv.models.tracing import arg, data_inputs
 
 __all__ = ["Pass", "convert_head"]
@@ -112,8 +113,30 @@ def _set_dim(node: fx.Node, position: int, name: str, value: int) -> None:
         node.update_arg(position, value)
 
 
+def _as_linear_module(p: Pass, node: fx.Node) -> fx.Node:
+    """``F.linear(x, self.weight, self.bias)`` with parameters becomes a call of an ``nn.Linear``
+    holding them (the same Parameters), so that it converts like one."""
+    weight, bias = arg(node, 1, "weight"), arg(node, 2, "bias")
+    if not (node.op == "call_function" and node.target is F.linear and isinstance(weight, fx.Node)
+            and weight.op == "get_attr" and (bias is None or (isinstance(bias, fx.Node)
+                                                               and bias.op == "get_attr"))):
+        return node
+    w = p.gm.get_parameter(str(weight.target))
+    linear = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
+    linear.weight = w
+    if isinstance(bias, fx.Node):
+        linear.bias = p.gm.get_parameter(str(bias.target))
+    target = p.new_module("head_linear", linear)
+    with p.gm.graph.inserting_after(node):
+        new = p.gm.graph.call_module(target, (node.args[0],))
+    p.shapes[new] = p.shapes[node]
+    p.remove(node, new)
+    return new
+
+
 def _convert_head_node(p: Pass, node: fx.Node) -> Layout | None:
     """Rewrite one node downstream of the head entry; returns its layout."""
+    node = _as_linear_module(p, node)
     inputs, params = _head_inputs(p, node)
     layout = _common_layout(p, node, inputs)
     for param in params:
@@ -162,6 +185,9 @@ def _module_node(p: Pass, node: fx.Node, src: fx.Node, layout: Layout) -> Layout
         return _linear_node(p, node, src, layout, module)
     if isinstance(module, ELEMENTWISE_MODULES):
         return layout
+    if isinstance(module, nn.PReLU) and (module.num_parameters == 1 or kind == "channels" or (
+            kind == "map" and layout.channel_position == 1)):
+        return layout
     if isinstance(module, nn.Flatten):
         return _reshape_node(p, node, src, layout)
     if isinstance(module, DIM_MODULES) and kind in ("channels", "map"):
@@ -205,6 +231,9 @@ def _function_node(p: Pass, node: fx.Node, src: fx.Node, layout: Layout) -> Layo
         return layout
     if is_flatten_like(node, p.gm):
         return _reshape_node(p, node, src, layout)
+    if is_fn and target is operator.getitem and _indexes_point(p, node, layout):
+        p.remove(node, src)  # x[:, :, 0, 0] of a pooled (N, C, 1, 1)
+        return Layout("channels", layout.channels, layout.spatial)
     if (is_fn and target in STAT_FUNCTIONS) or (is_method and target in STAT_METHODS):
         return _feature_statistic(p, node, src, layout)
     if (is_fn and target in DIM_FUNCTIONS) or (is_method and target in DIM_METHODS):
@@ -239,6 +268,16 @@ def _function_node(p: Pass, node: fx.Node, src: fx.Node, layout: Layout) -> Layo
                  TODO_HEAD)
 
 
+def _indexes_point(p: Pass, node: fx.Node, layout: Layout) -> bool:
+    """``x[:, :, 0, 0]`` (or ``x[..., 0, 0]``) of a canonical ``(N, C, 1, 1)`` map."""
+    index = node.args[1]
+    if not (layout.kind == "map" and layout.point and layout.order == tuple(range(p.ndim + 2))
+            and isinstance(index, tuple)):
+        return False
+    every = slice(None)
+    return index in ((every, every, *(0,) * p.ndim), (Ellipsis, *(0,) * p.ndim))
+
+
 def _feature_statistic(p: Pass, node: fx.Node, src: fx.Node, layout: Layout) -> Layout:
     """A mean, variance, sum... over the features with ``keepdim=True`` (a norm written out):
     one channel, broadcast back over the features by the ops that follow."""
@@ -266,6 +305,10 @@ def _reshape_node(p: Pass, node: fx.Node, src: fx.Node, layout: Layout) -> Layou
         return Layout(kind, layout.channels, layout.spatial)
     if layout.kind in ("channels", "window") and out == src_shape:
         p.remove(node, src)
+        return layout
+    if layout.kind == "map" and layout.point and layout.order == tuple(range(p.ndim + 2)) and (
+            2 < len(out) < p.ndim + 2 and out[:2] == src_shape[:2] and math.prod(out[2:]) == 1):
+        p.remove(node, src)  # x.squeeze(-1) of a pooled (N, C, 1, 1): the next squeeze flattens
         return layout
     if layout.kind == "map" and len(out) == 2:
         canonical = dim_labels(p.ndim)
@@ -305,10 +348,54 @@ def _find_head(gm: fx.GraphModule, shapes: dict[fx.Node, NodeValue],
             continue
         if not isinstance(shapes.get(node), tuple) or node in downstream_varying:
             continue
-        srcs = [i for i in data_inputs(node) if i in varying and isinstance(shapes.get(i), tuple)]
+        srcs = [i for i in data_inputs(node) if i in varying and isinstance(shapes.get(i), (tuple, list))]
         if srcs:
             entries.append((node, srcs[0]))
     return entries
+
+
+def _varying_sizes(p: Pass) -> set[fx.Node]:
+    """Non-tensor nodes whose value changes with the input's spatial size: ``x.size(2)``,
+    ``h * w`` from ``n, c, h, w = x.shape``..."""
+    varying: set[fx.Node] = set()
+    whole: dict[fx.Node, tuple[Any, ...]] = {}  # x.size() / x.shape -> the descriptor of x
+    for node in p.gm.graph.nodes:
+        if isinstance(p.shapes.get(node), (tuple, list)) or node.op in ("placeholder", "output"):
+            continue
+        x = node.args[0] if node.args else None
+        x_desc = p.descs.get(x) if isinstance(x, fx.Node) else None
+        if isinstance(x_desc, tuple) and ((node.op == "call_method" and node.target == "size") or (
+                node.target is getattr and node.args[1:] == ("shape",))):
+            dim = node.args[1] if len(node.args) > 1 else None
+            if isinstance(dim, int):
+                entries: tuple[Any, ...] = (x_desc[dim],)
+            else:
+                entries = whole[node] = x_desc
+        elif node.target is operator.getitem and x in whole:
+            picked = whole[x][node.args[1]] if isinstance(node.args[1], (int, slice)) else whole[x]
+            entries = picked if isinstance(picked, tuple) else (picked,)
+        else:
+            if any(i in varying for i in node.all_input_nodes):
+                varying.add(node)
+            continue
+        if depends_on_input_size(entries):
+            varying.add(node)
+    return varying
+
+
+def _freeze_sizes(p: Pass, head: set[fx.Node], entries: set[fx.Node]) -> None:
+    """Sizes read from the feature map and used in the head (``x.sum((2, 3)) / (h * w)``) keep
+    their values at the training size."""
+    varying = _varying_sizes(p)
+    used = {i for n in head for i in n.all_input_nodes if i in varying}
+    if not used:
+        return
+    placeholder = next(n for n in p.gm.graph.nodes if n.op == "placeholder")
+    _, sizes = record_sizes(p.gm, p.shape(placeholder)[1:])
+    for node in head - entries:  # entries are replaced whole (F.avg_pool2d(x, x.size()[2:]))
+        if any(i in used for i in node.all_input_nodes):
+            node.args = fx.node.map_arg(node.args, lambda i: sizes.get(i, i) if i in used else i)
+            node.kwargs = fx.node.map_arg(node.kwargs, lambda i: sizes.get(i, i) if i in used else i)
 
 
 def convert_head(p: Pass, desc: Descriptors) -> None:
@@ -321,6 +408,7 @@ def convert_head(p: Pass, desc: Descriptors) -> None:
         if node not in head and any(i in head for i in node.all_input_nodes) and node.op != "output":
             head.add(node)
     sources = dict(entries)
+    _freeze_sizes(p, head, entry_nodes)
     for node in sorted(head, key=order.__getitem__):
         if node in sources:
             p.layouts[node] = collapse(p, node, sources[node])

@@ -3,6 +3,10 @@ becomes a stride-1 pooling over the training feature size."""
 
 from __future__ import annotations
 
+import math
+import operator
+
+import torch
 from torch import fx, nn
 
 from fcconv._shapes import dim_labels, format_shape
@@ -11,7 +15,7 @@ from fcconv.models.descriptors import Spatial, desc_labels, permuted_dims
 from fcconv.models.head_state import Layout, Pass
 from fcconv.models.modules import pool_module
 from fcconv.models.ops import adaptive_output_size, is_flatten_like, reduction_of
-from fcconv.models.tracing import data_inputs, describe
+from fcconv.models.tracing import arg, data_inputs, describe
 
 __all__ = ["collapse", "downstream", "permuted_map_error"]
 
@@ -19,6 +23,13 @@ __all__ = ["collapse", "downstream", "permuted_map_error"]
 def collapse(p: Pass, node: fx.Node, src: fx.Node) -> Layout:
     """Rewrite a node that turns the varying feature map into the fixed head input."""
     gm, ndim = p.gm, p.ndim
+    if not isinstance(p.shapes.get(src), tuple):  # x.flatten(2).max(2).values: src is max's pair
+        found = _global_reduction(p, node, src)
+        if found is None:
+            raise p.fail(node, "it reads a pair of tensors computed from the feature map",
+                         "Only a global pooling, written in any of the usual ways, can feed the head")
+        return _replace_by_pool(p, node, found[1], found[0], tuple(p.shape(found[1])[2:]),
+                                keep=False, layout_spatial=(1,) * ndim)
     src_shape = p.shape(src)
     channels, spatial = src_shape[1], tuple(src_shape[2:])
     adaptive = adaptive_output_size(node, gm)
@@ -30,22 +41,27 @@ def collapse(p: Pass, node: fx.Node, src: fx.Node) -> Layout:
         raise permuted_map_error(p, node, _permuting_node(p, src), src_shape, desc_labels(src_desc, ndim))
     if adaptive is not None and len(src_shape) == ndim + 2:
         _, kind, size = adaptive
-        kernel = []
+        kernel, stride = [], []
         for s, o in zip(spatial, size):
             if o is None or o == s:
                 kernel.append(1)
             elif o == 1:
                 kernel.append(s)
+            elif s % o == 0:  # VGG's AdaptiveAvgPool2d(7) on a 14x14 map: AvgPool2d(2)
+                kernel.append(s // o)
             else:
                 raise p.fail(
                     node, f"it pools the {format_shape(src_shape[1:])} feature map to "
-                    f"{format_shape(out_shape[1:])}, neither the identity nor a global pool, so it "
-                    "has no convolutional equivalent",
+                    f"{format_shape(out_shape[1:])}, neither the identity, a global pool nor a "
+                    "pool whose output size divides its input's, so it has no convolutional "
+                    "equivalent",
                     "Convert at the training resolution where it is the identity (e.g. "
                     "input_shape=(3, 224, 224) for torchvision's vgg and alexnet) or global",
                 )
+            stride.append(kernel[-1] if o not in (None, 1) else 1)
         return _replace_by_pool(p, node, src, kind, tuple(kernel), keep=True,
-                                layout_spatial=tuple(out_shape[2:]))
+                                layout_spatial=tuple(out_shape[2:]),
+                                stride=tuple(stride) if any(t != 1 for t in stride) else None)
     if reduction is not None and len(src_shape) == ndim + 2:
         kind, dims, keepdim = reduction
         rank = len(src_shape)
@@ -71,37 +87,95 @@ def collapse(p: Pass, node: fx.Node, src: fx.Node) -> Layout:
     )
 
 
-def _global_reduction(p: Pass, node: fx.Node, src: fx.Node) -> tuple[str, fx.Node] | None:
-    """``(kind, map)`` if ``node`` pools ``src`` over all its spatial dims into ``(N, C)``, written
-    another way: a mean over the spatial dims of a channels-last map (a canonical ``(N, C, *spatial)``
-    copy is inserted), or a mean/amax over the last dim of a ``(N, C, H*W)`` flatten of the map."""
-    reduction = reduction_of(node)
-    if reduction is None or reduction[2]:
+def _reduction_step(p: Pass, node: fx.Node) -> tuple[str, tuple[int, ...], fx.Node] | None:
+    """``(kind, dims, input)`` for a reduction without keepdim: ``mean``/``amax`` (avg, max),
+    ``sum`` (sum) over dims, and ``x.max(dim).values`` (max)."""
+    found = reduction_of(node)
+    if found is None and node.op in ("call_method", "call_function") and node.target in (
+            "sum", torch.sum):
+        dims = _int_dims(arg(node, 1, "dim"))
+        keep = arg(node, 2, "keepdim", False)
+        found = ("sum", dims, keep) if dims is not None and isinstance(keep, bool) else None
+    if found is None and _is_max_values(node):
+        reduced = node.args[0]
+        assert isinstance(reduced, fx.Node)
+        dims = _int_dims(arg(reduced, 1, "dim"))
+        keep = arg(reduced, 2, "keepdim", False)
+        found = ("max", dims, keep) if dims is not None and isinstance(keep, bool) else None
+        node = reduced
+    if found is None or found[2] or not node.all_input_nodes:
         return None
-    kind, dims = reduction[0], reduction[1]
-    src_shape, src_desc = p.shape(src), p.descs.get(src)
-    rank = len(src_shape)
-    if not isinstance(src_desc, tuple) or len(src_desc) != rank:
-        return None
-    if rank == p.ndim + 2 and desc_labels(src_desc, p.ndim) is not None:
-        spatial_at = {i for i, e in enumerate(src_desc) if isinstance(e, Spatial)}
-        if {d % rank for d in dims} != spatial_at:
-            return None
-        order = [0, next(i for i in range(1, rank) if i not in spatial_at)]
-        order += sorted(spatial_at, key=lambda i: src_desc[i].k)
-        with p.gm.graph.inserting_after(src):
-            canonical = p.gm.graph.call_method("permute", (src, *order))
-        p.shapes[canonical] = tuple(src_shape[i] for i in order)
-        return kind, canonical
-    if not src.all_input_nodes:
-        return None
-    base = src.all_input_nodes[0]
-    base_shape = p.shapes.get(base)
-    if (rank == 3 and is_flatten_like(src, p.gm) and {d % rank for d in dims} == {2}
-            and isinstance(base_shape, tuple) and len(base_shape) == p.ndim + 2
-            and base_shape[:2] == src_shape[:2] and not permuted_dims(p.descs.get(base))):
-        return kind, base
+    return found[0], found[1], node.all_input_nodes[0]
+
+
+def _int_dims(value: object) -> tuple[int, ...] | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,)
+    if isinstance(value, (tuple, list)) and value and all(isinstance(v, int) for v in value):
+        return tuple(value)
     return None
+
+
+def _is_max_values(node: fx.Node) -> bool:
+    """``x.max(dim).values`` or ``x.max(dim)[0]``."""
+    is_values = (node.op == "call_function" and node.target is getattr and node.args[1:] == ("values",)
+                 ) or (node.op == "call_function" and node.target is operator.getitem
+                       and node.args[1:] == (0,))
+    reduced = node.args[0] if node.args else None
+    return is_values and isinstance(reduced, fx.Node) and reduced.target in ("max", torch.max) and (
+        arg(reduced, 1, "dim") is not None)
+
+
+def _global_reduction(p: Pass, node: fx.Node, src: fx.Node) -> tuple[str, fx.Node] | None:
+    """``(kind, map)`` if ``node`` pools a canonical ``(N, C, *spatial)`` map over all its spatial
+    dims into ``(N, C)``, written another way: a mean over the spatial dims of a channels-last map
+    (a canonical copy is inserted), means of means (``x.mean(-1).mean(-1)``), a sum, a max over
+    the last dim of a ``(N, C, H*W)`` flatten (``x.flatten(2).max(2).values``)."""
+    step = _reduction_step(p, node)
+    if step is None:
+        return None
+    kind, dims, current = step
+    removed: list[int] = []
+    while True:
+        desc, shape = p.descs.get(current), p.shapes.get(current)
+        if not isinstance(desc, tuple) or not isinstance(shape, tuple) or len(desc) != len(shape):
+            return None
+        rank = len(shape)
+        reduced = [desc[d % rank] for d in dims]
+        if rank == 3 and {d % rank for d in dims} == {2} and _flattens_map(p, current):
+            return kind, current.all_input_nodes[0]
+        if not all(isinstance(e, Spatial) for e in reduced):
+            return None
+        removed += [e.k for e in reduced if isinstance(e, Spatial)]
+        if sorted(removed) == list(range(p.ndim)) and rank == p.ndim + 2:
+            return kind, _canonical(p, current, desc)
+        step = _reduction_step(p, current)
+        if step is None or step[0] != kind:
+            return None
+        _, dims, current = step
+
+
+def _flattens_map(p: Pass, node: fx.Node) -> bool:
+    """``node`` is ``(N, C, H*W)``, a flatten of a canonical ``(N, C, H, W)`` map."""
+    base = node.all_input_nodes[0] if node.all_input_nodes else None
+    base_shape = p.shapes.get(base) if base is not None else None
+    return (is_flatten_like(node, p.gm) and isinstance(base_shape, tuple) and base is not None
+            and len(base_shape) == p.ndim + 2 and base_shape[:2] == p.shape(node)[:2]
+            and not permuted_dims(p.descs.get(base)))
+
+
+def _canonical(p: Pass, node: fx.Node, desc: tuple[object, ...]) -> fx.Node:
+    """``node`` if its dims are ``(N, C, *spatial)``, else a permuted copy that is."""
+    if not permuted_dims(desc):  # type: ignore[arg-type]
+        return node
+    spatial_at = sorted((e.k, i) for i, e in enumerate(desc) if isinstance(e, Spatial))
+    channel = next(i for i in range(1, len(desc)) if i not in {i for _, i in spatial_at})
+    order = (0, channel, *(i for _, i in spatial_at))
+    with p.gm.graph.inserting_after(node):
+        canonical = p.gm.graph.call_method("permute", (node, *order))
+    shape = p.shape(node)
+    p.shapes[canonical] = tuple(shape[i] for i in order)
+    return canonical
 
 
 def _permuting_node(p: Pass, src: fx.Node) -> fx.Node:
@@ -152,16 +226,25 @@ def downstream(node: fx.Node) -> list[fx.Node]:
 
 
 def _replace_by_pool(p: Pass, node: fx.Node, src: fx.Node, kind: str, kernel: tuple[int, ...], *,
-                     keep: bool, layout_spatial: tuple[int, ...]) -> Layout:
+                     keep: bool, layout_spatial: tuple[int, ...],
+                     stride: tuple[int, ...] | None = None) -> Layout:
+    """Replace ``node`` by a pooling of ``src`` (stride 1 unless given); a ``'sum'`` is an average
+    pooling times the kernel's volume."""
     channels = p.shape(src)[1]
+    pool = pool_module("avg" if kind == "sum" else kind, kernel)
+    if stride is not None:
+        pool.stride = stride  # type: ignore[assignment]
     if all(k == 1 for k in kernel):
         p.remove(node, src)
-    elif node.op == "call_module":
-        p.set_module(str(node.target), pool_module(kind, kernel), ("pool", kernel))
+    elif node.op == "call_module" and kind != "sum":
+        p.set_module(str(node.target), pool, ("pool", kernel))
     else:
-        target = p.new_module("head_pool", pool_module(kind, kernel))
+        target = p.new_module("head_pool", pool)
         with p.gm.graph.inserting_after(node):
             new = p.gm.graph.call_module(target, (src,))
+        if kind == "sum":
+            with p.gm.graph.inserting_after(new):
+                new = p.gm.graph.call_function(operator.mul, (new, math.prod(kernel)))
         p.remove(node, new)
     if keep:
         return Layout("map", channels, layout_spatial, tuple(range(p.ndim + 2)))

@@ -99,6 +99,8 @@ def _functional_sliding_op(node: fx.Node, gm: fx.GraphModule,
         return n, SlidingOp(tuple(wshape[2:]), stride, padding, dilation)
     if node.target in _POOL_FUNCTIONS:
         n, is_max = _POOL_FUNCTIONS[node.target]
+        if pools_whole_input(node, n):
+            return None  # F.avg_pool2d(x, x.size()[2:]): a global pooling, see adaptive_output_size
         pair = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
         if pair is None:
             return n, None
@@ -140,6 +142,10 @@ def adaptive_output_size(node: fx.Node, gm: fx.GraphModule) -> tuple[int, str, t
             size = broadcast(module.output_size, n)
             kind = "avg" if isinstance(module, _AdaptiveAvgPoolNd) else "max"
             return (n, kind, size) if size is not None else None
+    elif node.op == "call_function" and node.target in _POOL_FUNCTIONS:
+        n, is_max = _POOL_FUNCTIONS[node.target]
+        if pools_whole_input(node, n):
+            return n, "max" if is_max else "avg", (1,) * n
     elif node.op == "call_function" and node.target in ADAPTIVE_FUNCTIONS:
         n, kind = ADAPTIVE_FUNCTIONS[node.target]
         if arg(node, 2, "return_indices", False):
@@ -149,6 +155,36 @@ def adaptive_output_size(node: fx.Node, gm: fx.GraphModule) -> tuple[int, str, t
             return None
         return n, kind, size
     return None
+
+
+def _size_of(value: Any, x: fx.Node, dim: int, ndim: int) -> bool:
+    """``value`` is ``x.size(dim)``, ``x.shape[dim]`` or ``x.size()[dim]`` (dim counted from 0 or -ndim-2)."""
+    if not isinstance(value, fx.Node):
+        return False
+    if value.op == "call_method" and value.target == "size" and value.args[0] is x and len(value.args) == 2:
+        return value.args[1] in (dim, dim - ndim - 2)
+    if value.op == "call_function" and value.target is operator.getitem:
+        return _whole_size(value.args[0], x) and value.args[1] in (dim, dim - ndim - 2)
+    return False
+
+
+def _whole_size(value: Any, x: fx.Node) -> bool:
+    """``value`` is ``x.size()`` or ``x.shape``."""
+    return isinstance(value, fx.Node) and value.args[:1] == (x,) and (
+        (value.op == "call_method" and value.target == "size" and len(value.args) == 1)
+        or (value.op == "call_function" and value.target is getattr and value.args[1:] == ("shape",)))
+
+
+def pools_whole_input(node: fx.Node, n: int) -> bool:
+    """A pooling call whose kernel is its input's spatial size and stride the default:
+    ``F.avg_pool2d(x, x.size()[2:])``, ``F.max_pool2d(x, (x.size(2), x.size(3)))``."""
+    x, kernel = node.args[0] if node.args else None, arg(node, 1, "kernel_size")
+    if not isinstance(x, fx.Node) or arg(node, 2, "stride") not in (None, (), []):
+        return False
+    if isinstance(kernel, fx.Node) and kernel.op == "call_function" and kernel.target is operator.getitem:
+        return _whole_size(kernel.args[0], x) and kernel.args[1] in (slice(2, None), slice(-n, None))
+    return isinstance(kernel, (tuple, list)) and len(kernel) == n and all(
+        _size_of(v, x, 2 + k, n) for k, v in enumerate(kernel))
 
 
 def reduction_of(node: fx.Node) -> tuple[str, tuple[int, ...], bool] | None:

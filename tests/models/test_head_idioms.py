@@ -25,6 +25,8 @@ class Idiom(nn.Module):
         self.scale = nn.Parameter(torch.randn(5))
         self.drop = nn.Dropout2d(0.3)
         self.prelu = nn.PReLU(8)
+        self.register_buffer("mean", torch.randn(5))
+        self.register_buffer("var", torch.rand(5) + 0.5)
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:  # noqa: PLR0911 (one return per idiom)
         idiom = self.idiom
@@ -63,12 +65,14 @@ class Idiom(nn.Module):
         y = self.fc(y)
         if self.idiom == "class_scale":
             y = y * self.scale + self.scale
+        if self.idiom == "functional_batch_norm":
+            y = F.batch_norm(y, self.mean, self.var, self.scale, self.scale, training=False, eps=1e-3)
         return y
 
 
 IDIOMS = ["squeeze", "view_mean", "mean_mean", "sum_div", "avg_pool_size", "flatten_max", "index",
           "dropout2d", "channels_last", "norm_written_out", "prelu", "functional_linear",
-          "class_scale"]
+          "class_scale", "functional_batch_norm"]
 
 
 @pytest.mark.parametrize("idiom", IDIOMS)

@@ -134,9 +134,43 @@ def _as_linear_module(p: Pass, node: fx.Node) -> fx.Node:
     return new
 
 
+def _attr(p: Pass, value: object) -> Any:
+    """The tensor a ``get_attr`` node reads; None for None; False for anything else."""
+    if value is None:
+        return None
+    if isinstance(value, fx.Node) and value.op == "get_attr":
+        return p.gm.get_parameter(str(value.target)) if str(value.target) in dict(
+            p.gm.named_parameters()) else p.gm.get_buffer(str(value.target))
+    return False
+
+
+def _as_batchnorm_module(p: Pass, node: fx.Node) -> fx.Node:
+    """An eval-mode ``F.batch_norm(x, self.mean, self.var, self.w, self.b)`` becomes a call of an
+    ``nn.BatchNorm1d`` holding the same tensors, so that it converts like one."""
+    if not (node.op == "call_function" and node.target is F.batch_norm
+            and arg(node, 5, "training", False) is False):
+        return node
+    mean, var, weight, bias = (_attr(p, arg(node, i, name)) for i, name in
+                               enumerate(("running_mean", "running_var", "weight", "bias"), 1))
+    if mean is None or var is None or any(t is False for t in (mean, var, weight, bias)) or (
+            (weight is None) != (bias is None)):
+        return node
+    bn = nn.BatchNorm1d(mean.shape[0], eps=arg(node, 7, "eps", 1e-5), affine=weight is not None,
+                        device=mean.device, dtype=mean.dtype)
+    bn.running_mean, bn.running_var = mean, var
+    if weight is not None:
+        bn.weight, bn.bias = weight, bias
+    target = p.new_module("head_batch_norm", bn.eval())
+    with p.gm.graph.inserting_after(node):
+        new = p.gm.graph.call_module(target, (node.args[0],))
+    p.shapes[new] = p.shapes[node]
+    p.remove(node, new)
+    return new
+
+
 def _convert_head_node(p: Pass, node: fx.Node) -> Layout | None:
     """Rewrite one node downstream of the head entry; returns its layout."""
-    node = _as_linear_module(p, node)
+    node = _as_batchnorm_module(p, _as_linear_module(p, node))
     inputs, params = _head_inputs(p, node)
     layout = _common_layout(p, node, inputs)
     for param in params:

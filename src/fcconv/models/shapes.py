@@ -127,7 +127,8 @@ def record_sizes(gm: fx.GraphModule, input_shape: Sequence[int], *, batch: int =
     device = found_device or torch.device("cpu")
     state = {**dict(gm.named_parameters(remove_duplicate=False)),
              **dict(gm.named_buffers(remove_duplicate=False))}
-    meta = {f"gm.{k}": v.detach().to("meta") for k, v in state.items()}
+    copies: dict[int, Tensor] = {}  # tied tensors (one Parameter under two names) stay tied
+    meta = {f"gm.{k}": copies.setdefault(id(v), v.detach().to("meta")) for k, v in state.items()}
     runner = _Runner(gm)
     x = torch.empty((batch, *input_shape), dtype=dtype, device="meta")
     try:

@@ -130,3 +130,28 @@ def test_scripted_module_gets_a_message_that_fits() -> None:
     with pytest.raises(NotEquivalentError, match=r"^Cannot convolutionalize a TorchScript module "
                                                  r"\(RecursiveScriptModule\).*before torch.jit.script"):
         convolutionalize(scripted, (3, 15, 15))
+
+
+class TfSame(nn.Module):
+    """TensorFlow "same" padding computed from the input size (timm's Conv2dSame, MaxPool2dSame)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv_same = pytest.importorskip("timm.layers.conv2d_same")
+        pool_same = pytest.importorskip("timm.layers.pool2d_same")
+        self.conv = conv_same.Conv2dSame(3, 4, 3, stride=2)
+        self.pool = pool_same.MaxPool2dSame(3, stride=2)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(F.relu(self.conv(x))).mean((2, 3)))
+
+
+def test_tf_same_padding_has_its_closed_form_geometry() -> None:
+    torch.manual_seed(0)
+    fcn = check_converts(TfSame(), 16, (29, 23))
+    assert fcn.stride == (4, 4) and fcn.size_modulus == (1, 1) and not fcn.exact_sliding_window
+    for size in (16, 17, 19, 20, 21, 33):  # ceil(ceil(S / 2) / 2) - 4 + 1 cells
+        with torch.no_grad():
+            out = fcn(torch.randn(1, 3, size, 16, dtype=DTYPE))
+        assert out.shape[2] == fcn.grid_shape((size, 16))[0] == -(-size // 4) - 3

@@ -112,11 +112,32 @@ def _functional_sliding_op(node: fx.Node, gm: fx.GraphModule,
     return None
 
 
+# Modules that pad "same" the TensorFlow way, from the input size at run time: output ceil(S / s).
+TF_SAME_MODULES = {
+    "timm.layers.conv2d_same.Conv2dSame", "timm.layers.pool2d_same.MaxPool2dSame",
+    "timm.layers.pool2d_same.AvgPool2dSame",
+}
+
+
+def _tf_same_op(module: nn.Module) -> tuple[int, SlidingOp | None] | None:
+    """``(2, op)`` with padding ``"tf_same"`` for a module of :data:`TF_SAME_MODULES`."""
+    if f"{type(module).__module__}.{type(module).__qualname__}" not in TF_SAME_MODULES:
+        return None
+    op = _conv_sizes(module)
+    if op is None or op.ceil_mode:
+        return 2, None
+    op.padding = "tf_same"
+    return 2, op
+
+
 def sliding_op_of(node: fx.Node, gm: fx.GraphModule,
                   shapes: dict[fx.Node, NodeValue]) -> tuple[int, SlidingOp | None] | None:
     """``(ndim, op)`` if ``node`` is a conv or a pooling (module or function), else None."""
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
+        tf_same = _tf_same_op(module)
+        if tf_same is not None:
+            return tf_same
         if isinstance(module, _ConvTransposeNd):
             return None
         if isinstance(module, _ConvNd):

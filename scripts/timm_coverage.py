@@ -55,7 +55,8 @@ from fcconv import FcconvError, compare, convolutionalize  # noqa: E402
 ATTENTION_OPS = ("bmm", "baddbmm", "_scaled_dot_product")
 #: families whose token mixing is global but written without a product of two activations.
 GLOBAL_MIXERS = {
-    "mobilevit": "attention (MobileViT: bmm; MobileViTv2 separable self-attention: a softmax over all patches)",
+    "mobilevit": "attention (MobileViT: bmm; MobileViTv2 separable self-attention: "
+                 "a softmax over all patches)",
     "swiftformer": "attention (efficient additive attention: a query pooled over all tokens)",
 }
 #: how much larger than the training size the grid is checked at (height, width).

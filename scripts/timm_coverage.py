@@ -170,7 +170,7 @@ def check(name: str) -> tuple[tuple[int, ...], str, str]:
         return shape, "refused" if isinstance(error, FcconvError) else "crashed", first_line(error)
     x = torch.randn((1, *shape), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     try:
-        report = compare(model, fcn, x)
+        report = compare(model, fcn, inputs=x)
     except Exception as error:  # noqa: BLE001
         return shape, "compare failed", first_line(error)
     if not report.equivalent:

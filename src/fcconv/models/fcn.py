@@ -46,8 +46,9 @@ class FullyConvolutional(nn.Module):
     """A classifier turned fully convolutional, with the geometry of its score map.
 
     ``forward(x)`` takes ``(N, C, *spatial)`` with every spatial size at least ``min_size`` (and
-    an accepted size, :meth:`accepts`, for models that run only at some sizes) and returns the dense score map ``(N, num_classes, *grid_shape(spatial))``. Cell ``i`` (one index per
-    spatial dim) scores the crop ``window_of(i)``: ``window`` pixels from ``i * stride``.
+    an accepted size, :meth:`accepts`, for models that run only at some sizes) and returns the
+    dense score map ``(N, num_classes, *grid_shape(spatial))``. Cell ``i`` (one index per spatial
+    dim) scores the crop ``window_of(i)``: ``window`` pixels from ``i * stride``.
 
     Attributes:
         graph_module: the converted ``torch.fx.GraphModule``.

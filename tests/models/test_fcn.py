@@ -346,8 +346,8 @@ class FixedPool(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
-        self.avgpool = nn.AdaptiveAvgPool2d(3)
-        self.fc = nn.Linear(4 * 3 * 3, 5)
+        self.avgpool = nn.AdaptiveAvgPool2d(4)  # 6x6 to 4x4: no fixed pool (6x6 to 3x3 is one)
+        self.fc = nn.Linear(4 * 4 * 4, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.avgpool(self.conv(x)), 1))
@@ -388,7 +388,7 @@ class FixedReshape(nn.Module):
 @pytest.mark.parametrize(("model", "message"), [
     (LinearOnMap, r"^Cannot convolutionalize node 'lin' \(module 'lin': Linear.*a spatial dim"),
     (FixedPool, r"^Cannot convolutionalize node 'avgpool' \(module 'avgpool': AdaptiveAvgPool2d.*"
-                r"neither the identity nor a global pool"),
+                r"neither the identity, a global pool nor a pool whose output size divides"),
     (BatchNormOnWindow, r"^Cannot convolutionalize node 'bn' .*Fold it into the following Linear"),
     (SortHead, r"^Cannot convolutionalize node 'cumsum' \(call to torch.cumsum\)"),
     (FixedReshape, r"^The converted model on input \(3, \d+, \d+\) fails at node 'reshape"),

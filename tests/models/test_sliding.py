@@ -58,3 +58,41 @@ def test_sliding_window_needs_one_vector_per_crop() -> None:
     model = AlreadyConv().to(DTYPE)
     with pytest.raises(FcconvError, match=r"^sliding_window needs a model that returns one score"):
         sliding_window(model, torch.randn(1, 3, 12, 12, dtype=DTYPE), window=8, stride=2, progress=False)
+
+
+def test_sliding_window_takes_one_image_by_the_models_rank() -> None:
+    model = lenet()
+    x = torch.randn(3, 36, 32, dtype=DTYPE)
+    single = sliding_window(model, x, window=32, stride=4, progress=False)
+    batched = sliding_window(model, x[None], window=32, stride=4, progress=False)
+    assert single.shape == (10, 2, 1)
+    torch.testing.assert_close(single, batched[0], rtol=0, atol=0)  # the same crops, the same runs
+    with pytest.raises(FcconvError, match=r"^image must be \(N, C, \*spatial\) or \(C, \*spatial\) "
+                                          r"with the model's 2 spatial dim\(s\); got \(1, 1, 3, 36, 32\)"):
+        sliding_window(model, x[None, None], window=32, stride=4, progress=False)
+
+
+def test_sliding_window_refuses_an_ambiguous_image() -> None:
+    def model(t: torch.Tensor) -> torch.Tensor:  # no conv to tell the rank
+        return t.flatten(1)[:, :2]
+
+    with pytest.raises(FcconvError, match=r"^image \(3, 16, 16\) with one window size is ambiguous"):
+        sliding_window(model, torch.randn(3, 16, 16), window=16, stride=4, progress=False)
+    assert sliding_window(model, torch.randn(3, 16, 16), window=(16,), stride=4,
+                          progress=False).shape == (3, 2, 1)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "tensor"])
+def test_cells_and_sizes_as_numpy_ints_and_0d_tensors(kind: str) -> None:
+    import numpy as np
+
+    fcn = convolutionalize(lenet(), (3, 32, 32))
+
+    def as_int(v: int) -> object:
+        return np.int64(v) if kind == "numpy" else torch.tensor(v)
+
+    cell = np.unravel_index(5, (3, 4)) if kind == "numpy" else (torch.tensor(1), torch.tensor(1))
+    assert fcn.window_of(cell) == (4, 4, 36, 36)
+    assert fcn.grid_shape((as_int(40), as_int(44))) == fcn.grid_shape((40, 44)) == (3, 4)
+    assert fcn.grid_shape(as_int(40)) == (3, 3)
+    assert fcn.accepts((as_int(40), as_int(44)))

@@ -75,6 +75,8 @@ def _slide(entry: Entry, kernel: int, stride: int, padding: int | str, dilation:
         return entry  # a constant dim stays constant, an unknown one unknown
     if padding == "same":
         return entry if stride == 1 else UNKNOWN
+    if padding == "tf_same":  # ceil(S / stride), the padding computed from the size at run time
+        return Spatial(entry.k, entry.T * stride, entry.C + (stride - 1) * entry.T)
     p = 0 if padding == "valid" else int(padding)
     a = 2 * p - dilation * (kernel - 1) - 1 + stride
     if ceil_mode:
@@ -220,7 +222,7 @@ class _Walk:
         for i in range(n):
             p = op.padding if isinstance(op.padding, str) else op.padding[i]
             e = src_desc[2 + i]
-            pads_here = op.ceil_mode or (p == "same" and op.kernel[i] > 1) or (
+            pads_here = op.ceil_mode or (p in ("same", "tf_same") and op.kernel[i] > 1) or (
                 not isinstance(p, str) and p > 0)
             if isinstance(e, Spatial) and pads_here:
                 self.pads.append(node)

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import itertools
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -25,6 +26,7 @@ from torch import Tensor, fx, nn
 from fcconv._shapes import (
     STOCHASTIC_FUNCTIONS,
     check_input_shape,
+    dim_labels,
     format_shape,
     per_dim,
     stochastic_in_training,
@@ -37,7 +39,7 @@ from fcconv.models.modules import HEAD_IMPLS
 from fcconv.models.ops import flatten_points
 from fcconv.models.receptive import Analysis, analyze
 from fcconv.models.shapes import NodeFailure, node_failure, record_shapes
-from fcconv.models.tracing import leaf_matchers, trace
+from fcconv.models.tracing import leaf_matchers, trace, unwrap
 
 __all__ = ["FullyConvolutional", "check_inference_mode", "convolutionalize"]
 
@@ -47,9 +49,10 @@ _CACHED_ANALYSES = 8  # analyses kept per FCN (one per image size)
 class FullyConvolutional(nn.Module):
     """A classifier turned fully convolutional, with the geometry of its score map.
 
-    ``forward(x)`` takes ``(N, C, *spatial)`` with every spatial size at least ``min_size`` and
-    returns the dense score map ``(N, num_classes, *grid_shape(spatial))``. Cell ``i`` (one index per
-    spatial dim) scores the crop ``window_of(i)``: ``window`` pixels from ``i * stride``.
+    ``forward(x)`` takes ``(N, C, *spatial)`` with every spatial size at least ``min_size`` (and
+    an accepted size, :meth:`accepts`, for models that run only at some sizes) and returns the
+    dense score map ``(N, num_classes, *grid_shape(spatial))``. Cell ``i`` (one index per spatial
+    dim) scores the crop ``window_of(i)``: ``window`` pixels from ``i * stride``.
 
     Attributes:
         graph_module: the converted ``torch.fx.GraphModule``.
@@ -65,12 +68,16 @@ class FullyConvolutional(nn.Module):
             squeeze-and-excitation block reads the whole image. ``why_not_exact`` names the node.
         head_impl: ``"auto"``, ``"conv"`` or ``"matmul"``, how the convs of the head compute.
         num_classes: the number of channels of the score map (classes).
+        size_modulus: per spatial dim, the step between the input sizes the model accepts: 1
+            for any size from ``min_size``; 32 for a model that runs only at sizes ``S0 + 32k``
+            (DLA, HRNet: branches of different strides added). See :meth:`accepts`.
     """
 
     def __init__(self, graph_module: fx.GraphModule, *, input_shape: Sequence[int],
                  stride: Sequence[int], window: Sequence[int], min_size: Sequence[int],
                  exact_sliding_window: bool = True, head_impl: str = "auto",
-                 num_classes: int | None = None, why_not_exact: str | None = None) -> None:
+                 num_classes: int | None = None, size_modulus: Sequence[int] | None = None,
+                 why_not_exact: str | None = None) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.input_shape = tuple(int(s) for s in input_shape)
@@ -84,6 +91,7 @@ class FullyConvolutional(nn.Module):
         self._analyses: OrderedDict[tuple[Any, ...], Analysis | FcconvError] = OrderedDict()
         self.head_impl = head_impl
         self.num_classes = num_classes
+        self.size_modulus = tuple(int(m) for m in size_modulus or (1,) * len(self.min_size))
         self.training = graph_module.training
 
     @property
@@ -99,7 +107,40 @@ class FullyConvolutional(nn.Module):
                 f"{self.ndim} spatial dim(s) of at least {format_shape(self.min_size)}; got "
                 f"{format_shape(x.shape)}. Pass a batch of images at least that large."
             )
+        self._check_accepted(tuple(x.shape[2:]))
         return self.graph_module(x)
+
+    def accepts(self, spatial: Sequence[int] | int) -> bool:
+        """Whether the model runs at this spatial size: ``>= min_size`` and ``== input size`` modulo
+        ``size_modulus`` in each dim (see :meth:`accepted_sizes`)."""
+        sizes = per_dim(spatial, self.ndim, "spatial")
+        return all(s >= lo and (s - s0) % m == 0 for s, lo, s0, m in
+                   zip(sizes, self.min_size, self.input_shape[1:], self.size_modulus))
+
+    def accepted_sizes(self) -> str:
+        """The sizes the model accepts, e.g. ``'H = 32k, W = 32k (k >= 7)'``; ``'any >= min_size'``."""
+        if all(m == 1 for m in self.size_modulus):
+            return f"any size >= {format_shape(self.min_size)}"
+        parts = []
+        for label, s0, m, lo in zip(dim_labels(self.ndim)[2:], self.input_shape[1:],
+                                    self.size_modulus, self.min_size):
+            r = s0 % m
+            parts.append(f"{label} = {m}k{f' + {r}' if r else ''} >= {lo}" if m > 1 else f"{label} >= {lo}")
+        return ", ".join(parts)
+
+    def _check_accepted(self, sizes: tuple[int, ...]) -> None:
+        if self.accepts(sizes):
+            return
+        nearest = []
+        for s, s0, m, lo in zip(sizes, self.input_shape[1:], self.size_modulus, self.min_size):
+            below = s - (s - s0) % m
+            nearest.append([s] if below == s and s >= lo else
+                           sorted({max(below, lo + (s0 - lo) % m), max(below + m, lo)}))
+        shown = " or ".join(format_shape(c) for c in itertools.product(*nearest))
+        raise FcconvError(
+            f"This model accepts spatial sizes {self.accepted_sizes()}; got "
+            f"{format_shape(sizes)}. Crop or pad the input to an accepted size, e.g. {shown}."
+        )
 
     def grid_shape(self, spatial: Sequence[int] | int) -> tuple[int, ...]:
         """The spatial size of the score map for an input of spatial size ``spatial``.
@@ -114,6 +155,7 @@ class FullyConvolutional(nn.Module):
                 f"An input of spatial size {format_shape(sizes)} gives no cell: each dim must be "
                 f"at least min_size = {format_shape(self.min_size)}."
             )
+        self._check_accepted(sizes)
         return tuple((s - m) // t + 1 for s, m, t in zip(sizes, self.min_size, self.stride))
 
     def analysis(self, image_size: Sequence[int] | int | None = None) -> Analysis:
@@ -257,7 +299,9 @@ class FullyConvolutional(nn.Module):
         ``{"state_dict": fcn.state_dict(), "geometry": fcn.geometry()}`` is a checkpoint that
         :meth:`from_state_dict` reloads with ``torch.load(..., weights_only=True)``.
         """
+        modulus = {} if all(m == 1 for m in self.size_modulus) else {"size_modulus": self.size_modulus}
         return {
+            **modulus,
             "input_shape": self.input_shape,
             "stride": self.stride,
             "window": self.window,
@@ -302,7 +346,7 @@ class FullyConvolutional(nn.Module):
         fcn = _convolutionalize(model, tuple(geometry["input_shape"]), inplace=False,
                                 leaf_modules=leaf_modules, head_impl=_saved_head_impl(geometry),
                                 check_training=False)
-        for key in ("stride", "window", "min_size"):
+        for key in ("stride", "window", "min_size", "size_modulus"):
             if key in geometry and tuple(geometry[key]) != getattr(fcn, key):
                 raise FcconvError(
                     f"The saved geometry has {key}={tuple(geometry[key])} but the model converts to "
@@ -316,6 +360,8 @@ class FullyConvolutional(nn.Module):
             f"input_shape={format_shape(self.input_shape)}, stride={self.stride}, "
             f"window={self.window}, min_size={self.min_size}, num_classes={self.num_classes}, "
             f"exact_sliding_window={self.exact_sliding_window}, head_impl={self.head_impl!r}"
+            + ("" if all(m == 1 for m in self.size_modulus) else
+               f", accepted sizes: {self.accepted_sizes()}")
         )
 
 
@@ -418,6 +464,7 @@ def convolutionalize(model: nn.Module, input_shape: Sequence[int], *, inplace: b
 def _convolutionalize(model: nn.Module, input_shape: Sequence[int], *, inplace: bool,
                       leaf_modules: object, head_impl: str, check_training: bool) -> FullyConvolutional:
     """:func:`convolutionalize`; ``check_training=False`` converts a model in training mode too."""
+    model = unwrap(model) if isinstance(model, nn.Module) else model
     if not isinstance(model, nn.Module):
         raise FcconvError(
             f"convolutionalize expects an nn.Module; got {type(model).__name__}. Pass the model."
@@ -450,7 +497,7 @@ def _convolutionalize(model: nn.Module, input_shape: Sequence[int], *, inplace: 
     return FullyConvolutional(
         gm, input_shape=shape, stride=grid.stride, window=grid.window,
         min_size=grid.min_size, exact_sliding_window=grid.exact, head_impl=head_impl,
-        num_classes=grid.num_classes,
+        num_classes=grid.num_classes, size_modulus=grid.modulus,
     )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+import operator
 from typing import Any
 
 import torch
@@ -22,15 +22,15 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fcconv._shapes import dim_labels, format_shape
-from fcconv.errors import NotEquivalentError
 from fcconv.layers import linear_to_conv, linear_to_pointwise
-from fcconv.models.descriptors import Descriptors, depends_on_input_size, desc_labels, permuted_dims
+from fcconv.models.descriptors import Descriptors, depends_on_input_size
+from fcconv.models.head_entry import collapse, permuted_map_error
+from fcconv.models.head_state import TODO_HEAD, Layout, Pass
 from fcconv.models.modules import (
     as_unfold_conv,
     batchnorm_nd,
     channel_layer_norm,
     channel_layer_norm_module,
-    pool_module,
 )
 from fcconv.models.ops import (
     DIM_FUNCTIONS,
@@ -39,237 +39,21 @@ from fcconv.models.ops import (
     ELEMENTWISE_FUNCTIONS,
     ELEMENTWISE_METHODS,
     ELEMENTWISE_MODULES,
-    adaptive_output_size,
+    STAT_FUNCTIONS,
+    STAT_METHODS,
     is_flatten_like,
     permutation_of,
-    reduction_of,
 )
-from fcconv.models.shapes import NodeValue
-from fcconv.models.tracing import arg, data_inputs, describe
+from fcconv.models.shapes import NodeValue, record_sizes
+from fcconv.models.tracing import arg, data_inputs
 
 __all__ = ["Pass", "convert_head"]
 
-@dataclass(frozen=True)
-class _Layout:
-    """What a head tensor holds; in the converted graph it is a map ``(N, channels, *grid)``.
 
-    ``kind``: "channels" (a flat ``(N, F)`` of features at training size), "window" (a flat
-    ``(N, C*h*w)`` that flattens a ``(C, *spatial)`` map) or "map" (a ``(N, C, *spatial)`` map of
-    fixed training size, dims possibly permuted: ``order[i]`` is the canonical dim at position i).
-    """
-
-    kind: str
-    channels: int
-    spatial: tuple[int, ...]
-    order: tuple[int, ...] = ()
-
-    @property
-    def point(self) -> bool:
-        return all(s == 1 for s in self.spatial)
-
-    @property
-    def channel_position(self) -> int:
-        return self.order.index(1) if self.order else 1
-
-
-@dataclass
-class Pass:
-    """State of one conversion."""
-
-    gm: fx.GraphModule
-    source: nn.Module
-    inplace: bool
-    ndim: int
-    head_impl: str
-    shapes: dict[fx.Node, NodeValue]
-    # per node, how its dims depend on the input size (from spatial_descriptors)
-    descs: dict[fx.Node, Any] = field(default_factory=dict)
-    layouts: dict[fx.Node, _Layout] = field(default_factory=dict)
-    converted: dict[str, tuple[Any, nn.Module]] = field(default_factory=dict)
-    # Nodes to drop, and what replaces them; applied at the end so that layouts stay keyed by
-    # the original nodes while the head is walked.
-    replaced: dict[fx.Node, fx.Node] = field(default_factory=dict)
-
-    # -- helpers ---------------------------------------------------------------------------
-    def shape(self, node: fx.Node) -> tuple[int, ...]:
-        s = self.shapes.get(node)
-        assert isinstance(s, tuple)
-        return s
-
-    def module(self, node: fx.Node) -> nn.Module:
-        return self.gm.get_submodule(str(node.target))
-
-    def fail(self, node: fx.Node, why: str, todo: str) -> NotEquivalentError:
-        return NotEquivalentError(f"Cannot convolutionalize {describe(node, self.gm)}: {why}. {todo}.")
-
-    def set_module(self, target: str, module: nn.Module, key: Any) -> None:
-        """Put ``module`` at ``target`` (and on the source model when converting in place)."""
-        previous = self.converted.get(target)
-        if previous is not None:
-            if previous[0] != key:
-                raise NotEquivalentError(
-                    f"Module '{target}' is called twice in the head with different inputs "
-                    f"({previous[0]} and {key}); it cannot become one conv. Give each call its "
-                    "own module."
-                )
-            return
-        self.converted[target] = (key, module)
-        roots = [self.gm, self.source] if self.inplace else [self.gm]
-        for root in roots:
-            parent_name, _, name = target.rpartition(".")
-            try:
-                parent = root.get_submodule(parent_name) if parent_name else root
-            except AttributeError:
-                continue
-            setattr(parent, name, module)
-
-    def new_module(self, base: str, module: nn.Module) -> str:
-        name, i = base, 0
-        while hasattr(self.gm, name):
-            i += 1
-            name = f"{base}_{i}"
-        self.gm.add_submodule(name, module)
-        return name
-
-    def remove(self, node: fx.Node, replacement: fx.Node) -> None:
-        self.replaced[node] = replacement
-
-    def apply_removals(self) -> None:
-        for node in list(self.gm.graph.nodes):
-            if node not in self.replaced:
-                continue
-            replacement = self.replaced[node]
-            while replacement in self.replaced:
-                replacement = self.replaced[replacement]
-            node.replace_all_uses_with(replacement)
-            self.gm.graph.erase_node(node)
-
-
-_TODO_HEAD = (
-    "Only Linear, element-wise ops, Dropout, BatchNorm1d, LayerNorm, softmax, flatten/view and "
-    "concatenation over features can follow the flatten. Apply this op to the score map "
-    "yourself, after the converted model, or pass the module in leaf_modules if it lies in the "
-    "feature extractor"
-)
-
-
-def _collapse(p: Pass, node: fx.Node, src: fx.Node) -> _Layout:
-    """Rewrite a node that turns the varying feature map into the fixed head input."""
-    gm, ndim = p.gm, p.ndim
-    src_shape = p.shape(src)
-    channels, spatial = src_shape[1], tuple(src_shape[2:])
-    adaptive = adaptive_output_size(node, gm)
-    reduction = reduction_of(node)
-    out_shape = p.shape(node)
-    src_desc = p.descs.get(src)
-    if isinstance(src_desc, tuple) and permuted_dims(src_desc) and len(src_shape) == ndim + 2 and (
-            is_flatten_like(node, gm) or (adaptive is not None and any(o != 1 for o in adaptive[2]))):
-        raise _permuted_map_error(p, node, _permuting_node(p, src), src_shape, desc_labels(src_desc, ndim))
-    if adaptive is not None and len(src_shape) == ndim + 2:
-        _, kind, size = adaptive
-        kernel = []
-        for s, o in zip(spatial, size):
-            if o is None or o == s:
-                kernel.append(1)
-            elif o == 1:
-                kernel.append(s)
-            else:
-                raise p.fail(
-                    node, f"it pools the {format_shape(src_shape[1:])} feature map to "
-                    f"{format_shape(out_shape[1:])}, neither the identity nor a global pool, so it "
-                    "has no convolutional equivalent",
-                    "Convert at the training resolution where it is the identity (e.g. "
-                    "input_shape=(3, 224, 224) for torchvision's vgg and alexnet) or global",
-                )
-        return _replace_by_pool(p, node, src, kind, tuple(kernel), keep=True,
-                                layout_spatial=tuple(out_shape[2:]))
-    if reduction is not None and len(src_shape) == ndim + 2:
-        kind, dims, keepdim = reduction
-        rank = len(src_shape)
-        if {d % rank for d in dims} == set(range(2, rank)):
-            return _replace_by_pool(p, node, src, kind, spatial, keep=keepdim,
-                                    layout_spatial=(1,) * ndim)
-    if is_flatten_like(node, gm) and len(out_shape) == 2 and len(src_shape) == ndim + 2:
-        p.remove(node, src)
-        if all(s == 1 for s in spatial):
-            return _Layout("channels", channels, spatial)
-        return _Layout("window", channels, spatial)
-    raise p.fail(
-        node, f"it turns the feature map {format_shape(src_shape[1:])} into "
-        f"{format_shape(out_shape[1:]) if out_shape else 'a value'} of a size fixed by the training "
-        "input, which fcconv cannot slide",
-        "Only a flatten (torch.flatten, view, reshape, nn.Flatten), an adaptive pooling that is "
-        "the identity or global, or a mean/amax over all spatial dims can feed the head",
-    )
-
-
-def _permuting_node(p: Pass, src: fx.Node) -> fx.Node:
-    """The first node of the chain ending at ``src`` whose output has permuted spatial dims."""
-    node = src
-    while True:
-        before = [i for i in data_inputs(node)
-                  if isinstance(p.descs.get(i), tuple) and permuted_dims(p.descs[i])]
-        if not before:
-            return node
-        node = before[0]
-
-
-def _permuted_map_error(p: Pass, node: fx.Node, permuted_by: fx.Node, shape: tuple[int, ...],
-                        labels: tuple[str, ...] | None) -> NotEquivalentError:
-    """A flatten (or fixed pooling) of a map whose dims are not in (N, C, *spatial) order."""
-    canonical = dim_labels(p.ndim)
-    order = f"({', '.join(labels)})" if labels else "a permuted order"
-    linear = next((f"model.{n.target}" for n in _downstream(node)
-                   if n.op == "call_module" and isinstance(p.module(n), nn.Linear)), "linear")
-    todo = (f"Flatten the {''.join(canonical)} map instead (x.flatten(1) before any permute), or "
-            f"permute the Linear's weight columns to {''.join(canonical)} order before converting "
-            "(both, to keep the model's function)")
-    if labels and labels[0] == "N":
-        to_canonical = tuple(labels.index(c) for c in canonical)
-        view = ", ".join(map(str, shape[1:]))
-        todo += (f": {linear}.weight.data = {linear}.weight.data.view(-1, {view})"
-                 f".permute{to_canonical}.reshape({linear}.out_features, -1)")
-    what = "flattens" if is_flatten_like(node, p.gm) else "pools"
-    return p.fail(
-        node, f"it {what} a {format_shape(shape[1:])} map whose dims {describe(permuted_by, p.gm)} "
-        f"put in the order {order} instead of ({', '.join(canonical)}); a flatten of a permuted "
-        "(e.g. NHWC, channels-last) map is not supported: fcconv turns the Linear after the flatten "
-        f"into a conv over the {''.join(canonical)} map, which expects the features in "
-        f"{''.join(canonical)} order", todo)
-
-
-def _downstream(node: fx.Node) -> list[fx.Node]:
-    """The nodes that read ``node``, directly or not, breadth first."""
-    seen: dict[fx.Node, None] = {}
-    frontier = list(node.users)
-    while frontier:
-        n = frontier.pop(0)
-        if n not in seen:
-            seen[n] = None
-            frontier.extend(n.users)
-    return list(seen)
-
-
-def _replace_by_pool(p: Pass, node: fx.Node, src: fx.Node, kind: str, kernel: tuple[int, ...], *,
-                     keep: bool, layout_spatial: tuple[int, ...]) -> _Layout:
-    channels = p.shape(src)[1]
-    if all(k == 1 for k in kernel):
-        p.remove(node, src)
-    elif node.op == "call_module":
-        p.set_module(str(node.target), pool_module(kind, kernel), ("pool", kernel))
-    else:
-        target = p.new_module("head_pool", pool_module(kind, kernel))
-        with p.gm.graph.inserting_after(node):
-            new = p.gm.graph.call_module(target, (src,))
-        p.remove(node, new)
-    if keep:
-        return _Layout("map", channels, layout_spatial, tuple(range(p.ndim + 2)))
-    return _Layout("channels", channels, (1,) * p.ndim)
-
-
-def _head_inputs(p: Pass, node: fx.Node) -> list[fx.Node]:
-    """The head tensors a head node reads; raises on other tensors that would not broadcast."""
-    inputs = []
+def _head_inputs(p: Pass, node: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
+    """The head tensors a head node reads, and the parameters it combines them with; raises on
+    other tensors that would not broadcast."""
+    inputs, params = [], []
     for i in data_inputs(node):
         if i in p.layouts:
             inputs.append(i)
@@ -279,11 +63,47 @@ def _head_inputs(p: Pass, node: fx.Node) -> list[fx.Node]:
             continue
         if i.op != "get_attr":
             raise p.fail(node, f"it combines the head with '{i.name}' of shape {format_shape(s)} from "
-                         "outside the head", _TODO_HEAD)
+                         "outside the head", TODO_HEAD)
         if not (node.op == "call_function" and node.target is F.layer_norm):
-            raise p.fail(node, f"it combines the features with the tensor '{i.target}' of shape "
-                         f"{format_shape(s)}, which would not broadcast over a map", _TODO_HEAD)
-    return inputs
+            params.append(i)
+    return inputs, params
+
+
+def _common_layout(p: Pass, node: fx.Node, inputs: list[fx.Node]) -> Layout:
+    """The layout of the result of combining ``inputs``: one layout, or one layout and others that
+    differ only by one channel (a statistic over the features, broadcast back over them)."""
+    layouts = {p.layouts[i] for i in inputs}
+    widest = max(layouts, key=lambda lay: lay.channels)
+    if all(lay == widest or (lay.channels == 1 and lay.kind == widest.kind
+                             and lay.spatial == widest.spatial and lay.order == widest.order)
+           for lay in layouts):
+        return widest
+    raise p.fail(node, "it combines head tensors of different layouts "
+                 f"({', '.join(sorted(repr(lay) for lay in layouts))})", TODO_HEAD)
+
+
+def _is_elementwise(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in ELEMENTWISE_FUNCTIONS) or (
+        node.op == "call_method" and node.target in ELEMENTWISE_METHODS)
+
+
+def _broadcast_param(p: Pass, node: fx.Node, param: fx.Node, layout: Layout) -> None:
+    """A parameter combined element-wise with the head (a per-class scale or bias): kept if it
+    broadcasts over the map as it did over the features, reshaped to ``(F, 1, ...)`` for flat
+    features; refused otherwise."""
+    s = p.shape(param)
+    rank = p.ndim + 2
+    flat = ((layout.channels,), (1, layout.channels))
+    if _is_elementwise(node) and layout.kind == "channels" and s in flat:
+        with p.gm.graph.inserting_before(node):
+            column = p.gm.graph.call_method("reshape", (param, (-1, *(1,) * p.ndim)))
+        node.replace_input_with(param, column)
+        return
+    if _is_elementwise(node) and layout.kind == "map" and len(s) <= rank and all(
+            size == 1 or layout.order[rank - len(s) + j] == 1 for j, size in enumerate(s)):
+        return
+    raise p.fail(node, f"it combines the features with the tensor '{param.target}' of shape "
+                 f"{format_shape(s)}, which would not broadcast over a map", TODO_HEAD)
 
 
 def _set_dim(node: fx.Node, position: int, name: str, value: int) -> None:
@@ -293,20 +113,75 @@ def _set_dim(node: fx.Node, position: int, name: str, value: int) -> None:
         node.update_arg(position, value)
 
 
-def _convert_head_node(p: Pass, node: fx.Node) -> _Layout | None:
+def _as_linear_module(p: Pass, node: fx.Node) -> fx.Node:
+    """``F.linear(x, self.weight, self.bias)`` with parameters becomes a call of an ``nn.Linear``
+    holding them (the same Parameters), so that it converts like one."""
+    weight, bias = arg(node, 1, "weight"), arg(node, 2, "bias")
+    if not (node.op == "call_function" and node.target is F.linear and isinstance(weight, fx.Node)
+            and weight.op == "get_attr" and (bias is None or (isinstance(bias, fx.Node)
+                                                               and bias.op == "get_attr"))):
+        return node
+    w = p.gm.get_parameter(str(weight.target))
+    linear = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
+    linear.weight = w
+    if isinstance(bias, fx.Node):
+        linear.bias = p.gm.get_parameter(str(bias.target))
+    target = p.new_module("head_linear", linear)
+    with p.gm.graph.inserting_after(node):
+        new = p.gm.graph.call_module(target, (node.args[0],))
+    p.shapes[new] = p.shapes[node]
+    p.remove(node, new)
+    return new
+
+
+def _attr(p: Pass, value: object) -> Any:
+    """The tensor a ``get_attr`` node reads; None for None; False for anything else."""
+    if value is None:
+        return None
+    if isinstance(value, fx.Node) and value.op == "get_attr":
+        return p.gm.get_parameter(str(value.target)) if str(value.target) in dict(
+            p.gm.named_parameters()) else p.gm.get_buffer(str(value.target))
+    return False
+
+
+def _as_batchnorm_module(p: Pass, node: fx.Node) -> fx.Node:
+    """An eval-mode ``F.batch_norm(x, self.mean, self.var, self.w, self.b)`` becomes a call of an
+    ``nn.BatchNorm1d`` holding the same tensors, so that it converts like one."""
+    if not (node.op == "call_function" and node.target is F.batch_norm
+            and arg(node, 5, "training", False) is False):
+        return node
+    mean, var, weight, bias = (_attr(p, arg(node, i, name)) for i, name in
+                               enumerate(("running_mean", "running_var", "weight", "bias"), 1))
+    if mean is None or var is None or any(t is False for t in (mean, var, weight, bias)) or (
+            (weight is None) != (bias is None)):
+        return node
+    bn = nn.BatchNorm1d(mean.shape[0], eps=arg(node, 7, "eps", 1e-5), affine=weight is not None,
+                        device=mean.device, dtype=mean.dtype)
+    bn.running_mean, bn.running_var = mean, var
+    if weight is not None:
+        bn.weight, bn.bias = weight, bias
+    target = p.new_module("head_batch_norm", bn.eval())
+    with p.gm.graph.inserting_after(node):
+        new = p.gm.graph.call_module(target, (node.args[0],))
+    p.shapes[new] = p.shapes[node]
+    p.remove(node, new)
+    return new
+
+
+def _convert_head_node(p: Pass, node: fx.Node) -> Layout | None:
     """Rewrite one node downstream of the head entry; returns its layout."""
-    inputs = _head_inputs(p, node)
-    layouts = {p.layouts[i] for i in inputs}
-    if len(layouts) != 1:
-        raise p.fail(node, "it combines head tensors of different layouts "
-                     f"({', '.join(sorted(repr(lay) for lay in layouts))})", _TODO_HEAD)
-    layout = layouts.pop()
+    node = _as_batchnorm_module(p, _as_linear_module(p, node))
+    inputs, params = _head_inputs(p, node)
+    layout = _common_layout(p, node, inputs)
+    for param in params:
+        _broadcast_param(p, node, param, layout)
+    src = next(i for i in inputs if p.layouts[i] == layout)
     if node.op == "call_module":
-        return _module_node(p, node, inputs[0], layout)
-    return _function_node(p, node, inputs[0], layout)
+        return _module_node(p, node, src, layout)
+    return _function_node(p, node, src, layout)
 
 
-def _names_features(p: Pass, layout: _Layout, dim: Any) -> bool:
+def _names_features(p: Pass, layout: Layout, dim: Any) -> bool:
     """Does ``dim`` (of the training-size tensor) name the channels/features dim?"""
     if layout.kind == "channels":
         return dim in (1, -1, None)
@@ -315,7 +190,7 @@ def _names_features(p: Pass, layout: _Layout, dim: Any) -> bool:
     return False
 
 
-def _linear_node(p: Pass, node: fx.Node, src: fx.Node, layout: _Layout, module: nn.Linear) -> _Layout:
+def _linear_node(p: Pass, node: fx.Node, src: fx.Node, layout: Layout, module: nn.Linear) -> Layout:
     """A Linear of the head becomes a conv over the window, or a pointwise conv."""
     target = str(node.target)
     if layout.kind == "window":
@@ -329,14 +204,14 @@ def _linear_node(p: Pass, node: fx.Node, src: fx.Node, layout: _Layout, module: 
             pointwise = as_unfold_conv(pointwise, p.head_impl)  # type: ignore[arg-type]
         p.set_module(target, pointwise, ("channels", layout))
     elif layout.kind == "map" and layout.point and layout.channel_position == p.ndim + 1:
-        return _Layout("map", module.out_features, layout.spatial, layout.order)
+        return Layout("map", module.out_features, layout.spatial, layout.order)
     else:
         raise p.fail(node, f"it acts on the last dim of a {format_shape(p.shape(src)[1:])} map",
                      "Flatten the map before the Linear, or pool it globally")
-    return _Layout("channels", module.out_features, (1,) * p.ndim)
+    return Layout("channels", module.out_features, (1,) * p.ndim)
 
 
-def _module_node(p: Pass, node: fx.Node, src: fx.Node, layout: _Layout) -> _Layout:
+def _module_node(p: Pass, node: fx.Node, src: fx.Node, layout: Layout) -> Layout:
     """A module call of the head."""
     module = p.module(node)
     target, kind = str(node.target), layout.kind
@@ -344,11 +219,14 @@ def _module_node(p: Pass, node: fx.Node, src: fx.Node, layout: _Layout) -> _Layo
         return _linear_node(p, node, src, layout, module)
     if isinstance(module, ELEMENTWISE_MODULES):
         return layout
+    if isinstance(module, nn.PReLU) and (module.num_parameters == 1 or kind == "channels" or (
+            kind == "map" and layout.channel_position == 1)):
+        return layout
     if isinstance(module, nn.Flatten):
         return _reshape_node(p, node, src, layout)
     if isinstance(module, DIM_MODULES) and kind in ("channels", "map"):
         if not _names_features(p, layout, module.dim):
-            raise p.fail(node, f"dim={module.dim} is not the feature dim", _TODO_HEAD)
+            raise p.fail(node, f"dim={module.dim} is not the feature dim", TODO_HEAD)
         if kind == "channels":
             new = copy.copy(module)
             new.dim = 1
@@ -369,16 +247,16 @@ def _module_node(p: Pass, node: fx.Node, src: fx.Node, layout: _Layout) -> _Layo
             return layout
     if isinstance(module, nn.modules.conv._ConvNd) and kind == "map" and layout.point and (
             layout.channel_position == 1 and all(k == 1 for k in module.kernel_size)):
-        return _Layout("map", module.out_channels, layout.spatial, layout.order)
+        return Layout("map", module.out_channels, layout.spatial, layout.order)
     if isinstance(module, nn.BatchNorm1d) and kind == "window":
         raise p.fail(node, f"it normalises each of the {layout.channels}x"
                      f"{'x'.join(map(str, layout.spatial))} flattened features separately",
                      "Fold it into the following Linear first (eval mode), then convert")
     raise p.fail(node, f"fcconv does not know how {type(module).__name__} acts on the "
-                 f"{kind} features of the head", _TODO_HEAD)
+                 f"{kind} features of the head", TODO_HEAD)
 
 
-def _function_node(p: Pass, node: fx.Node, src: fx.Node, layout: _Layout) -> _Layout:
+def _function_node(p: Pass, node: fx.Node, src: fx.Node, layout: Layout) -> Layout:
     """A function or method call of the head."""
     target: Any = node.target
     kind = layout.kind
@@ -387,23 +265,28 @@ def _function_node(p: Pass, node: fx.Node, src: fx.Node, layout: _Layout) -> _La
         return layout
     if is_flatten_like(node, p.gm):
         return _reshape_node(p, node, src, layout)
+    if is_fn and target is operator.getitem and _indexes_point(p, node, layout):
+        p.remove(node, src)  # x[:, :, 0, 0] of a pooled (N, C, 1, 1)
+        return Layout("channels", layout.channels, layout.spatial)
+    if (is_fn and target in STAT_FUNCTIONS) or (is_method and target in STAT_METHODS):
+        return _feature_statistic(p, node, src, layout)
     if (is_fn and target in DIM_FUNCTIONS) or (is_method and target in DIM_METHODS):
         position, name = DIM_FUNCTIONS[target] if is_fn else (DIM_METHODS[str(target)] + 1, "dim")
         dim = arg(node, position, name, 1 if target is F.normalize else None)
         if kind not in ("channels", "map") or not _names_features(p, layout, dim):
-            raise p.fail(node, f"dim={dim} is not the feature dim", _TODO_HEAD)
+            raise p.fail(node, f"dim={dim} is not the feature dim", TODO_HEAD)
         if kind == "channels":
             _set_dim(node, position, name, 1)
         return layout
     if is_fn and target in (torch.cat, torch.concat, torch.concatenate):
         dim = arg(node, 1, "dim", 0)
         if kind not in ("channels", "map") or dim is None or not _names_features(p, layout, dim):
-            raise p.fail(node, f"it concatenates along dim {dim}, not the features", _TODO_HEAD)
+            raise p.fail(node, f"it concatenates along dim {dim}, not the features", TODO_HEAD)
         if kind == "channels":
             _set_dim(node, 1, "dim", 1)
         out_shape = p.shape(node)
         channels = out_shape[1] if kind == "channels" else out_shape[layout.channel_position]
-        return _Layout(kind, channels, layout.spatial, layout.order)
+        return Layout(kind, channels, layout.spatial, layout.order)
     is_layer_norm = (is_fn and target is F.layer_norm) or (is_method and target == "layer_norm")
     if is_layer_norm and tuple(arg(node, 1, "normalized_shape", ())) == (layout.channels,):
         if kind == "channels":
@@ -414,24 +297,52 @@ def _function_node(p: Pass, node: fx.Node, src: fx.Node, layout: _Layout) -> _La
     if kind == "map":
         perm = permutation_of(node, p.ndim + 2)
         if perm is not None:
-            return _Layout("map", layout.channels, layout.spatial, tuple(layout.order[d] for d in perm))
+            return Layout("map", layout.channels, layout.spatial, tuple(layout.order[d] for d in perm))
     raise p.fail(node, f"fcconv does not know how it acts on the {kind} features of the head",
-                 _TODO_HEAD)
+                 TODO_HEAD)
 
 
-def _reshape_node(p: Pass, node: fx.Node, src: fx.Node, layout: _Layout) -> _Layout:
+def _indexes_point(p: Pass, node: fx.Node, layout: Layout) -> bool:
+    """``x[:, :, 0, 0]`` (or ``x[..., 0, 0]``) of a canonical ``(N, C, 1, 1)`` map."""
+    index = node.args[1]
+    if not (layout.kind == "map" and layout.point and layout.order == tuple(range(p.ndim + 2))
+            and isinstance(index, tuple)):
+        return False
+    every = slice(None)
+    return index in ((every, every, *(0,) * p.ndim), (Ellipsis, *(0,) * p.ndim))
+
+
+def _feature_statistic(p: Pass, node: fx.Node, src: fx.Node, layout: Layout) -> Layout:
+    """A mean, variance, sum... over the features with ``keepdim=True`` (a norm written out):
+    one channel, broadcast back over the features by the ops that follow."""
+    dim = arg(node, 1, "dim")
+    dims = tuple(dim) if isinstance(dim, (tuple, list)) else (dim,)
+    if not (len(dims) == 1 and layout.kind in ("channels", "map") and _names_features(p, layout, dims[0])
+            and len(p.shape(node)) == len(p.shape(src))):
+        raise p.fail(node, "it reduces other dims than the features (or drops the reduced dim)",
+                     TODO_HEAD)
+    if layout.kind == "channels":
+        _set_dim(node, 1, "dim", 1)
+    return Layout(layout.kind, 1, layout.spatial, layout.order)
+
+
+def _reshape_node(p: Pass, node: fx.Node, src: fx.Node, layout: Layout) -> Layout:
     """A flatten/view/reshape in the head: dropped, the map keeps its shape."""
     out = p.shapes.get(node)
     src_shape = p.shape(src)
     if not isinstance(out, tuple):
-        raise p.fail(node, "it does not return a tensor", _TODO_HEAD)
+        raise p.fail(node, "it does not return a tensor", TODO_HEAD)
     if layout.kind == "map" and len(out) == 2 and (
             layout.point or layout.order == tuple(range(p.ndim + 2))):
         p.remove(node, src)
         kind = "channels" if layout.point else "window"
-        return _Layout(kind, layout.channels, layout.spatial)
+        return Layout(kind, layout.channels, layout.spatial)
     if layout.kind in ("channels", "window") and out == src_shape:
         p.remove(node, src)
+        return layout
+    if layout.kind == "map" and layout.point and layout.order == tuple(range(p.ndim + 2)) and (
+            2 < len(out) < p.ndim + 2 and out[:2] == src_shape[:2] and math.prod(out[2:]) == 1):
+        p.remove(node, src)  # x.squeeze(-1) of a pooled (N, C, 1, 1): the next squeeze flattens
         return layout
     if layout.kind == "map" and len(out) == 2:
         canonical = dim_labels(p.ndim)
@@ -443,13 +354,13 @@ def _reshape_node(p: Pass, node: fx.Node, src: fx.Node, layout: _Layout) -> _Lay
             if not before:
                 break
             permuted_by = before[0]
-        raise _permuted_map_error(p, node, permuted_by, src_shape, labels)
+        raise permuted_map_error(p, node, permuted_by, src_shape, labels)
     if layout.kind == "channels" and len(out) == p.ndim + 2 and out[:2] == src_shape and all(
             s == 1 for s in out[2:]):
         p.remove(node, src)
-        return _Layout("map", layout.channels, (1,) * p.ndim, tuple(range(p.ndim + 2)))
+        return Layout("map", layout.channels, (1,) * p.ndim, tuple(range(p.ndim + 2)))
     raise p.fail(node, f"it reshapes the head's {format_shape(src_shape[1:])} into "
-                 f"{format_shape(out[1:])}", _TODO_HEAD)
+                 f"{format_shape(out[1:])}", TODO_HEAD)
 
 
 def _find_head(gm: fx.GraphModule, shapes: dict[fx.Node, NodeValue],
@@ -471,10 +382,54 @@ def _find_head(gm: fx.GraphModule, shapes: dict[fx.Node, NodeValue],
             continue
         if not isinstance(shapes.get(node), tuple) or node in downstream_varying:
             continue
-        srcs = [i for i in data_inputs(node) if i in varying and isinstance(shapes.get(i), tuple)]
+        srcs = [i for i in data_inputs(node) if i in varying and isinstance(shapes.get(i), (tuple, list))]
         if srcs:
             entries.append((node, srcs[0]))
     return entries
+
+
+def _varying_sizes(p: Pass) -> set[fx.Node]:
+    """Non-tensor nodes whose value changes with the input's spatial size: ``x.size(2)``,
+    ``h * w`` from ``n, c, h, w = x.shape``..."""
+    varying: set[fx.Node] = set()
+    whole: dict[fx.Node, tuple[Any, ...]] = {}  # x.size() / x.shape -> the descriptor of x
+    for node in p.gm.graph.nodes:
+        if isinstance(p.shapes.get(node), (tuple, list)) or node.op in ("placeholder", "output"):
+            continue
+        x = node.args[0] if node.args else None
+        x_desc = p.descs.get(x) if isinstance(x, fx.Node) else None
+        if isinstance(x_desc, tuple) and ((node.op == "call_method" and node.target == "size") or (
+                node.target is getattr and node.args[1:] == ("shape",))):
+            dim = node.args[1] if len(node.args) > 1 else None
+            if isinstance(dim, int):
+                entries: tuple[Any, ...] = (x_desc[dim],)
+            else:
+                entries = whole[node] = x_desc
+        elif node.target is operator.getitem and x in whole:
+            picked = whole[x][node.args[1]] if isinstance(node.args[1], (int, slice)) else whole[x]
+            entries = picked if isinstance(picked, tuple) else (picked,)
+        else:
+            if any(i in varying for i in node.all_input_nodes):
+                varying.add(node)
+            continue
+        if depends_on_input_size(entries):
+            varying.add(node)
+    return varying
+
+
+def _freeze_sizes(p: Pass, head: set[fx.Node], entries: set[fx.Node]) -> None:
+    """Sizes read from the feature map and used in the head (``x.sum((2, 3)) / (h * w)``) keep
+    their values at the training size."""
+    varying = _varying_sizes(p)
+    used = {i for n in head for i in n.all_input_nodes if i in varying}
+    if not used:
+        return
+    placeholder = next(n for n in p.gm.graph.nodes if n.op == "placeholder")
+    _, sizes = record_sizes(p.gm, p.shape(placeholder)[1:])
+    for node in head - entries:  # entries are replaced whole (F.avg_pool2d(x, x.size()[2:]))
+        if any(i in used for i in node.all_input_nodes):
+            node.args = fx.node.map_arg(node.args, lambda i: sizes.get(i, i) if i in used else i)
+            node.kwargs = fx.node.map_arg(node.kwargs, lambda i: sizes.get(i, i) if i in used else i)
 
 
 def convert_head(p: Pass, desc: Descriptors) -> None:
@@ -487,9 +442,10 @@ def convert_head(p: Pass, desc: Descriptors) -> None:
         if node not in head and any(i in head for i in node.all_input_nodes) and node.op != "output":
             head.add(node)
     sources = dict(entries)
+    _freeze_sizes(p, head, entry_nodes)
     for node in sorted(head, key=order.__getitem__):
         if node in sources:
-            p.layouts[node] = _collapse(p, node, sources[node])
+            p.layouts[node] = collapse(p, node, sources[node])
             continue
         if not isinstance(p.shapes.get(node), tuple):
             # sizes and other non-tensor values computed from head tensors (x.size(0), ...)

@@ -152,9 +152,9 @@ def batchnorm_nd(bn: nn.BatchNorm1d, ndim: int) -> nn.Module:
               track_running_stats=bn.track_running_stats, device="meta")
     # The parameters and buffers themselves move over: the source is our own copy (or, with
     # inplace=True, the user asked for the sharing).
-    for name, param in bn.named_parameters(recurse=False):
+    for name, param in bn.named_parameters(recurse=False, remove_duplicate=False):
         setattr(new, name, param)
-    for name, buffer in bn.named_buffers(recurse=False):
+    for name, buffer in bn.named_buffers(recurse=False, remove_duplicate=False):
         new.register_buffer(name, buffer)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         if getattr(bn, name, None) is None:

@@ -99,6 +99,8 @@ def _functional_sliding_op(node: fx.Node, gm: fx.GraphModule,
         return n, SlidingOp(tuple(wshape[2:]), stride, padding, dilation)
     if node.target in _POOL_FUNCTIONS:
         n, is_max = _POOL_FUNCTIONS[node.target]
+        if pools_whole_input(node, n):
+            return None  # F.avg_pool2d(x, x.size()[2:]): a global pooling, see adaptive_output_size
         pair = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
         if pair is None:
             return n, None
@@ -110,11 +112,32 @@ def _functional_sliding_op(node: fx.Node, gm: fx.GraphModule,
     return None
 
 
+# Modules that pad "same" the TensorFlow way, from the input size at run time: output ceil(S / s).
+TF_SAME_MODULES = {
+    "timm.layers.conv2d_same.Conv2dSame", "timm.layers.pool2d_same.MaxPool2dSame",
+    "timm.layers.pool2d_same.AvgPool2dSame",
+}
+
+
+def _tf_same_op(module: nn.Module) -> tuple[int, SlidingOp | None] | None:
+    """``(2, op)`` with padding ``"tf_same"`` for a module of :data:`TF_SAME_MODULES`."""
+    if f"{type(module).__module__}.{type(module).__qualname__}" not in TF_SAME_MODULES:
+        return None
+    op = _conv_sizes(module)
+    if op is None or op.ceil_mode:
+        return 2, None
+    op.padding = "tf_same"
+    return 2, op
+
+
 def sliding_op_of(node: fx.Node, gm: fx.GraphModule,
                   shapes: dict[fx.Node, NodeValue]) -> tuple[int, SlidingOp | None] | None:
     """``(ndim, op)`` if ``node`` is a conv or a pooling (module or function), else None."""
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
+        tf_same = _tf_same_op(module)
+        if tf_same is not None:
+            return tf_same
         if isinstance(module, _ConvTransposeNd):
             return None
         if isinstance(module, _ConvNd):
@@ -140,6 +163,10 @@ def adaptive_output_size(node: fx.Node, gm: fx.GraphModule) -> tuple[int, str, t
             size = broadcast(module.output_size, n)
             kind = "avg" if isinstance(module, _AdaptiveAvgPoolNd) else "max"
             return (n, kind, size) if size is not None else None
+    elif node.op == "call_function" and node.target in _POOL_FUNCTIONS:
+        n, is_max = _POOL_FUNCTIONS[node.target]
+        if pools_whole_input(node, n):
+            return n, "max" if is_max else "avg", (1,) * n
     elif node.op == "call_function" and node.target in ADAPTIVE_FUNCTIONS:
         n, kind = ADAPTIVE_FUNCTIONS[node.target]
         if arg(node, 2, "return_indices", False):
@@ -149,6 +176,36 @@ def adaptive_output_size(node: fx.Node, gm: fx.GraphModule) -> tuple[int, str, t
             return None
         return n, kind, size
     return None
+
+
+def _size_of(value: Any, x: fx.Node, dim: int, ndim: int) -> bool:
+    """``value`` is ``x.size(dim)``, ``x.shape[dim]`` or ``x.size()[dim]`` (dim counted from 0 or -ndim-2)."""
+    if not isinstance(value, fx.Node):
+        return False
+    if value.op == "call_method" and value.target == "size" and value.args[0] is x and len(value.args) == 2:
+        return value.args[1] in (dim, dim - ndim - 2)
+    if value.op == "call_function" and value.target is operator.getitem:
+        return _whole_size(value.args[0], x) and value.args[1] in (dim, dim - ndim - 2)
+    return False
+
+
+def _whole_size(value: Any, x: fx.Node) -> bool:
+    """``value`` is ``x.size()`` or ``x.shape``."""
+    return isinstance(value, fx.Node) and value.args[:1] == (x,) and (
+        (value.op == "call_method" and value.target == "size" and len(value.args) == 1)
+        or (value.op == "call_function" and value.target is getattr and value.args[1:] == ("shape",)))
+
+
+def pools_whole_input(node: fx.Node, n: int) -> bool:
+    """A pooling call whose kernel is its input's spatial size and stride the default:
+    ``F.avg_pool2d(x, x.size()[2:])``, ``F.max_pool2d(x, (x.size(2), x.size(3)))``."""
+    x, kernel = node.args[0] if node.args else None, arg(node, 1, "kernel_size")
+    if not isinstance(x, fx.Node) or arg(node, 2, "stride") not in (None, (), []):
+        return False
+    if isinstance(kernel, fx.Node) and kernel.op == "call_function" and kernel.target is operator.getitem:
+        return _whole_size(kernel.args[0], x) and kernel.args[1] in (slice(2, None), slice(-n, None))
+    return isinstance(kernel, (tuple, list)) and len(kernel) == n and all(
+        _size_of(v, x, 2 + k, n) for k, v in enumerate(kernel))
 
 
 def reduction_of(node: fx.Node) -> tuple[str, tuple[int, ...], bool] | None:
@@ -229,7 +286,7 @@ ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
     nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign,
     nn.Tanhshrink, nn.Threshold, nn.LogSigmoid, nn.Identity, nn.Dropout, nn.AlphaDropout,
-    nn.Hardshrink, nn.Softshrink,
+    nn.Hardshrink, nn.Softshrink, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.FeatureAlphaDropout,
 )
 ELEMENTWISE_FUNCTIONS: set[Any] = {
     torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu,
@@ -238,14 +295,18 @@ ELEMENTWISE_FUNCTIONS: set[Any] = {
     F.dropout, F.alpha_dropout, torch.dropout, torch.abs, torch.exp, torch.log, torch.sqrt,
     torch.square, torch.neg, operator.add, operator.sub, operator.mul, operator.truediv,
     operator.neg, operator.pow, operator.iadd, operator.imul, torch.add, torch.mul, torch.sub,
-    torch.div, torch.pow,
+    torch.div, torch.pow, torch.rsqrt, torch.reciprocal, F.dropout1d, F.dropout2d, F.dropout3d,
+    F.feature_alpha_dropout,
 }
 ELEMENTWISE_METHODS = {
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clip", "abs",
     "exp", "log", "sqrt", "square", "neg", "add", "add_", "sub", "sub_", "mul", "mul_", "div",
     "div_", "pow", "contiguous", "float", "double", "half", "bfloat16", "to", "type_as", "clone",
-    "detach",
+    "detach", "rsqrt", "reciprocal",
 }
+# Statistics over one dim; in a head, over the features with keepdim=True (norms written out).
+STAT_FUNCTIONS: set[Any] = {torch.mean, torch.var, torch.std, torch.sum, torch.amax, torch.amin}
+STAT_METHODS = {"mean", "var", "std", "sum", "amax", "amin"}
 DIM_FUNCTIONS: dict[Any, tuple[int, str]] = {  # function -> (position of dim, name of dim)
     F.softmax: (1, "dim"), F.log_softmax: (1, "dim"), F.softmin: (1, "dim"),
     torch.softmax: (1, "dim"), torch.log_softmax: (1, "dim"), F.normalize: (2, "dim"),

@@ -13,7 +13,7 @@ from fcconv._shapes import format_shape, module_dtype_device
 from fcconv.errors import NotEquivalentError
 from fcconv.models.tracing import describe
 
-__all__ = ["NodeFailure", "NodeValue", "Shape", "node_failure", "record_shapes"]
+__all__ = ["NodeFailure", "NodeValue", "Shape", "node_failure", "record_shapes", "record_sizes"]
 
 Shape = tuple[int, ...]
 NodeValue = Shape | list[Shape | None] | None
@@ -56,6 +56,7 @@ class _ShapeRecorder(fx.Interpreter):
     def __init__(self, module: fx.GraphModule) -> None:
         super().__init__(module)
         self.shapes: dict[fx.Node, NodeValue] = {}
+        self.sizes: dict[fx.Node, Any] = {}  # ints and sizes read from tensors (x.size(2), x.shape)
 
     def call_module(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if len(args) == 1 and not kwargs and isinstance(args[0], Tensor) and args[0].is_meta:
@@ -74,6 +75,9 @@ class _ShapeRecorder(fx.Interpreter):
         except Exception as error:
             raise NodeFailure(n, error) from error
         self.shapes[n] = _value_shape(result)
+        if isinstance(result, (int, float, torch.Size)) or (
+                isinstance(result, tuple) and all(isinstance(v, int) for v in result)):
+            self.sizes[n] = result
         return result
 
 
@@ -84,10 +88,10 @@ class _Runner(nn.Module):
         super().__init__()
         self.gm = gm
 
-    def forward(self, x: Tensor) -> dict[fx.Node, NodeValue]:
+    def forward(self, x: Tensor) -> tuple[dict[fx.Node, NodeValue], dict[fx.Node, Any]]:
         recorder = _ShapeRecorder(self.gm)
         recorder.run(x)
-        return recorder.shapes
+        return recorder.shapes, recorder.sizes
 
 
 @contextlib.contextmanager
@@ -103,7 +107,14 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
 
 def record_shapes(gm: fx.GraphModule, input_shape: Sequence[int], *, batch: int = 2,
                   meta_only: bool = False) -> dict[fx.Node, NodeValue]:
-    """The shape of every node of ``gm`` on an input of per-sample shape ``input_shape``.
+    """:func:`record_sizes`'s shapes."""
+    return record_sizes(gm, input_shape, batch=batch, meta_only=meta_only)[0]
+
+
+def record_sizes(gm: fx.GraphModule, input_shape: Sequence[int], *, batch: int = 2,
+                 meta_only: bool = False) -> tuple[dict[fx.Node, NodeValue], dict[fx.Node, Any]]:
+    """The shape of every node of ``gm`` on an input of per-sample shape ``input_shape``, and the
+    value of every node that returns an int, a float or a size.
 
     Runs on ``meta`` tensors (no computation); where an op has no meta kernel, runs again on real
     zeros, in eval mode, without gradients, leaving every module's mode as it was.
@@ -116,12 +127,14 @@ def record_shapes(gm: fx.GraphModule, input_shape: Sequence[int], *, batch: int 
     device = found_device or torch.device("cpu")
     state = {**dict(gm.named_parameters(remove_duplicate=False)),
              **dict(gm.named_buffers(remove_duplicate=False))}
-    meta = {f"gm.{k}": v.detach().to("meta") for k, v in state.items()}
+    copies: dict[int, Tensor] = {}  # tied tensors (one Parameter under two names) stay tied
+    meta = {f"gm.{k}": copies.setdefault(id(v), v.detach().to("meta")) for k, v in state.items()}
     runner = _Runner(gm)
     x = torch.empty((batch, *input_shape), dtype=dtype, device="meta")
     try:
         with torch.no_grad(), _eval_mode(gm):
-            result: dict[fx.Node, NodeValue] = torch.func.functional_call(runner, meta, (x,))
+            result: tuple[dict[fx.Node, NodeValue], dict[fx.Node, Any]] = torch.func.functional_call(
+                runner, meta, (x,))
         return result
     except NodeFailure:
         if meta_only:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from fcconv._shapes import format_shape, per_dim
+from fcconv._shapes import conv_rank, format_shape, per_dim
 from fcconv.errors import FcconvError
 
 __all__ = ["SlidingWindow", "sliding_window"]
@@ -52,10 +52,9 @@ def sliding_window(model: Callable[[Tensor], Tensor], image: Tensor, *, window: 
             f"image must be (N, C, *spatial) or (C, *spatial) with 1 to 3 spatial dims; got "
             f"{format_shape(image.shape)}."
         )
-    unbatched = False
-    if image.dim() in (3, 4) and not isinstance(window, int) and isinstance(window, Sequence) and (
-            len(window) == image.dim() - 1):
-        image, unbatched = image.unsqueeze(0), True
+    unbatched = _is_unbatched(model, image, window)
+    if unbatched:
+        image = image.unsqueeze(0)
     ndim = image.dim() - 2
     win = per_dim(window, ndim, "window")
     step = per_dim(stride, ndim, "stride")
@@ -94,6 +93,38 @@ def sliding_window(model: Callable[[Tensor], Tensor], image: Tensor, *, window: 
     flat = torch.cat(outputs)  # (N * cells, outputs)
     result = flat.reshape(image.shape[0], *grid, flat.shape[1]).movedim(-1, 1)
     return result[0] if unbatched else result
+
+
+def _model_rank(model: object) -> int | None:
+    """The number of spatial dims of the model's first conv or pooling, if it has one."""
+    if isinstance(model, nn.Module):
+        for m in model.modules():
+            if isinstance(m, (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd,
+                              nn.modules.pooling._AvgPoolNd)):
+                return conv_rank(m)
+    return None
+
+
+def _is_unbatched(model: object, image: Tensor, window: object) -> bool:
+    """Whether ``image`` is one unbatched ``(C, *spatial)``: from the model's conv rank, else from
+    the number of window sizes; a 3-d image with one window size for all dims is ambiguous."""
+    rank = _model_rank(model)
+    if rank is not None and image.dim() in (rank + 1, rank + 2):
+        return image.dim() == rank + 1
+    if rank is not None:
+        raise FcconvError(
+            f"image must be (N, C, *spatial) or (C, *spatial) with the model's {rank} spatial "
+            f"dim(s); got {format_shape(image.shape)}. Pass a batch of {rank}-d images."
+        )
+    if isinstance(window, Sequence) and not isinstance(window, str):
+        return image.dim() in (3, 4) and len(window) == image.dim() - 1
+    if image.dim() == 3:
+        raise FcconvError(
+            f"image {format_shape(image.shape)} with one window size is ambiguous: a batch "
+            "(N, C, L) of 1-d signals or one image (C, H, W)? Pass image[None] (or window=(h, w)) "
+            "for one image, window=(l,) for 1-d signals."
+        )
+    return False
 
 
 class SlidingWindow(nn.Module):

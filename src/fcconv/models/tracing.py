@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 from fcconv.errors import NotEquivalentError
 
-__all__ = ["arg", "data_inputs", "describe", "first_tensor_output", "leaf_matchers", "trace"]
+__all__ = [
+    "KNOWN_LEAVES", "arg", "data_inputs", "describe", "first_tensor_output", "is_known_leaf",
+    "leaf_matchers", "trace", "unwrap",
+]
 
 
 def leaf_matchers(model: nn.Module, leaf_modules: object) -> tuple[tuple[type, ...], set[str]]:
@@ -57,8 +62,10 @@ class _LeafTracer(fx.Tracer):
         self.failed_in: tuple[str, nn.Module] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        # nn.Linear subclasses (timm.layers.Linear) stay Linear modules: their forward would
+        # trace down to F.linear and hide what they compute.
         return (
-            isinstance(m, self.leaf_types)
+            isinstance(m, (nn.Linear, *self.leaf_types))
             or module_qualified_name in self.leaf_names
             or super().is_leaf_module(m, module_qualified_name)
         )
@@ -77,37 +84,92 @@ class _LeafTracer(fx.Tracer):
             self.stack.pop()
 
 
-def trace(model: nn.Module, leaf_modules: object = ()) -> fx.GraphModule:
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper holds; refuse TorchScript modules with a fitting message."""
+    inner = getattr(model, "_orig_mod", None)
+    if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
+        return inner
+    if isinstance(model, torch.jit.ScriptModule):
+        raise NotEquivalentError(
+            f"Cannot convolutionalize a TorchScript module ({type(model).__name__}): it holds "
+            "TorchScript code, not the Python forward that torch.fx traces. Convert the original "
+            "nn.Module (before torch.jit.script or torch.jit.trace), then script the result."
+        )
+    return model
+
+
+def _trace_once(model: nn.Module, types: tuple[type, ...], names: set[str]
+                ) -> tuple[fx.Graph | None, _LeafTracer, Exception | None]:
+    tracer = _LeafTracer(types, names)
+    try:
+        return tracer.trace(model), tracer, None
+    except Exception as error:  # TraceError, TypeError, RuntimeError...: all tracing failures
+        return None, tracer, error
+
+
+def trace(model: nn.Module, leaf_modules: object = (), *, auto_leaf: bool = True) -> fx.GraphModule:
     """Symbolically trace ``model``; modules in ``leaf_modules`` stay single graph nodes.
+
+    A ``torch.compile``d model is traced through its ``_orig_mod``. With ``auto_leaf``, a submodule
+    whose forward cannot be traced and whose type is a known leaf (:data:`KNOWN_LEAVES` and timm's
+    own registry: ``Conv2dSame``, ``ConvMlp``...) is kept whole and tracing is tried again.
 
     Raises:
         NotEquivalentError: if tracing fails (data-dependent control flow, unsupported Python on
             proxies...); the message names the module being traced and suggests ``leaf_modules``.
     """
+    model = unwrap(model)
     types, names = leaf_matchers(model, leaf_modules)
-    tracer = _LeafTracer(types, names)
-    try:
-        graph = tracer.trace(model)
-    except Exception as error:  # TraceError, TypeError, RuntimeError...: all tracing failures
-        where = "in the model's own forward"
+    auto: list[type] = []
+    graph, tracer, error = _trace_once(model, types, names)
+    while graph is None and auto_leaf and tracer.failed_in is not None:
+        failed_type = type(tracer.failed_in[1])
+        if failed_type in auto or not is_known_leaf(failed_type):
+            break
+        auto.append(failed_type)
+        graph, tracer, error = _trace_once(model, (*types, *auto), names)
+    if graph is None:
+        raise _trace_error(model, tracer, error, auto) from None
+    return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+
+
+# Modules known to trace badly but to work at any input size, by qualified class name, besides
+# those timm registers itself (``timm.layers.register_notrace_module``: Conv2dSame, MaxPool2dSame...).
+KNOWN_LEAVES = {
+    "timm.layers.mlp.ConvMlp",  # VGG's pre-logits: `if x.shape[-2] < kernel: pool first`
+}
+
+
+def is_known_leaf(module_type: type) -> bool:
+    """A module type that may be kept whole when tracing through it fails."""
+    qualname = f"{module_type.__module__}.{module_type.__qualname__}"
+    if qualname in KNOWN_LEAVES:
+        return True
+    timm_fx = sys.modules.get("timm.layers._fx")  # never import timm: only models built with it
+    registered = getattr(timm_fx, "_leaf_modules", ()) if timm_fx is not None else ()
+    return module_type in registered
+
+
+def _trace_error(model: nn.Module, tracer: _LeafTracer, error: Exception | None,
+                 auto: list[type]) -> NotEquivalentError:
+    where = "in the model's own forward"
+    advice = (
+        "make that forward free of data-dependent control flow, or wrap the offending code "
+        "in a submodule and pass it in leaf_modules"
+    )
+    if tracer.failed_in is not None and tracer.failed_in[0]:
+        qualname, module = tracer.failed_in
+        where = f"inside module '{qualname}' ({type(module).__name__})"
         advice = (
-            "make that forward free of data-dependent control flow, or wrap the offending code "
-            "in a submodule and pass it in leaf_modules"
+            f"pass leaf_modules=[{type(module).__name__}] (or leaf_modules=['{qualname}']) so "
+            "that it is called as one opaque module, which must then work on larger inputs "
+            "itself, or make its forward free of data-dependent control flow"
         )
-        if tracer.failed_in is not None:
-            qualname, module = tracer.failed_in
-            where = f"inside module '{qualname}' ({type(module).__name__})"
-            advice = (
-                f"pass leaf_modules=[{type(module).__name__}] (or leaf_modules=['{qualname}']) so "
-                "that it is called as one opaque module, which must then work on larger inputs "
-                "itself, or make its forward free of data-dependent control flow"
-            )
-        raise NotEquivalentError(
-            f"Cannot trace {type(model).__name__} with torch.fx {where}: "
-            f"{type(error).__name__}: {error}. To convolutionalize it, {advice}."
-        ) from None
-    name = model.__class__.__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    kept = (f" (kept whole automatically: {', '.join(t.__name__ for t in auto)})" if auto else "")
+    return NotEquivalentError(
+        f"Cannot trace {type(model).__name__} with torch.fx {where}{kept}: "
+        f"{type(error).__name__}: {error}. To convolutionalize it, {advice}."
+    )
 
 
 def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:

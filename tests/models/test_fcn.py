@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -588,3 +589,19 @@ def test_checkpoint_of_fcconv_0_1_loads() -> None:
     loaded = FullyConvolutional.from_state_dict(LeNet().to(DTYPE).eval(), fcn.state_dict(), old)
     assert loaded.head_impl == "matmul" and loaded.num_classes == 10
     assert loaded.geometry() == fcn.geometry()
+
+
+def test_a_converted_model_pickles_and_computes_the_same(tmp_path: Path) -> None:
+    # What torch.save(fcn) and a dask worker process need: fx re-traces on unpickling.
+    import pickle
+
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3)).double().eval()
+    fcn = convolutionalize(model, (2, 8, 8))
+    x = torch.rand(1, 2, 13, 11, dtype=torch.float64)
+    arrived = pickle.loads(pickle.dumps(fcn))
+    assert isinstance(arrived, FullyConvolutional)
+    assert torch.equal(arrived(x), fcn(x))
+    assert (arrived.stride, arrived.window, arrived.exact_sliding_window) == (fcn.stride, fcn.window, False)
+    torch.save(fcn, tmp_path / "fcn.pt")
+    assert torch.equal(torch.load(tmp_path / "fcn.pt", weights_only=False)(x), fcn(x))

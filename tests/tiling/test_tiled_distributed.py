@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,6 @@ import torch
 from tiling_support import assert_same_map, untiled
 
 import fcconv
-from fcconv.tiling._tasks import portable
 
 distributed = pytest.importorskip("distributed")
 
@@ -52,13 +50,6 @@ def test_cluster_map_equals_untiled(client: Any, padded_fcn: fcconv.FullyConvolu
     models = [kwargs for data, kwargs in scattered if isinstance(data, fcconv.FullyConvolutional)]
     assert models == [{"broadcast": True, "hash": False}] * 2  # once per run, to every worker
     assert not any(isinstance(arg, torch.nn.Module) for args in submitted for arg in args)  # a future
-
-
-def test_the_shipped_model_pickles_and_computes_the_same(padded_fcn: fcconv.FullyConvolutional) -> None:
-    shipped = pickle.loads(pickle.dumps(portable(padded_fcn)))  # what a worker process receives
-    x = torch.rand(1, 2, 37, 41, dtype=torch.float64)
-    assert torch.equal(shipped(x), padded_fcn(x))
-    assert padded_fcn.graph_module._tracer_cls is not None  # the user's model is unchanged
 
 
 def test_dask_map_computes_on_the_cluster(client: Any, padded_fcn: fcconv.FullyConvolutional) -> None:

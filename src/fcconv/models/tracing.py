@@ -54,10 +54,12 @@ def leaf_matchers(model: nn.Module, leaf_modules: object) -> tuple[tuple[type, .
 class _LeafTracer(fx.Tracer):
     """An fx tracer that keeps chosen modules whole and remembers where tracing failed."""
 
-    def __init__(self, leaf_types: tuple[type, ...], leaf_names: set[str]) -> None:
+    # Defaults, because an fx GraphModule unpickles by re-tracing with its tracer class, called
+    # without arguments (the re-trace keeps every submodule whole): a converted model must pickle.
+    def __init__(self, leaf_types: tuple[type, ...] = (), leaf_names: set[str] | None = None) -> None:
         super().__init__()
         self.leaf_types = leaf_types
-        self.leaf_names = leaf_names
+        self.leaf_names = leaf_names or set()
         self.stack: list[tuple[str, nn.Module]] = []
         self.failed_in: tuple[str, nn.Module] | None = None
 

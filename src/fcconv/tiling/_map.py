@@ -19,7 +19,7 @@ from fcconv.tiling._deps import require
 from fcconv.tiling._plan import Tile, TilePlan, field_of, plan_tiles
 from fcconv.tiling._source import Source, open_source
 from fcconv.tiling._store import finished, open_output
-from fcconv.tiling._tasks import compute_tile, model_identity, model_placement, portable, tile_to_zarr
+from fcconv.tiling._tasks import compute_tile, model_identity, model_placement, tile_to_zarr
 
 __all__ = ["dask_map", "plan_for", "tiled_map"]
 
@@ -76,16 +76,12 @@ def plan_for(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048, layout: 
     return _prepare(fcn, image, tile, layout, None, level).plan
 
 
-def _delayed_inputs(job: _Job, *, shipped: bool) -> tuple[Any, Any]:
-    """The model and the image as one dask key each: a task graph ships them once, not per task.
-
-    ``shipped``: the graph may be pickled (to another process), so the model must pickle.
-    """
+def _delayed_inputs(job: _Job) -> tuple[Any, Any]:
+    """The model and the image as one dask key each: a task graph ships them once, not per task."""
     dask = require("dask")
     from dask.base import tokenize
 
-    fcn = portable(job.fcn) if shipped else job.fcn
-    model = dask.delayed(fcn, name=f"fcconv-model-{model_identity(job.fcn)}")
+    model = dask.delayed(job.fcn, name=f"fcconv-model-{model_identity(job.fcn)}")
     source = dask.delayed(job.source, name=f"fcconv-image-{tokenize(job.source.identity)}", traverse=False)
     return model, source
 
@@ -107,7 +103,7 @@ def dask_map(fcn: Any, array: Any, *, tile: int | Sequence[int] = 2048, layout: 
     da = require("dask.array")
     dask = require("dask")
     job = _prepare(fcn, array, tile, layout, transform, level)
-    model, source = _delayed_inputs(job, shipped=True)
+    model, source = _delayed_inputs(job)
     blocks = np.empty(job.plan.tiles_per_dim, dtype=object)
     for t in job.plan:
         task = dask.delayed(compute_tile, pure=True)(model, source, t, job.transform)
@@ -124,7 +120,7 @@ def _run_local(job: _Job, tiles: list[Tile], out: str | None, bar: Any) -> Itera
     dask = require("dask")
     from dask.callbacks import Callback
 
-    model, source = _delayed_inputs(job, shipped=False)
+    model, source = _delayed_inputs(job)
     keys = {f"fcconv-tile-{'-'.join(map(str, t.index))}": t for t in tiles}
     tasks = [
         dask.delayed(tile_to_zarr if out else compute_tile, pure=False)(
@@ -145,7 +141,7 @@ def _run_local(job: _Job, tiles: list[Tile], out: str | None, bar: Any) -> Itera
 def _run_client(job: _Job, tiles: list[Tile], out: str | None, client: Any, bar: Any
                 ) -> Iterator[tuple[Tile, Any]]:
     distributed = require("distributed")
-    model = client.scatter(portable(job.fcn), broadcast=True, hash=False)  # once per worker, not per task
+    model = client.scatter(job.fcn, broadcast=True, hash=False)  # once per worker, not per task
     source = client.scatter(job.source, broadcast=True, hash=False)
     futures = {
         client.submit(tile_to_zarr if out else compute_tile, model, source, t, job.transform,

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
 from fcconv._shapes import format_shape
 from fcconv.errors import FcconvError, NotEquivalentError
@@ -16,7 +15,7 @@ from fcconv.tiling._plan import Tile
 from fcconv.tiling._source import Source
 from fcconv.tiling._store import write_chunk
 
-__all__ = ["compute_tile", "model_identity", "model_placement", "portable", "tile_to_zarr"]
+__all__ = ["compute_tile", "model_identity", "model_placement", "tile_to_zarr"]
 
 Transform = Callable[[Tensor], Tensor]
 
@@ -25,20 +24,6 @@ def model_placement(fcn: nn.Module) -> tuple[torch.dtype, torch.device]:
     """The dtype and device of the model's first parameter (float32 on CPU without one)."""
     first = next(iter(fcn.parameters()), None)
     return (first.dtype, first.device) if first is not None else (torch.float32, torch.device("cpu"))
-
-
-def portable(fcn: nn.Module) -> nn.Module:
-    """A copy of ``fcn`` that pickles, to ship to worker processes.
-
-    An fx ``GraphModule`` unpickles by retracing its code with the tracer class it was traced
-    with; fcconv's tracer takes arguments that unpickling cannot give, so the copy forgets it
-    (the default tracer keeps every submodule as it is). The copy computes the same.
-    """
-    shipped = copy.deepcopy(fcn)
-    for module in shipped.modules():
-        if isinstance(module, fx.GraphModule):
-            module._tracer_cls = None
-    return shipped
 
 
 def model_identity(fcn: nn.Module) -> str:

@@ -85,3 +85,14 @@ def test_stochastic_in_training_names_batch_and_chance_dependent_modules() -> No
     model[2].eval()
     assert stochastic_in_training(model) == ["1"]
     assert stochastic_in_training(model.eval()) == []
+
+
+def test_a_missing_extra_names_the_package_and_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from fcconv._deps import need_tiles
+
+    monkeypatch.setitem(sys.modules, "zarr", None)  # as if not installed
+    with pytest.raises(FcconvError, match=r"^fcconv.tiling needs the package 'zarr', which is not installed. "
+                                          r"Install the extra: pip install 'fcconv\[tiles\]'.$"):
+        need_tiles("zarr")

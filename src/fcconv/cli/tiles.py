@@ -86,7 +86,7 @@ def _pixel_scale(dtype: Any) -> float:
 def _client(workers: int | None, scheduler: str | None) -> Any:
     if workers is None and scheduler is None:
         return None
-    from fcconv.tiling._deps import require
+    from fcconv._deps import need_tiles as require
 
     distributed = require("distributed")
     if scheduler is not None:

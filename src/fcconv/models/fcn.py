@@ -107,7 +107,8 @@ class FullyConvolutional(nn.Module):
                 f"{self.ndim} spatial dim(s) of at least {format_shape(self.min_size)}; got "
                 f"{format_shape(x.shape)}. Pass a batch of images at least that large."
             )
-        self._check_accepted(tuple(x.shape[2:]))
+        if any(m != 1 for m in self.size_modulus):  # (not for symbolic sizes that any model takes: export)
+            self._check_accepted(tuple(x.shape[2:]))
         return self.graph_module(x)
 
     def accepts(self, spatial: Sequence[int] | int) -> bool:

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import importlib
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from fcconv._deps import need_onnx as require
 from fcconv._io import atomic_output
 from fcconv.errors import FcconvError
 
@@ -21,17 +20,6 @@ __all__ = ["LINEAR_OPS", "check_output", "load", "op_counts", "require", "run", 
 
 #: The op types a conv-only graph must not hold.
 LINEAR_OPS = ("Gemm", "MatMul")
-
-
-def require(name: str) -> ModuleType:
-    """Import ``name`` (``onnx``, ``onnxruntime``, ``onnxscript``...) or say which extra to install."""
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        raise FcconvError(
-            f"fcconv.onnx needs the package {name!r}, which is not installed. "
-            "Install the extra: pip install 'fcconv[onnx]'."
-        ) from None
 
 
 def load(path: str | Path) -> Any:

@@ -13,9 +13,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from fcconv._deps import need_tiles as require
 from fcconv._shapes import format_shape
 from fcconv.errors import FcconvError
-from fcconv.tiling._deps import require
 from fcconv.tiling._plan import Tile, TilePlan, field_of, plan_tiles
 from fcconv.tiling._source import Source, open_source
 from fcconv.tiling._store import finished, open_output

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from fcconv._deps import need_tiles as require
 from fcconv._shapes import format_shape
 from fcconv.errors import FcconvError
-from fcconv.tiling._deps import require
 
 __all__ = ["LAYOUTS", "Source", "open_source"]
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from fcconv._deps import need_tiles as require
 from fcconv.errors import FcconvError
-from fcconv.tiling._deps import require
 
 __all__ = ["finished", "open_output", "write_chunk"]
 

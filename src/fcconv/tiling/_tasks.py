@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fcconv._shapes import format_shape
+from fcconv._shapes import format_shape, module_dtype_device
 from fcconv.errors import FcconvError, NotEquivalentError
 from fcconv.tiling._plan import Tile
 from fcconv.tiling._source import Source
@@ -21,9 +21,9 @@ Transform = Callable[[Tensor], Tensor]
 
 
 def model_placement(fcn: nn.Module) -> tuple[torch.dtype, torch.device]:
-    """The dtype and device of the model's first parameter (float32 on CPU without one)."""
-    first = next(iter(fcn.parameters()), None)
-    return (first.dtype, first.device) if first is not None else (torch.float32, torch.device("cpu"))
+    """The dtype and device of the model (float32 on the CPU for a model without floating tensors)."""
+    dtype, device = module_dtype_device(fcn)
+    return dtype or torch.float32, device or torch.device("cpu")
 
 
 def model_identity(fcn: nn.Module) -> str:

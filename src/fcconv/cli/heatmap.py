@@ -218,7 +218,7 @@ def _cam_map(module: nn.Module, name: str, x: Tensor, target: torch.device, quie
     cells = _Cells(lambda c: (c[0] * sy, c[1] * sx, (c[0] + 1) * sy, (c[1] + 1) * sx), (sy, sx))
     title = f"{name}: class activation map, {grid[0]}x{grid[1]} cells of {sy:.4g}x{sx:.4g} px (dashed)"
     summary = (f"Image {size[1]}x{size[0]}: a {grid[0]}x{grid[1]} class activation map whose mean is the "
-               f"model's output (certified in float64: {cam.report.max_rel if cam.report else 0:.1e} "
+               f"model's output (certified in float64: {cam.report.float64_max_rel if cam.report else 0:.1e} "
                "relative difference).")
     return _Map(scores, cells, title, summary)
 

@@ -122,7 +122,7 @@ def verdict(expected: np.ndarray, got: np.ndarray, what: str, reference: str,
     if not np.isfinite(got).all() or not rel <= FLOAT64_RTOL:
         raise NotEquivalentError(
             f"In float64 {what} differs from {reference} at input {format_shape(shape)} by {rel:.3g} of the "
-            f"largest output, above the {FLOAT64_RTOL:g} that float64 rounding allows (about 1e-15): it does "
-            "not compute the same function."
+            f"largest output, above the {FLOAT64_RTOL:g} threshold (float64 rounding gives about 1e-15): it "
+            "does not compute the same function."
         )
     return rel

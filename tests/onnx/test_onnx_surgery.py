@@ -1,6 +1,6 @@
-"""fcconv.onnx.convolutionalize: surgery on ONNX files exported by someone else, certified against
-fcconv.convolutionalize of the PyTorch model (float32, within the bound compare derives: onnxruntime
-has no float64 Conv, so float64 files cannot be run)."""
+"""fcconv.onnx.convolutionalize: surgery on ONNX files exported by someone else, checked against
+fcconv.convolutionalize of the PyTorch model in float32 (within the bound compare derives); the
+float64 verdict (onnx.reference) is tested in test_onnx_float64.py."""
 
 from __future__ import annotations
 

@@ -250,3 +250,21 @@ def test_resnet18_export_float64_verdict(tmp_path: Path, monkeypatch: pytest.Mon
     fonnx.export(model, tmp_path / "f32.onnx", (3, 224, 224), certify="float32")  # passes: bound too loose
     with pytest.raises(fcconv.NotEquivalentError, match=r"In float64 the exported ONNX model differs"):
         fonnx.export(model, tmp_path / "r18.onnx", (3, 224, 224))
+
+
+
+def test_a_float64_copy_that_does_not_export_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = export_module._export
+
+    def float32_only(module: nn.Module, *args: Any) -> Any:
+        if next(module.parameters()).dtype == torch.float64:
+            raise fcconv.FcconvError("torch.onnx.export failed on Sequential: no float64 kernel.")
+        return real(module, *args)
+
+    monkeypatch.setattr(export_module, "_export", float32_only)
+    model = TinyResNet().eval()
+    with pytest.raises(fcconv.FcconvError, match=r"(?s)^The float32 file is checked, but a float64 copy "
+                                                 r"of the module does not export.*certify='float32'"):
+        fonnx.export(model, tmp_path / "m.onnx", SHAPE)
+    assert not (tmp_path / "m.onnx").exists()
+    assert fonnx.export(model, tmp_path / "m.onnx", SHAPE, certify="float32").float64_max_rel is None

@@ -47,6 +47,7 @@ def test_export_to_fcn_conv_only(tmp_path: Path) -> None:
     assert f"wrote {out}" in result.output
     assert "checked in onnxruntime at 2 size(s)" in result.output
     assert "input (1, 1, 10, 11) -> (1, 3, 3, 4): max abs difference" in result.output
+    assert "float64 verdict (onnx.reference, 2 size(s)): same function, max rel" in result.output
     assert "ops: Conv 3, Relu 2" in result.output and "conv-only (no Gemm, no MatMul): yes" in result.output
     assert not ops(out) & {"Gemm", "MatMul"}
 
@@ -56,6 +57,11 @@ def test_export_static(tmp_path: Path) -> None:
     result = run("export", "cli_models:factory", "--input", "1,8,8", "--static", "-o", str(out))
     assert result.exit_code == 0, result.output
     assert "symbolic input dims: none (static shapes)" in result.output and "Gemm 1" in result.output
+    assert "float64 verdict (onnx.reference, 1 size(s)): same function" in result.output
+    result = run("export", "cli_models:factory", "--input", "1,8,8", "--static", "--certify", "float32",
+                 "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert "float64 verdict: not run (certify='float32')" in result.output
     dims = onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in dims] == [1, 1, 8, 8]
 
@@ -87,9 +93,11 @@ def test_onnx_convolutionalize_and_linear_to_conv(tmp_path: Path) -> None:
     assert "rewritten: Flatten -> Identity 1, Gemm -> Conv 4x4 1" in result.output
     assert "input (1, 1, 8, 8) -> (1, 3, 1, 1): max abs difference" in result.output
     assert "input (1, 1, 13, 13) -> (1, 3, 6, 6): ran" in result.output
+    assert "float64 verdict (onnx.reference, 1 size(s)): same function" in result.output
     result = run("onnx", "linear-to-conv", str(src), "-o", str(tmp_path / "lc.onnx"))
     assert result.exit_code == 0, result.output
     assert "rewritten: Gemm -> Conv 1" in result.output
+    assert "float64 verdict (onnx.reference, 1 size(s)): same function" in result.output
     assert "conv-only (no Gemm, no MatMul): yes" in result.output
 
 

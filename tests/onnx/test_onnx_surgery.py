@@ -1,6 +1,6 @@
-"""fcconv.onnx.convolutionalize: surgery on ONNX files exported by someone else, certified against
-fcconv.convolutionalize of the PyTorch model (float32, within the bound compare derives: onnxruntime
-has no float64 Conv, so float64 files cannot be run)."""
+"""fcconv.onnx.convolutionalize: surgery on ONNX files exported by someone else, checked against
+fcconv.convolutionalize of the PyTorch model in float32 (within the bound compare derives); the
+float64 verdict (onnx.reference) is tested in test_onnx_float64.py."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import hashlib
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import fcconv
+from fcconv.certify import FLOAT64_RTOL
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -21,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import fcconv.onnx as fonnx  # noqa: E402
 from fcconv.onnx._check import check_size  # noqa: E402
+from fcconv.onnx._float64 import run_reference, to_float64  # noqa: E402
 from fcconv.onnx._runtime import session  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -77,9 +80,14 @@ def test_torchvision_models(tmp_path: Path, name: str) -> None:
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)().eval()
+    for bn in model.modules():  # batch norm at init with eps 0: the exporter folds it exactly
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.eps = 0.0
     plain_export(model, (3, 224, 224), tmp_path / "src.onnx", dynamo=False)
     report = fonnx.convolutionalize(tmp_path / "src.onnx", tmp_path / "fcn.onnx", (3, 224, 224))
     assert report.conv_only
+    rel = report.checks[0].float64_max_rel
+    assert rel is not None and rel <= 1e-13
     pools = {k for k in report.rewritten if "Pool" in k}
     assert pools == (set() if name == "vgg11" else {"GlobalAveragePool -> AveragePool 7x7"})
     assert report.rewritten.get("Gemm -> Conv 7x7" if name == "vgg11" else "Gemm -> Conv 1x1") == 1
@@ -87,6 +95,11 @@ def test_torchvision_models(tmp_path: Path, name: str) -> None:
     check = check_size(fcn, session(tmp_path / "fcn.onnx"), torch.randn(1, 3, 320, 288), name)
     assert check.output_shape == (1, 1000, *fcn.grid_shape((320, 288)))
     assert check.bound_ratio is not None and check.bound_ratio <= 1
+    x = torch.randn(1, 3, 320, 288, dtype=torch.float64)  # the float64 verdict at a larger size
+    got = run_reference(to_float64(onnx.load(str(tmp_path / "fcn.onnx"))), x.numpy(), name)
+    with torch.no_grad():
+        want = fcn.to(torch.float64)(x).numpy()
+    assert np.abs(got - want).max() / np.abs(want).max() <= FLOAT64_RTOL
 
 
 def _head_with(op: str, path: Path) -> None:

@@ -1,8 +1,9 @@
-"""``fcconv export MODEL --input C,H,W [--to fcn] [--conv-only] [--static] -o model.onnx``.
+"""``fcconv export MODEL --input C,H,W [--to fcn] [--conv-only] [--static] [--certify T] -o model.onnx``.
 
 Exports with :func:`fcconv.onnx.export`: the file is run in onnxruntime at the training size and
-the other sizes the model accepts, compared with PyTorch within the derived float32 bound, and
-written only when every check passes. The report (sizes, max differences, op counts) is printed.
+the other sizes the model accepts, compared with PyTorch within the derived float32 bound, a float64
+export is run with onnx.reference for the verdict, and the file is written only when every check
+passes. The report (sizes, max differences, float64 differences, op counts) is printed.
 """
 
 from __future__ import annotations
@@ -40,9 +41,12 @@ Needs the onnx extra: pip install 'fcconv[onnx]'.""",
 @click.option("--factory", metavar="REF", help="For a checkpoint MODEL: what builds the model it fills.")
 @click.option("--kwargs", default="", metavar="'K=V, ...'", help="Keyword arguments for the factory.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random weights.")
+@click.option("--certify", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
+              help="float64: the verdict, the file run in float64 with onnx.reference; "
+                   "float32: onnxruntime only (for models too big for onnx.reference).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 def command(model: str, input_shape: tuple[int, ...], to: str | None, conv_only: bool, static: bool,
-            output: Path, factory: str | None, kwargs: str, seed: int, quiet: bool) -> None:
+            output: Path, factory: str | None, kwargs: str, seed: int, certify: str, quiet: bool) -> None:
     """Export MODEL to ONNX, checked in onnxruntime against PyTorch at several input sizes.
 
     MODEL is torchvision:NAME (random weights), package.module:factory, a file written by
@@ -57,6 +61,7 @@ def command(model: str, input_shape: tuple[int, ...], to: str | None, conv_only:
         with step("Convolutionalizing", quiet=quiet):
             module = fcconv.convolutionalize(as_fcn_source(module), input_shape, head_impl="conv")
     with step(f"Exporting and checking {output}", quiet=quiet):
-        report = fcconv.onnx.export(module, output, input_shape, dynamic=not static, conv_only=conv_only)
+        report = fcconv.onnx.export(module, output, input_shape, dynamic=not static, conv_only=conv_only,
+                                     certify=certify)
     if not quiet:
         click.echo(str(report))

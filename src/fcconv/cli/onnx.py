@@ -1,8 +1,8 @@
 """``fcconv onnx convolutionalize|linear-to-conv SRC.onnx -o DST.onnx``: surgery on ONNX files.
 
 Both commands read a file written by any exporter, never write it, check the result in
-onnxruntime and write DST atomically only when the checks pass; they print what was replaced,
-the sizes run, the max differences and the op counts.
+onnxruntime and in float64 (onnx.reference) and write DST atomically only when the checks pass;
+they print what was replaced, the sizes run, the max differences and the op counts.
 """
 
 from __future__ import annotations
@@ -42,8 +42,12 @@ def command() -> None:
 @click.option("--input", "-i", "input_shape", type=InputShape(), required=True,
               help="Per-sample training input shape C,H,W of SRC.")
 @click.option("-o", "--output", "output", type=OutputPath(), required=True, help="The file to write (.onnx).")
+@click.option("--certify", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
+              help="float64: the verdict, the file run in float64 with onnx.reference; "
+                   "float32: onnxruntime only (for models too big for onnx.reference).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
-def convolutionalize(src: Path, input_shape: tuple[int, ...], output: Path, quiet: bool) -> None:
+def convolutionalize(src: Path, input_shape: tuple[int, ...], output: Path, certify: str,
+                     quiet: bool) -> None:
     """Turn the classifier SRC into a fully convolutional model giving score maps (dynamic H, W).
 
     \b
@@ -55,7 +59,7 @@ def convolutionalize(src: Path, input_shape: tuple[int, ...], output: Path, quie
     if _same_file(src, output):
         fail(f"-o {str(output)!r} is the input file; fcconv never overwrites its input. Choose another path.")
     with step(f"Convolutionalizing {src}", quiet=quiet):
-        report = fcconv.onnx.convolutionalize(src, output, input_shape)
+        report = fcconv.onnx.convolutionalize(src, output, input_shape, certify=certify)
     if not quiet:
         click.echo(str(report))
 
@@ -63,8 +67,11 @@ def convolutionalize(src: Path, input_shape: tuple[int, ...], output: Path, quie
 @command.command("linear-to-conv")
 @click.argument("src", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", "output", type=OutputPath(), required=True, help="The file to write (.onnx).")
+@click.option("--certify", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
+              help="float64: the verdict, the file run in float64 with onnx.reference; "
+                   "float32: onnxruntime only (for models too big for onnx.reference).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
-def linear_to_conv(src: Path, output: Path, quiet: bool) -> None:
+def linear_to_conv(src: Path, output: Path, certify: str, quiet: bool) -> None:
     """Turn every Gemm / MatMul(+Add) with constant weights in SRC into a 1x1 Conv.
 
     \b
@@ -76,6 +83,6 @@ def linear_to_conv(src: Path, output: Path, quiet: bool) -> None:
     if _same_file(src, output):
         fail(f"-o {str(output)!r} is the input file; fcconv never overwrites its input. Choose another path.")
     with step(f"Rewriting {src}", quiet=quiet):
-        report = fcconv.onnx.linear_to_conv(src, output)
+        report = fcconv.onnx.linear_to_conv(src, output, certify=certify)
     if not quiet:
         click.echo(str(report))

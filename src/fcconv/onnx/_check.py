@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from fcconv import FullyConvolutional, NotEquivalentError, compare
 from fcconv._shapes import format_shape
+from fcconv.certify import FLOAT64_RTOL
 from fcconv.errors import FcconvError
 from fcconv.onnx._runtime import run
 
@@ -31,6 +32,9 @@ class SizeCheck:
             round); None where compare derives none (an op without a rule).
         deep: True when the bound compounds over several layers (valid but loose, see
             :mod:`fcconv.certify`).
+        float64_max_rel: the verdict: the float64 graph run by ``onnx.reference`` against the float64
+            reference, relative to its largest output (at most :data:`fcconv.certify.FLOAT64_RTOL`);
+            None where it was not run (``certify="float32"``, or a size with nothing to compare with).
     """
 
     input_shape: tuple[int, ...]
@@ -39,16 +43,18 @@ class SizeCheck:
     max_rel: float
     bound_ratio: float | None
     deep: bool | None
+    float64_max_rel: float | None = None
 
     def __str__(self) -> str:
         if self.max_abs != self.max_abs:  # NaN: a size with nothing to compare with
             return f"input {format_shape(self.input_shape)} -> {format_shape(self.output_shape)}: ran"
+        float64 = "" if self.float64_max_rel is None else f"; float64 rel {self.float64_max_rel:.2g}"
         if self.bound_ratio is None:
             bound = "no rounding bound derived"
         else:
             bound = f"{self.bound_ratio:.2g} of the rounding bound" + (" (deep)" if self.deep else "")
         return (f"input {format_shape(self.input_shape)} -> {format_shape(self.output_shape)}: max abs "
-                f"difference {self.max_abs:.3g} (rel {self.max_rel:.3g}), {bound}")
+                f"difference {self.max_abs:.3g} (rel {self.max_rel:.3g}), {bound}{float64}")
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,23 @@ class OnnxReport:
             lines.append("  rewritten: " + ", ".join(f"{k} {v}" for k, v in self.rewritten.items()))
         lines.append(f"  checked in onnxruntime at {len(self.checks)} size(s):")
         lines += [f"    {c}" for c in self.checks]
+        lines.append(self._float64_line())
         return "\n".join(lines)
+
+    @property
+    def float64_max_rel(self) -> float | None:
+        """The largest float64 relative difference over the checked sizes; None if none was run."""
+        values = [c.float64_max_rel for c in self.checks if c.float64_max_rel is not None]
+        return max(values) if values else None
+
+    def _float64_line(self) -> str:
+        rel = self.float64_max_rel
+        if rel is None:
+            return ("  float64 verdict: not run (certify='float32'); in deep models the float32 check "
+                    "catches only wrong shapes and non-finite values")
+        sizes = sum(1 for c in self.checks if c.float64_max_rel is not None)
+        return (f"  float64 verdict (onnx.reference, {sizes} size(s)): same function, max rel {rel:.2g} "
+                f"<= {FLOAT64_RTOL:g}")
 
 
 def check_sizes_for(module: nn.Module, input_shape: tuple[int, ...],

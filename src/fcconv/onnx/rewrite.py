@@ -24,6 +24,7 @@ from onnxscript.rewriter import pattern
 from fcconv._shapes import format_shape
 from fcconv.errors import NotEquivalentError
 from fcconv.onnx._check import OnnxReport, SizeCheck
+from fcconv.onnx._float64 import check_certify, run_reference, to_float64, verdict
 from fcconv.onnx._runtime import check_output, load, op_counts, run, save, session, symbolic_dims
 
 __all__ = ["linear_to_conv", "linear_to_conv_model", "rules"]
@@ -188,42 +189,46 @@ def linear_to_conv_model(proto: Any) -> tuple[Any, dict[str, int]]:
     return out, {k: v for k, v in done.items() if v > 0}
 
 
-def linear_to_conv(src: str | Path, dst: str | Path) -> OnnxReport:
+def linear_to_conv(src: str | Path, dst: str | Path, *, certify: str = "float64") -> OnnxReport:
     """Rewrite every Gemm / MatMul(+Add) with constant weights in ``src`` as a 1x1 Conv, into ``dst``.
 
     The rewritten file is run in onnxruntime beside the original on one random input (symbolic
-    dims: batch 1, others 64) and the difference is reported (no rounding bound is derived for a
-    graph fcconv did not write; the rewrite keeps every dot product, only its layout changes).
+    dims: batch 1, others 64) and the difference is reported. The verdict is float64: both files are
+    cast to float64 and run with ``onnx.reference`` on that input, where they must agree to
+    :data:`fcconv.certify.FLOAT64_RTOL`.
 
     Args:
         src: the ONNX file to read (never written).
         dst: the file to write, atomically.
+        certify: ``"float64"`` (the verdict above) or ``"float32"`` (onnxruntime only), for models
+            too big to run in ``onnx.reference``.
 
     Returns:
         An :class:`OnnxReport` with the op counts and what was rewritten.
 
     Raises:
         FcconvError: if ``src`` is not a valid ONNX model or the result does not run.
-        NotEquivalentError: if the outputs differ in shape or are not finite.
+        NotEquivalentError: if the outputs differ in shape or are not finite, or differ in float64.
 
     Example:
         >>> report = fcconv.onnx.linear_to_conv("resnet18.onnx", "resnet18-conv.onnx")
         >>> report.conv_only
         True
     """
+    float64 = check_certify(certify)
     check_output(dst, src)
     proto = load(src)
     out, done = linear_to_conv_model(proto)
-    checks = (_check_against_file(proto, out, "the rewritten model"),)
+    checks = (_check_against_file(proto, out, "the rewritten model", float64),)
     save(out, dst)
     return OnnxReport(str(dst), checks, op_counts(out), symbolic_dims(out), done)
 
 
-def _check_against_file(original: Any, rewritten: Any, what: str) -> SizeCheck:
-    """Run both models in onnxruntime on one random input and measure the difference.
+def _check_against_file(original: Any, rewritten: Any, what: str, float64: bool) -> SizeCheck:
+    """Run both models in onnxruntime on one random input and measure the difference; with
+    ``float64``, run both cast to float64 with ``onnx.reference`` and give the verdict.
 
-    No rounding bound is derived here: onnxruntime is a black box to :func:`fcconv.compare`. The
-    difference is measured and reported; the PyTorch-side certificates are in the tests.
+    No float32 rounding bound is derived here: onnxruntime is a black box to :func:`fcconv.compare`.
     """
     import torch
 
@@ -238,7 +243,13 @@ def _check_against_file(original: Any, rewritten: Any, what: str) -> SizeCheck:
         )
     diff = float((got - expected).abs().max()) if got.numel() else 0.0
     scale = float(expected.abs().max()) if got.numel() else 0.0
-    return SizeCheck(tuple(shape), tuple(got.shape), diff, diff / scale if scale else diff, None, None)
+    rel64 = None
+    if float64:
+        x64 = x.double().numpy()
+        rel64 = verdict(run_reference(to_float64(original), x64, "the original file"),
+                        run_reference(to_float64(rewritten), x64, what), what, "the original file",
+                        tuple(shape))
+    return SizeCheck(tuple(shape), tuple(got.shape), diff, diff / scale if scale else diff, None, None, rel64)
 
 
 def example_shape(proto: Any, sizes: dict[str, int] | None = None) -> tuple[int, ...]:

@@ -20,6 +20,7 @@ After: ``features -> AveragePool(7x7, stride 1) -> Identity -> Conv(512 -> 1000,
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from onnx import helper, numpy_helper
 from fcconv._shapes import check_input_shape, format_shape
 from fcconv.errors import FcconvError, NotEquivalentError
 from fcconv.onnx._check import OnnxReport, SizeCheck
+from fcconv.onnx._float64 import check_certify, run_reference, to_float64, verdict
 from fcconv.onnx._runtime import check_output, load, op_counts, run, save, session, symbolic_dims
 
 __all__ = ["convolutionalize", "convolutionalize_model"]
@@ -282,17 +284,22 @@ def convolutionalize_model(model: Any, input_shape: Sequence[int]) -> tuple[Any,
     return out, s.done
 
 
-def convolutionalize(src: str | Path, dst: str | Path, input_shape: Sequence[int]) -> OnnxReport:
+def convolutionalize(src: str | Path, dst: str | Path, input_shape: Sequence[int], *,
+                     certify: str = "float64") -> OnnxReport:
     """Turn the ONNX classifier ``src`` into a fully convolutional one that gives score maps, into ``dst``.
 
     See the module docstring for what changes. The result is run in onnxruntime at the training
     size, where it must give the original file's scores, and at a larger non-square size, where it
-    must run and give a map of several cells.
+    must run and give a map of several cells. The verdict is float64: both files are cast to float64
+    and run with ``onnx.reference`` at the training size, where they must agree to
+    :data:`fcconv.certify.FLOAT64_RTOL` (the surgery computes the file's function there).
 
     Args:
         src: the ONNX file to read (never written).
         dst: the file to write, atomically; written only when the checks pass.
         input_shape: the per-sample training shape ``(C, H, W)``.
+        certify: ``"float64"`` (the verdict above) or ``"float32"`` (onnxruntime only), for models
+            too big to run in ``onnx.reference``.
 
     Returns:
         An :class:`OnnxReport`: the sizes run, the difference from ``src`` at the training size, the op
@@ -301,7 +308,8 @@ def convolutionalize(src: str | Path, dst: str | Path, input_shape: Sequence[int
     Raises:
         FcconvError: if ``src`` is not ONNX, a node of the head cannot slide (named, with its op
             type), or the body holds a shape fixed at the training size.
-        NotEquivalentError: if the result gives other scores than ``src`` at the training size.
+        NotEquivalentError: if the result gives other scores than ``src`` at the training size, in
+            onnxruntime or in float64.
 
     Example:
         >>> report = fcconv.onnx.convolutionalize("resnet18.onnx", "resnet18-fcn.onnx", (3, 224, 224))
@@ -309,12 +317,15 @@ def convolutionalize(src: str | Path, dst: str | Path, input_shape: Sequence[int
         (1, 1000, 4, 2)
     """
     shape = check_input_shape(input_shape)
+    float64 = check_certify(certify)
     check_output(dst, src)
     original = load(src)
     model, done = convolutionalize_model(original, shape)
     sess = session(model)
     x = torch.randn((1, *shape), generator=torch.Generator().manual_seed(0))
     checks = [_same_scores(run(session(Path(src)), x), run(sess, x), x)]
+    if float64:
+        checks[0] = _certify_float64(original, model, x, checks[0])
     big = (1, shape[0], shape[1] + shape[1] // 2 + 1, shape[2] + shape[2] // 4 + 3)
     try:
         y = run(sess, torch.randn(big, generator=torch.Generator().manual_seed(1)))
@@ -329,6 +340,17 @@ def convolutionalize(src: str | Path, dst: str | Path, input_shape: Sequence[int
     checks.append(SizeCheck(big, tuple(y.shape), float("nan"), float("nan"), None, None))
     save(model, dst)
     return OnnxReport(str(dst), tuple(checks), op_counts(model), symbolic_dims(model), done)
+
+
+def _certify_float64(original: Any, model: Any, x: torch.Tensor, check: SizeCheck) -> SizeCheck:
+    """Both files in float64 (``onnx.reference``) at the training size must give the same scores."""
+    x64 = x.double().numpy()
+    expected = run_reference(to_float64(original), x64, "the original file")
+    got = run_reference(to_float64(model), x64, "the convolutionalized file")
+    if got.size == expected.size:
+        got = got.reshape(expected.shape)  # (N, M, 1, 1) -> (N, M)
+    rel = verdict(expected, got, "the convolutionalized file", "the original file", tuple(x.shape))
+    return dataclasses.replace(check, float64_max_rel=rel)
 
 
 def _same_scores(expected: torch.Tensor, got: torch.Tensor, x: torch.Tensor) -> SizeCheck:

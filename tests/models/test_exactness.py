@@ -12,8 +12,7 @@ import io
 
 import pytest
 import torch
-import torch.nn.functional as F
-from small_nets import LeNet, lenet
+from small_nets import LeNet, Lying, lenet
 from torch import nn
 
 import fcconv
@@ -25,30 +24,6 @@ DTYPE = torch.float64
 @pytest.fixture(autouse=True)
 def _threads(one_thread: None) -> None:
     torch.manual_seed(0)
-
-
-class Lying(nn.Module):
-    """Padding-free, but ``middle`` reads global statistics or positions."""
-
-    def __init__(self, middle: str) -> None:
-        super().__init__()
-        self.middle = middle
-        self.conv1 = nn.Conv2d(3, 4, 3)
-        self.norm = {"group_norm": nn.GroupNorm(2, 4), "instance_norm": nn.InstanceNorm2d(4),
-                     "batch_stats": nn.BatchNorm2d(4, track_running_stats=False)}.get(middle, nn.Identity())
-        self.conv2 = nn.Conv2d(6 if middle == "coords" else 4, 4, 3, stride=2)
-        self.fc = nn.Linear(4 * 3 * 3, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(self.conv1(x))
-        if self.middle == "layer_norm":
-            x = F.layer_norm(x, x.shape[1:])
-        if self.middle == "coords":
-            h, w = x.shape[-2:]
-            ys = torch.linspace(-1, 1, h, dtype=x.dtype).view(1, 1, h, 1).expand(x.shape[0], 1, h, w)
-            xs = torch.linspace(-1, 1, w, dtype=x.dtype).view(1, 1, 1, w).expand(x.shape[0], 1, h, w)
-            x = torch.cat([x, ys, xs], 1)
-        return self.fc(torch.flatten(F.relu(self.conv2(x)), 1))
 
 
 def _sliding_report(model: nn.Module, fcn: FullyConvolutional,

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from small_nets import Lying, PadSame
 from torch import nn
 
 import fcconv
@@ -139,28 +140,6 @@ def test_plain_net_is_exact_and_its_field_is_the_gradient_footprint() -> None:
         assert ((dense - reference).abs().max() / reference.abs().max()).item() <= 1e-12
 
 
-class PadSame(nn.Module):
-    """TF "same" padding computed from x.size() at run time, like timm's pad_same (traceable)."""
-
-    def __init__(self, k: int = 3, s: int = 2) -> None:
-        super().__init__()
-        self.k, self.s = k, s
-        self.conv1 = nn.Conv2d(3, 6, k, stride=s)
-        self.conv2 = nn.Conv2d(6, 6, k, stride=s)
-        self.fc = nn.Linear(6 * 4 * 4, 3)
-
-    def _pad(self, x: torch.Tensor) -> torch.Tensor:
-        ih, iw = x.size()[-2:]
-        ph = ((ih + self.s - 1) // self.s - 1) * self.s + self.k - ih
-        pw = ((iw + self.s - 1) // self.s - 1) * self.s + self.k - iw
-        return F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.conv1(self._pad(x)))
-        x = F.relu(self.conv2(self._pad(x)))
-        return self.fc(torch.flatten(x, 1))
-
-
 def test_tf_same_padding_moves_the_field_with_the_input_size() -> None:
     fcn = _fcn(PadSame(), (3, 16, 16))
     fields = {}
@@ -204,30 +183,6 @@ def test_timm_conv2d_same_kept_whole_is_read_with_its_dynamic_padding() -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Nets whose dense map is not the sliding window although nothing pads
-
-
-class Lying(nn.Module):
-    """Padding-free, but ``middle`` is global or reads positions."""
-
-    def __init__(self, middle: str) -> None:
-        super().__init__()
-        self.middle = middle
-        self.conv1 = nn.Conv2d(3, 4, 3)
-        self.norm = {"group_norm": nn.GroupNorm(2, 4), "instance_norm": nn.InstanceNorm2d(4),
-                     "batch_stats": nn.BatchNorm2d(4, track_running_stats=False)}.get(middle, nn.Identity())
-        self.conv2 = nn.Conv2d(6 if middle == "coords" else 4, 4, 3, stride=2)
-        self.fc = nn.Linear(4 * 3 * 3, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(self.conv1(x))
-        if self.middle == "layer_norm":
-            x = F.layer_norm(x, x.shape[1:])
-        if self.middle == "coords":
-            h, w = x.shape[-2:]
-            ys = torch.linspace(-1, 1, h, dtype=x.dtype).view(1, 1, h, 1).expand(x.shape[0], 1, h, w)
-            xs = torch.linspace(-1, 1, w, dtype=x.dtype).view(1, 1, 1, w).expand(x.shape[0], 1, h, w)
-            x = torch.cat([x, ys, xs], 1)
-        return self.fc(torch.flatten(F.relu(self.conv2(x)), 1))
 
 
 @pytest.mark.parametrize(("middle", "node", "why"), [

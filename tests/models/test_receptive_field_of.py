@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from small_nets import PadSame
 from torch import nn
 
 import fcconv
@@ -69,28 +70,6 @@ class Unpadded(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.conv2(self.pool(F.relu(self.conv1(x)))))
-        return self.fc(torch.flatten(x, 1))
-
-
-class PadSame(nn.Module):
-    """TF "same" padding computed from ``x.size()`` at run time, as timm's ``pad_same``."""
-
-    def __init__(self, k: int = 3, s: int = 2) -> None:
-        super().__init__()
-        self.k, self.s = k, s
-        self.conv1 = nn.Conv2d(3, 6, k, stride=s)
-        self.conv2 = nn.Conv2d(6, 6, k, stride=s)
-        self.fc = nn.Linear(6 * 4 * 4, 3)
-
-    def _pad(self, x: torch.Tensor) -> torch.Tensor:
-        ih, iw = x.size()[-2:]
-        ph = ((ih + self.s - 1) // self.s - 1) * self.s + self.k - ih
-        pw = ((iw + self.s - 1) // self.s - 1) * self.s + self.k - iw
-        return F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.conv1(self._pad(x)))
-        x = F.relu(self.conv2(self._pad(x)))
         return self.fc(torch.flatten(x, 1))
 
 

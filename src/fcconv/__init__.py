@@ -19,7 +19,7 @@ from fcconv.layers import (
 from fcconv.models import FullyConvolutional, class_activation_map, convolutionalize, sliding_window
 from fcconv.tiling import dask_map, tiled_map
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "EquivalenceReport",

@@ -72,6 +72,16 @@ class AlreadyConv(nn.Module):
         return self.body(x)
 
 
+# Lying(middle): the node that breaks exactness and why, as the proof names them.
+LYING_CASES = [
+    ("group_norm", "norm", "global statistics"),
+    ("instance_norm", "norm", "global statistics"),
+    ("batch_stats", "norm", "batch statistics"),
+    ("layer_norm", "layer_norm", "normalizes over a spatial dim"),
+    ("coords", "cat", "built from the input size"),
+]
+
+
 class Lying(nn.Module):
     """Padding-free, but ``middle`` reads global statistics or positions."""
 

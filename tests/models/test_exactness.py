@@ -12,7 +12,7 @@ import io
 
 import pytest
 import torch
-from small_nets import LeNet, Lying, lenet
+from small_nets import LYING_CASES, LeNet, Lying, lenet
 from torch import nn
 
 import fcconv
@@ -33,13 +33,7 @@ def _sliding_report(model: nn.Module, fcn: FullyConvolutional,
     return fcconv.compare(reference, fcn, inputs=x)
 
 
-@pytest.mark.parametrize(("middle", "node", "why"), [
-    ("group_norm", "norm", "global statistics"),
-    ("instance_norm", "norm", "global statistics"),
-    ("batch_stats", "norm", "batch statistics"),
-    ("layer_norm", "layer_norm", "normalizes over a spatial dim"),
-    ("coords", "cat", "built from the input size"),
-])
+@pytest.mark.parametrize(("middle", "node", "why"), LYING_CASES)
 def test_lying_nets_are_not_exact_and_say_why(middle: str, node: str, why: str) -> None:
     model = Lying(middle).to(DTYPE).eval()
     fcn = fcconv.convolutionalize(model, (3, 9, 9))

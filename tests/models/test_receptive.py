@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from small_nets import Lying, PadSame
+from small_nets import LYING_CASES, Lying, PadSame
 from torch import nn
 
 import fcconv
@@ -185,13 +185,7 @@ def test_timm_conv2d_same_kept_whole_is_read_with_its_dynamic_padding() -> None:
 # Nets whose dense map is not the sliding window although nothing pads
 
 
-@pytest.mark.parametrize(("middle", "node", "why"), [
-    ("group_norm", "norm", "global statistics"),
-    ("instance_norm", "norm", "global statistics"),
-    ("batch_stats", "norm", "batch statistics"),
-    ("layer_norm", "layer_norm", "normalizes over a spatial dim"),
-    ("coords", "cat", "built from the input size"),
-])
+@pytest.mark.parametrize(("middle", "node", "why"), LYING_CASES)
 def test_nets_with_global_statistics_or_positions_are_not_local(middle: str, node: str, why: str) -> None:
     fcn = _fcn(Lying(middle), (3, 9, 9))
     a = analyze(fcn.graph_module, (3, 20, 17))

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from matplotlib.gridspec import SubplotSpec
 
-    from fcconv.demo.run import DemoResult
+    from fcconv.demo.result import DemoResult
 
 WindowOf = Callable[[tuple[int, int]], tuple[int, ...]]
 

@@ -7,16 +7,13 @@ outputs) from the inputs' bounds (``op.e``), magnitudes (``op.abs``) and the op'
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from fcconv.certify.rounding.tracker import Tracker
-
-__all__ = ["CREATION", "PRODUCT_OPS", "RULES", "Bound", "Op", "Rule", "Unsupported", "floating", "register",
-           "rule_for", "scale_bound", "sum_bounds"]
+__all__ = ["CREATION", "PRODUCT_OPS", "RULES", "Bound", "Op", "Rule", "TrackerView", "Unsupported",
+           "floating", "register", "rule_for", "scale_bound", "sum_bounds"]
 
 
 Bound = Tensor | None
@@ -46,10 +43,27 @@ def floating(t: object) -> bool:
     return isinstance(t, Tensor) and t.is_floating_point()
 
 
+class _AbsLookup(Protocol):
+    def get(self, t: Tensor) -> Tensor | None: ...
+
+
+class TrackerView(Protocol):
+    """What a rule sees of the tracker (``tracker.Tracker`` provides it; the registry imports none of it)."""
+
+    @property
+    def eps(self) -> Sequence[float]: ...
+    @property
+    def abs_cache(self) -> _AbsLookup | None: ...
+
+    def bound(self, t: Tensor, ch: int) -> Bound: ...
+    def aux(self, t: Tensor) -> list[Bound] | None: ...
+    def kink(self, t: Tensor, ch: int, at: float = 0.0) -> Bound: ...
+
+
 class Op:
     """One ATen call seen by the tracker: its arguments, output, and shared magnitudes."""
 
-    def __init__(self, tracker: Tracker, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+    def __init__(self, tracker: TrackerView, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
         self.tracker = tracker
         self.func = func
         self.args = args

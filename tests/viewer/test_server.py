@@ -209,6 +209,9 @@ def test_the_command_prints_the_url_the_ssh_way_and_warns_off_localhost(
     result = CliRunner().invoke(cli_app, ["view", str(small_map), "--port", "0", "--no-browser",
                                           "--host", "0.0.0.0"])
     assert result.exit_code == 0 and "Warning: --host 0.0.0.0 lets every machine" in result.output
+    result = CliRunner().invoke(cli_app, ["view", str(small_map), "--no-browser", "--hide", "dog,fish"])
+    assert result.exit_code == 1
+    assert "--hide 'fish' is not a class of the map; its classes are cat, dog, bird" in result.output
     result = CliRunner().invoke(cli_app, ["view", str(small_map.parent), "--no-browser"])
     assert result.exit_code == 1 and result.output.startswith("Error: ") and "zarr.json" in result.output
 

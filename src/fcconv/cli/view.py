@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from fcconv.errors import FcconvError
+
 __all__ = ["command"]
 
 _LOOPBACK = ("localhost", "127.0.0.1", "::1")
@@ -20,6 +22,17 @@ _LOOPBACK = ("localhost", "127.0.0.1", "::1")
 def _url(host: str, port: int) -> str:
     shown = "localhost" if host in _LOOPBACK else host
     return f"http://{'[' + shown + ']' if ':' in shown else shown}:{port}/"
+
+
+def _hidden(text: str, names: list[str]) -> list[int]:
+    """The class indices that ``--hide`` names (by name, or by index)."""
+    hidden = []
+    for name in (n.strip() for n in text.split(",") if n.strip()):
+        if name not in names and not (name.isdigit() and int(name) < len(names)):
+            listed = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+            raise FcconvError(f"--hide {name!r} is not a class of the map; its classes are {listed}.")
+        hidden.append(names.index(name) if name in names else int(name))
+    return sorted(set(hidden))
 
 
 def _announce(host: str, port: int, browser: bool) -> None:
@@ -50,9 +63,11 @@ Needs the tiles and cli extras: pip install 'fcconv[cli,tiles]'.""",
               help="The port to listen on (0: a free one).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="The address to listen on. Anything but localhost lets other machines read the map.")
+@click.option("--hide", metavar="NAME,...", default="",
+              help="Classes left uncoloured at first in the winning-class view, e.g. --hide background.")
 @click.option("--no-browser", is_flag=True, help="Do not open a web browser.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
-def command(map_path: Path, slide: Path | None, port: int, host: str, no_browser: bool,
+def command(map_path: Path, slide: Path | None, port: int, host: str, hide: str, no_browser: bool,
             verbose: bool) -> None:
     """Show MAP.zarr (written by fcconv heatmap -o) over its slide in a deep-zoom web page.
 
@@ -64,7 +79,8 @@ def command(map_path: Path, slide: Path | None, port: int, host: str, no_browser
     if host not in _LOOPBACK:
         click.echo(f"Warning: --host {host} lets every machine that reaches this one read the map and the "
                    "slide, without a password. Prefer the default and ssh -L.", err=True)
-    app = ViewerApp(open_map(map_path), None if slide is None else open_slide(slide))
+    view = open_map(map_path)
+    app = ViewerApp(view, None if slide is None else open_slide(slide), hidden=_hidden(hide, view.classes))
     server = make_server(app, host, port, verbose=verbose)
     _announce(host, server.server_address[1], browser=not no_browser)
     try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -82,10 +83,12 @@ class ViewerApp:
     Args:
         view: the map, opened with :func:`~fcconv.viewer.open_map`.
         slide: its slide, opened with :func:`~fcconv.viewer.open_slide`, or None for the map alone.
+        hidden: classes the page leaves uncoloured at first in the winning-class view.
     """
 
-    def __init__(self, view: MapView, slide: Slide | None = None, *, cache_entries: int = 2048) -> None:
-        self.view, self.slide = view, slide
+    def __init__(self, view: MapView, slide: Slide | None = None, *, hidden: Sequence[int] = (),
+                 cache_entries: int = 2048) -> None:
+        self.view, self.slide, self.hidden = view, slide, list(hidden)
         if slide is not None:
             _check_fits(view, slide)
         height, width = slide.size if slide is not None else view.geometry.slide_size
@@ -104,7 +107,7 @@ class ViewerApp:
             "grid": list(self.view.grid), "stride": list(g.stride), "window": list(g.window),
             "windowOffset": list(g.window_offset), "imageShape": list(g.image_shape), "level": g.level,
             "downsample": g.downsample, "mpp": None if g.mpp is None else list(g.mpp),
-            "classes": self.view.classes, "hasValid": self.view.valid is not None,
+            "classes": self.view.classes, "hidden": self.hidden, "hasValid": self.view.valid is not None,
             "colours": [_hex(c) for c in self.colours], "ramp": [_hex(c) for c in ramp(11)],
             "complete": self.view.complete(),
         }

@@ -4,7 +4,7 @@
 
 (async function main() {
   const info = await (await fetch("api/info")).json();
-  const state = { view: "argmax", hidden: new Set(), version: 0, mapItem: null, complete: info.complete };
+  const state = { view: "argmax", hidden: new Set(info.hidden), version: 0, mapItem: null, complete: info.complete };
   const $ = (id) => document.getElementById(id);
 
   function source(url) {

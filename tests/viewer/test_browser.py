@@ -164,3 +164,31 @@ def test_the_digits_show_their_classes_over_the_canvas(browser: Any, tmp_path: P
         SCREENSHOT.parent.mkdir(exist_ok=True)
         page.screenshot(path=str(SCREENSHOT))
         page.close()
+
+
+def test_a_map_being_written_shows_its_cells_as_they_come(browser: Any, scores: np.ndarray,
+                                                          tmp_path: Path) -> None:
+    import zarr
+
+    written = scores.copy()
+    written[:, 3:] = np.nan  # the lower half is not computed yet
+    path = write_map(tmp_path / "m.zarr", written, complete=False, **GEOMETRY)
+    colours = class_colours(5)[scores.argmax(0)]
+    with serving(ViewerApp(open_map(path), refresh=0.5)) as base:
+        page = open_page(browser, base, items=1)
+        set_opacity(page, 1.0)
+        assert "being written" in page.inner_text("#status")
+        top, bottom = on_screen(page, 16, 16), on_screen(page, 16 + 16 * 4, 16)
+        shot = screenshot(page)
+        assert np.abs(shot[round(top[0]), round(top[1])] - colours[0, 0]).max() <= 3
+        assert np.abs(shot[round(bottom[0]), round(bottom[1])] - 0x77).max() <= 3  # transparent
+        group = zarr.open_group(str(path), mode="r+")
+        group["0"][:, 3:] = scores[:, 3:]
+        group.attrs["fcconv"] = {**group.attrs["fcconv"], "complete": True}
+        page.wait_for_function("document.getElementById('status').textContent === 'Map complete.'",
+                               timeout=10_000)
+        page.wait_for_timeout(1500)
+        wait_drawn(page, items=1)
+        shot = screenshot(page)
+        assert np.abs(shot[round(bottom[0]), round(bottom[1])] - colours[4, 0]).max() <= 3
+        page.close()

@@ -89,5 +89,6 @@ def digits_map(folder: Path, height: int = 256, width: int = 384, seed: int = 0)
         scores = fcn(torch.from_numpy(pixels).float()[None, None] / 255)[0].numpy()
     top, left = fcn.window_of((0, 0))[:2]
     path = write_map(folder / "digits-map.zarr", scores, stride=fcn.stride, window=fcn.window,
-                     window_offset=(top, left), image_shape=(1, height, width), classes=CLASS_NAMES)
+                     window_offset=(top, left), image_shape=(1, height, width), classes=CLASS_NAMES,
+                     chunks=(len(CLASS_NAMES), 256, 256))
     return slide, path

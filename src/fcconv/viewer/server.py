@@ -35,7 +35,9 @@ from fcconv.viewer.tiles import Pyramid, TileCache, class_colours, encode, map_t
 __all__ = ["LOOPBACK", "Response", "ViewerApp", "make_server"]
 
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
-PENDING_TTL = 2.0  # seconds a tile with cells not computed yet stays cached
+# Seconds a tile with cells not computed yet stays cached: none, so that the page's last refresh,
+# once the map is complete, never gets a tile rendered before its last cells were written.
+PENDING_TTL = 0.0
 _SLIDE_TILE = re.compile(r"/tiles/slide/(\d{1,2})/(\d{1,7})_(\d{1,7})\.jpg")
 _MAP_TILE = re.compile(r"/tiles/map/(argmax|class-(\d{1,5}))/(\d{1,2})/(\d{1,7})_(\d{1,7})\.png")
 _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
@@ -84,11 +86,12 @@ class ViewerApp:
         view: the map, opened with :func:`~fcconv.viewer.open_map`.
         slide: its slide, opened with :func:`~fcconv.viewer.open_slide`, or None for the map alone.
         hidden: classes the page leaves uncoloured at first in the winning-class view.
+        refresh: seconds between the page's refreshes while the map is not complete.
     """
 
     def __init__(self, view: MapView, slide: Slide | None = None, *, hidden: Sequence[int] = (),
-                 cache_entries: int = 2048) -> None:
-        self.view, self.slide, self.hidden = view, slide, list(hidden)
+                 refresh: float = 4.0, cache_entries: int = 2048) -> None:
+        self.view, self.slide, self.hidden, self.refresh = view, slide, list(hidden), refresh
         if slide is not None:
             _check_fits(view, slide)
         height, width = slide.size if slide is not None else view.geometry.slide_size
@@ -109,7 +112,7 @@ class ViewerApp:
             "downsample": g.downsample, "mpp": None if g.mpp is None else list(g.mpp),
             "classes": self.view.classes, "hidden": self.hidden, "hasValid": self.view.valid is not None,
             "colours": [_hex(c) for c in self.colours], "ramp": [_hex(c) for c in ramp(11)],
-            "complete": self.view.complete(),
+            "complete": self.view.complete(), "refreshSeconds": self.refresh,
         }
 
     def cell(self, query: dict[str, list[str]]) -> Response:
@@ -151,7 +154,8 @@ class ViewerApp:
             if rendered is None:
                 return None
             data, ttl = rendered
-            self.cache.put(key, data, ttl)
+            if ttl is None or ttl > 0:
+                self.cache.put(key, data, ttl)
         kind = "image/jpeg" if key[0] == "slide" else "image/png"
         return Response(200, kind, data, {"Cache-Control": "no-cache"})
 

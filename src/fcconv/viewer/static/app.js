@@ -95,8 +95,9 @@
 
   // Polling while the map is being written: new tiles appear as they finish.
   function showStatus() {
+    const every = `refreshing every ${info.refreshSeconds} s.`;
     $("status").textContent = state.complete === true ? "Map complete." :
-      state.complete === false ? "Map being written: refreshing every 4 s." : "Refreshing every 4 s.";
+      state.complete === false ? `Map being written: ${every}` : every[0].toUpperCase() + every.slice(1);
   }
   showStatus();
   setInterval(async () => {
@@ -105,7 +106,7 @@
     state.complete = now.complete;
     showStatus();
     reloadMap();
-  }, 4000);
+  }, 1000 * info.refreshSeconds);
   reloadMap();
 
   // Hover: ask the server for the cell under the pointer, draw its window, list its top classes.

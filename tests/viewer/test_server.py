@@ -225,3 +225,9 @@ def test_the_command_serves_until_stopped(small_map: Path) -> None:
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_the_command_help_shows_examples() -> None:
+    result = CliRunner().invoke(cli_app, ["view", "--help"])
+    assert result.exit_code == 0 and "Examples:" in result.output and "fcconv view " in result.output
+    assert "ssh -L" in result.output

@@ -6,7 +6,9 @@ reads only MAP.zarr and SLIDE, read-only, and listens on localhost unless ``--ho
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
 import webbrowser
 from pathlib import Path
 
@@ -41,8 +43,17 @@ def _announce(host: str, port: int, browser: bool) -> None:
     if host in _LOOPBACK:
         click.echo(f"From another machine, forward the port over ssh and open {_url('localhost', port)}:\n"
                    f"  ssh -L {port}:localhost:{port} {socket.gethostname()}")
-    if browser:
+    if browser and _has_display():
         webbrowser.open(url)
+
+
+def _has_display() -> bool:
+    """A graphical browser can open here: not over ssh, and on Linux a display (never a text browser)."""
+    if os.environ.get("SSH_CONNECTION") or os.environ.get("SSH_TTY"):
+        return False
+    if sys.platform.startswith("linux"):
+        return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    return True
 
 
 @click.command(
@@ -65,7 +76,8 @@ Needs the tiles and cli extras: pip install 'fcconv[cli,tiles]'.""",
               help="The address to listen on. Anything but localhost lets other machines read the map.")
 @click.option("--hide", metavar="NAME,...", default="",
               help="Classes left uncoloured at first in the winning-class view, e.g. --hide background.")
-@click.option("--no-browser", is_flag=True, help="Do not open a web browser.")
+@click.option("--no-browser", is_flag=True,
+              help="Do not open a web browser (none opens over ssh or without a display anyway).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 def command(map_path: Path, slide: Path | None, port: int, host: str, hide: str, no_browser: bool,
             verbose: bool) -> None:

@@ -81,6 +81,22 @@ def test_class_view_is_the_softmax_probability_on_the_ramp(small_map: Path) -> N
     assert viewer.handle("/tiles/map/class-3/6/0_0.png").status == 404
 
 
+def test_many_classes_are_read_block_by_block_with_the_same_colours(tmp_path: Path) -> None:
+    scores = np.random.default_rng(1).normal(scale=3, size=(40, 4, 6)).astype(np.float32)
+    path = write_map(tmp_path / "m.zarr", scores, chunks=(16, 4, 6), **GEOMETRY)
+    viewer = ViewerApp(open_map(path))
+    assert [(b.start, b.stop) for b in viewer.view.class_blocks()] == [(0, 16), (16, 32), (32, 40)]
+    argmax = tile(viewer, "/tiles/map/argmax/6/0_0.png")
+    chosen = tile(viewer, "/tiles/map/class-37/6/0_0.png")
+    e = np.exp(scores.astype(np.float64) - scores.max(0))
+    probability = (e / e.sum(0))[37]
+    for r in range(4):
+        for c in range(6):
+            centre = (8 + 8 * r, 8 + 8 * c)
+            assert (argmax[centre][:3] == class_colours(40)[scores[:, r, c].argmax()]).all()
+            assert (chosen[centre][:3] == ramp()[round(probability[r, c] * 255)]).all()
+
+
 def test_cells_not_computed_are_transparent_and_their_tiles_not_cached(small_map: Path) -> None:
     scores = zarr.open_group(str(small_map), mode="r+")["0"]
     scores[:, 1, 2] = np.nan

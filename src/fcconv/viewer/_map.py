@@ -134,10 +134,15 @@ class MapView:
         done = attrs.get("complete")
         return bool(done) if done is not None else None
 
-    def read(self, rows: np.ndarray, cols: np.ndarray, channel: int | None = None) -> np.ndarray:
-        """Scores at sorted unique cell rows and columns: ``(classes or 1, len(rows), len(cols))``."""
-        channels: Any = slice(None) if channel is None else slice(channel, channel + 1)
-        return _take(self.scores, channels, rows, cols).astype(np.float64, copy=False)
+    def read(self, rows: np.ndarray, cols: np.ndarray, classes: slice = slice(None)) -> np.ndarray:
+        """Scores of ``classes`` at sorted unique rows and columns, float64 ``(k, len(rows), len(cols))``."""
+        return _take(self.scores, classes, rows, cols).astype(np.float64, copy=False)
+
+    def class_blocks(self) -> list[slice]:
+        """The classes in blocks of the store's class chunk (at most 16): one read each."""
+        count = int(self.scores.shape[0])
+        step = max(1, min(16, int(self.scores.chunks[0])))
+        return [slice(start, min(count, start + step)) for start in range(0, count, step)]
 
     def read_valid(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray | None:
         """Validity at the given cells (True where computed), or None without a ``valid`` array."""
@@ -164,7 +169,7 @@ def _take(array: Any, channels: Any, rows: np.ndarray, cols: np.ndarray) -> np.n
     """``array[channels, rows, cols]`` (orthogonal), reading a plain slice where the cells are a run."""
     lead = () if channels is None else (channels,)
     if len(rows) == 0 or len(cols) == 0:
-        shape = (() if channels is None else (array.shape[0] if channels == slice(None) else 1,))
+        shape = () if channels is None else (len(range(*channels.indices(array.shape[0]))),)
         return np.zeros((*shape, len(rows), len(cols)), dtype=array.dtype)
     runs = rows[-1] - rows[0] + 1 == len(rows) and cols[-1] - cols[0] + 1 == len(cols)
     if runs:

@@ -77,27 +77,45 @@ def ramp(size: int = 256) -> np.ndarray:
     return np.round(colormaps["viridis"](np.linspace(0, 1, size))[:, :3] * 255).astype(np.uint8)
 
 
-def _softmax(values: np.ndarray) -> np.ndarray:
-    shifted = np.exp(values - values.max(axis=0, keepdims=True))
-    return shifted / shifted.sum(axis=0, keepdims=True)
-
-
-def _cell_colours(values: np.ndarray, colours: np.ndarray, channel: int | None,
-                  hidden: Collection[int]) -> np.ndarray:
-    """``(h, w, 4)`` RGBA of cells ``(classes, h, w)``: transparent where not computed."""
-    missing = np.isnan(values).any(axis=0)
-    filled = np.where(missing, 0.0, values)
-    rgba = np.zeros((*values.shape[1:], 4), dtype=np.uint8)
+def _reduce(view: MapView, rows: np.ndarray, cols: np.ndarray, channel: int | None
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Per cell: the winning class (``channel`` None) or ``channel``'s softmax probability, and
+    whether the cell is not computed yet. Reads the classes block by block, so memory follows a block."""
+    shape = (len(rows), len(cols))
+    missing = np.zeros(shape, dtype=bool)
+    best, winner = np.full(shape, -np.inf), np.zeros(shape, dtype=np.int64)
+    total, mine = np.zeros(shape), np.zeros(shape)  # sum of exp(score - best), and channel's score
+    for block in view.class_blocks():
+        values = view.read(rows, cols, block)
+        missing |= np.isnan(values).any(axis=0)
+        values = np.nan_to_num(values, nan=0.0)
+        top = values.max(axis=0)
+        higher = top > best
+        winner = np.where(higher, values.argmax(axis=0) + block.start, winner)
+        new_best = np.maximum(best, top)
+        total = total * np.exp(best - new_best) + np.exp(values - new_best).sum(axis=0)
+        best = new_best
+        if channel is not None and block.start <= channel < block.stop:
+            mine = values[channel - block.start]
     if channel is None:
-        winner = filled.argmax(axis=0)
-        rgba[..., :3] = colours[winner]
-        rgba[..., 3] = np.where(np.isin(winner, list(hidden)), 0, 255) if hidden else 255
+        return winner, missing
+    return np.exp(mine - best) / total, missing
+
+
+def _cell_colours(view: MapView, rows: np.ndarray, cols: np.ndarray, colours: np.ndarray,
+                  channel: int | None, hidden: Collection[int]) -> tuple[np.ndarray, np.ndarray]:
+    """``(h, w, 4)`` RGBA of the cells at ``rows`` x ``cols`` (transparent where not computed), and
+    where they are not computed."""
+    reduced, missing = _reduce(view, rows, cols, channel)
+    rgba = np.zeros((*missing.shape, 4), dtype=np.uint8)
+    if channel is None:
+        rgba[..., :3] = colours[reduced]
+        rgba[..., 3] = np.where(np.isin(reduced, list(hidden)), 0, 255) if hidden else 255
     else:
-        probability = _softmax(filled)[channel]
-        rgba[..., :3] = ramp()[np.clip(np.round(probability * 255), 0, 255).astype(np.int64)]
+        rgba[..., :3] = ramp()[np.clip(np.round(reduced * 255), 0, 255).astype(np.int64)]
         rgba[..., 3] = 255
     rgba[missing] = 0
-    return rgba
+    return rgba, missing
 
 
 def _cells(view: MapView, starts: float, count: int, scale: int, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -123,11 +141,9 @@ def map_tile(view: MapView, pyramid: Pyramid, level: int, x: int, y: int, *, cha
     f = pyramid.scale(level)
     row_index, unique_rows = _cells(view, top, rows, f, 0)
     col_index, unique_cols = _cells(view, left, cols, f, 1)
-    values = view.read(unique_rows, unique_cols)
-    colours = class_colours(values.shape[0]) if colours is None else colours
-    cell_rgba = _cell_colours(values, colours, channel, hidden)
+    colours = class_colours(len(view.classes)) if colours is None else colours
+    cell_rgba, pending = _cell_colours(view, unique_rows, unique_cols, colours, channel, hidden)
     valid = view.read_valid(unique_rows, unique_cols)
-    pending = np.isnan(values).any(axis=0)
     if valid is not None:
         pending &= valid
     tile = np.zeros((rows, cols, 4), dtype=np.uint8)

@@ -135,7 +135,10 @@
     if (framed) viewer.updateOverlay(frame, rect); else { viewer.addOverlay(frame, rect); framed = true; }
     const where = `<div id="cell-index" data-row="${cell.cell[0]}" data-col="${cell.cell[1]}">` +
       `cell (${cell.cell[0]}, ${cell.cell[1]})` + (cell.valid === false ? ", skipped by the mask" : "") + "</div>";
-    if (!cell.computed) { readout.innerHTML = where + "<div>not computed yet</div>"; return; }
+    if (!cell.computed) {
+      readout.innerHTML = where + (cell.valid === false ? "" : "<div>not computed yet</div>");
+      return;
+    }
     const rows = cell.top.map((t) =>
       `<tr class="top" data-class="${t.class}" data-score="${t.score}" data-probability="${t.probability}">` +
       `<td><span class="swatch" style="background:${info.colours[t.class]}"></span></td>` +

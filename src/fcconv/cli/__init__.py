@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("fcconv.cli.demo", "Watch a digit classifier become a detector (no download)."),
     "export": ("fcconv.cli.export", "Export a model to ONNX, checked in onnxruntime at several sizes."),
     "onnx": ("fcconv.cli.onnx", "Surgery on ONNX files: convolutionalize, linear-to-conv."),
+    "view": ("fcconv.cli.view", "Show a map over its slide in a deep-zoom web page (localhost)."),
 }
 
 

@@ -163,7 +163,7 @@ def test_export_a_wrong_graph_is_caught_in_float64(tmp_path: Path, monkeypatch: 
     # The compounded float32 bound would let it pass; the error ratio does not, even with certify="float32".
     with pytest.raises(fcconv.NotEquivalentError,
                        match=r"In float32 the exported ONNX model deviates from the float64 reference \S+ "
-                             r"times as much as the PyTorch module does .* \(error ratio above 8\)"):
+                             r"times as much as the PyTorch module does .* \(error ratio above 10\)"):
         fonnx.export(model, tmp_path / "f32.onnx", SHAPE, certify="float32")
     with pytest.raises(fcconv.NotEquivalentError,
                        match=r"In float64 the exported ONNX model differs from the PyTorch module at input "

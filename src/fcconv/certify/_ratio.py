@@ -27,9 +27,10 @@ from torch import Tensor
 __all__ = ["ERROR_RATIO_MAX", "VACUOUS_FACTOR", "RatioMeasure", "error_ratio", "relative_bound",
            "relative_deviation"]
 
-ERROR_RATIO_MAX = 8.0
-"""A correct conversion's error ratio is at most this (measured 0.5-2.4 over correct conversions, a
-weight off by 1e-4 in a deep net 60 and more; see docs/certificates.md)."""
+ERROR_RATIO_MAX = 10.0
+"""A correct conversion's error ratio is at most this: twice the largest of 450 seeded correct
+single-layer conversions (4.9; few roundings make small layers the noisiest), where whole models
+measure 0.7-1.6 and a weight off by 1e-4 in resnet18's head 40 (docs/certificates.md)."""
 
 VACUOUS_FACTOR = 1e6
 """A rounding bound more than this many times the reference's own observed error says nothing."""

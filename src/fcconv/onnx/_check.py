@@ -57,8 +57,6 @@ class SizeCheck:
             bound = "no rounding bound derived"
         else:
             bound = f"{self.bound_ratio:.2g} of the rounding bound" + (" (deep)" if self.deep else "")
-        if self.bound_ratio is not None and self.error_ratio is not None:
-            bound += " (vacuous)" if self.deep else ""  # the error ratio is the float32 check then
         ratio = "" if self.error_ratio is None else f"; error ratio {self.error_ratio:.2g}"
         return (f"input {format_shape(self.input_shape)} -> {format_shape(self.output_shape)}: max abs "
                 f"difference {self.max_abs:.3g} (rel {self.max_rel:.3g}), {bound}{float64}{ratio}")

@@ -18,7 +18,7 @@ from fcconv.certify import ERROR_RATIO_MAX
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 import onnx  # noqa: E402
-from onnx import helper  # noqa: E402
+from onnx import helper, numpy_helper  # noqa: E402
 
 import fcconv.onnx as fonnx  # noqa: E402
 
@@ -92,3 +92,21 @@ def test_a_float16_rounding_passes_float64_but_not_the_error_ratio(
                         lambda *a: (through_float16(real_surgery(*a)[0]), real_surgery(*a)[1]))
     with pytest.raises(fcconv.NotEquivalentError, match=r"In float32 the convolutionalized file deviates"):
         fonnx.convolutionalize(tmp_path / "src.onnx", tmp_path / "fcn.onnx", SHAPE)
+
+
+def test_float16_error_ratio_of_a_convolutionalized_file(tmp_path: Path) -> None:
+    pytest.importorskip("onnxconverter_common")
+    plain_export(small_net(), tmp_path / "src.onnx")
+    fonnx.convolutionalize(tmp_path / "src.onnx", tmp_path / "fcn.onnx", SHAPE)
+    good = fonnx.float16_error_ratio(tmp_path / "src.onnx", tmp_path / "fcn.onnx")
+    assert good.ratio is not None and good.ratio <= ERROR_RATIO_MAX
+    assert good.reference_error > 1e-5  # float16's own error, not float32's
+    wrong = onnx.load(str(tmp_path / "fcn.onnx"))
+    last_conv = [n for n in wrong.graph.node if n.op_type == "Conv"][-1]
+    weight = next(i for i in wrong.graph.initializer if i.name == last_conv.input[1])
+    array = numpy_helper.to_array(weight).copy()
+    array.flat[0] += 0.05  # one weight off by 0.05: float16 rounds weights by ~5e-4 of their size
+    weight.CopyFrom(numpy_helper.from_array(array, weight.name))
+    onnx.save(wrong, str(tmp_path / "wrong.onnx"))
+    bad = fonnx.float16_error_ratio(tmp_path / "src.onnx", tmp_path / "wrong.onnx")
+    assert bad.ratio is not None and bad.ratio > ERROR_RATIO_MAX

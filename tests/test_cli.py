@@ -492,6 +492,17 @@ def test_verify_a_conversion_is_equivalent(tmp_path: Path) -> None:
     assert result.output.strip().endswith(f"Conv2d(2, 3, 3) vs {out} on (2, 5, 5): equivalent")
 
 
+def test_verify_prints_the_error_ratio_and_runs_in_bfloat16(tmp_path: Path) -> None:
+    out = tmp_path / "linear.pt"
+    converted = run("convert", "Conv2d(2, 3, 3)", "--input", "2,5,5", "--to", "linear", "-o", str(out))
+    assert converted.exit_code == 0
+    result = run("verify", "Conv2d(2, 3, 3)", str(out))
+    assert result.exit_code == 0 and "error ratio (float32)" in result.output, result.output
+    half = run("verify", "Conv2d(2, 3, 3)", str(out), "--dtype", "bfloat16")
+    assert half.exit_code == 0, half.output
+    assert "error ratio (bfloat16)" in half.output and " ok" in half.output.split("error ratio (bfloat16)")[1]
+
+
 def test_verify_different_models_exits_1() -> None:
     result = run("verify", "cli_models:factory", "cli_models:other_factory", "--input", "1,8,8")
     assert result.exit_code == 1

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fcconv.certify._ratio import ERROR_RATIO_MAX, RatioMeasure, error_ratio, relative_bound
 from fcconv.certify.report import FLOAT64_RTOL, Agreement, Location
 from fcconv.certify.rounding import Bound
 from fcconv.certify.ulp import bits, ulp_distance
@@ -116,16 +117,28 @@ class Measure:
         ratio64 = self.float64_ratio(with_params)
         single = None if ratio64 is None else all(b.single for b in batches)
         ok64 = rel64 <= FLOAT64_RTOL or (ratio64 is not None and ratio64 <= 1 and bool(single))
+        errors = error_ratio([b.ref for b in batches], [b.cand for b in batches], [b.ref64 for b in batches])
+        bound_ok = None if bound_ratio is None else bound_ratio <= 1
         return Agreement(
             quantity=self.quantity, dtype=batches[0].ref.dtype, per_sample=per_sample, count=count,
             max_abs=max_abs, max_rel=_relative(max_abs, ref_scale), max_ulp=max_ulp,
             bit_identical_fraction=identical / count if count else 1.0, worst=worst,
-            bound_ratio=bound_ratio, bound_ok=None if bound_ratio is None else bound_ratio <= 1,
+            bound_ratio=bound_ratio, bound_ok=bound_ok,
             bound_worst=bound_worst, float64_max_abs=max_abs64, float64_max_rel=rel64,
             float64_bound_ratio=ratio64, bound_single_layer=single,
             float64_worst=None if max_abs64 == 0 else self._location(w64[0], w64[1], w64[2], True),
-            float64_ok=ok64,
+            float64_ok=ok64, error_ratio=errors.ratio, reference_error=errors.reference_error,
+            candidate_error=errors.candidate_error, error_ratio_ok=_ratio_ok(errors, bound_ok),
+            bound_looseness=self._looseness(errors.reference_error),
         )
+
+    def _looseness(self, reference_error: float) -> float | None:
+        """The largest relative working-precision bound over the reference's real relative error."""
+        if reference_error == 0 or any(b.bound is None for b in self.batches):
+            return None
+        largest = max(float(relative_bound(b.bound, b.ref64).max())  # type: ignore[arg-type]
+                      for b in self.batches if b.ref.numel())
+        return largest / reference_error
 
     def constant_offset(self) -> bool:
         """Whether the float64 difference is the same for every sample (a bias, a constant)."""
@@ -143,6 +156,13 @@ class Measure:
             if float((r - c).abs().max()) > FLOAT64_RTOL * max(scale, 1e-300):
                 return False
         return True
+
+
+def _ratio_ok(errors: RatioMeasure, bound_ok: bool | None) -> bool | None:
+    """Within :data:`ERROR_RATIO_MAX`; without a ratio, the candidate exact too, else the bound."""
+    if errors.ratio is not None:
+        return errors.ratio <= ERROR_RATIO_MAX
+    return True if errors.candidate_error == 0 else bound_ok
 
 
 def _largest_abs(tensors: Iterable[Tensor]) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fcconv.certify._measure import Measure
-from fcconv.certify.report import FLOAT64_RTOL, Agreement, dtype_name, format_number
+from fcconv.certify.report import ERROR_RATIO_MAX, FLOAT64_RTOL, Agreement, dtype_name, format_number
 
 __all__ = ["reason"]
 
@@ -37,13 +37,21 @@ def _why_same(a: Agreement, dtype: str, device: torch.device) -> str:
         how = (f"above {FLOAT64_RTOL:g} but within the float64 rounding bound of this single "
                f"layer ({format_number(a.float64_bound_ratio or 0.0)} of it): the values cancel")
     text = f"in float64 the {a.quantity} agree to {format_number(a.float64_max_rel)} relative, {how}"
+    return text + _why_working(a, dtype, device)
+
+
+def _why_working(a: Agreement, dtype: str, device: torch.device) -> str:
+    """The working-precision half: the error ratio first, then the rounding bound where it says something."""
+    text = _why_ratio(a, dtype)
     diffs = f"the {dtype} differences (max {format_number(a.max_abs)}, {a.max_ulp} ULP)"
     if a.bound_ok is None:
         return text + f"; {diffs} have no derived bound"
     if a.bound_ok:
         kind = "bound" if a.bound_single_layer else "worst-case bound compounded over the layers"
+        vacuous = (f", a vacuous bound: {a.bound_looseness:.1g} times the reference's own {dtype} error"
+                   if a.bound_vacuous and a.bound_looseness is not None else "")
         return text + (f"; {diffs} are within the rounding {kind} "
-                       f"({format_number(a.bound_ratio or 0.0)} of it)")
+                       f"({format_number(a.bound_ratio or 0.0)} of it{vacuous})")
     text += (f"; but the {dtype} differences exceed what rounding allows "
              f"({format_number(a.bound_ratio or 0.0)} times the bound) at {a.bound_worst}: one of the "
              "modules computes in lower precision than its dtype")
@@ -51,6 +59,24 @@ def _why_same(a: Agreement, dtype: str, device: torch.device) -> str:
         text += (" (TF32 is enabled: set torch.backends.cuda.matmul.allow_tf32 = False and "
                  "torch.backends.cudnn.allow_tf32 = False to compare in full float32)")
     return text
+
+
+def _why_ratio(a: Agreement, dtype: str) -> str:
+    if a.dtype == torch.float64:
+        return ""  # the float64 verdict is the working precision's check
+    if a.error_ratio is None:
+        if a.candidate_error == 0:
+            return f"; in {dtype} both give the float64 values exactly (no error ratio: nothing to divide by)"
+        return (f"; the reference is exact in {dtype}, so there is no error ratio (the candidate deviates "
+                f"by {format_number(a.candidate_error)} relative); the rounding bound decides")
+    if a.error_ratio_ok:
+        return (f"; in {dtype} the candidate deviates from the float64 function "
+                f"{format_number(a.error_ratio)} times as much as the reference does (error ratio, "
+                f"<= {ERROR_RATIO_MAX:g})")
+    return (f"; but in {dtype} the candidate deviates from the float64 function "
+            f"{format_number(a.error_ratio)} times as much as the reference does (error ratio above "
+            f"{ERROR_RATIO_MAX:g}): it adds error beyond {dtype} rounding, e.g. it computes in lower "
+            "precision or rounds its parameters")
 
 
 def _why_different(a: Agreement, m: Measure) -> str:

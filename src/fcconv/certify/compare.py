@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -53,6 +54,7 @@ def compare(
     seed: int = 0,
     parameter_rounding: bool = False,
     progress: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> EquivalenceReport:
     """Measure whether ``candidate`` computes the same function as ``reference``, with a certificate.
 
@@ -84,9 +86,14 @@ def compare(
             padding taps, fused batch norm). It weakens the verdict: leave it off unless the reason
             suggests it.
         progress: show a progress bar over the batches (tqdm), for large models.
+        dtype: run copies of both modules converted to this floating dtype (e.g. ``torch.bfloat16``)
+            instead of the modules as given: the report's error ratio then tells whether the candidate
+            is as accurate in that precision as the reference is. The parameters are rounded to it
+            first, and the float64 verdict is of the rounded copies.
 
     Returns:
-        An :class:`EquivalenceReport`; ``str(report)`` is a table, ``report.equivalent`` the verdict.
+        An :class:`EquivalenceReport`; ``str(report)`` is a table, ``report.equivalent`` the verdict,
+        ``report.error_ratio`` how much error the candidate adds beyond the working precision's own.
 
     Raises:
         FcconvError: on wrong argument types, a module in training mode with dropout or batch norm,
@@ -98,7 +105,8 @@ def compare(
         >>> report = compare(lin, fcconv.linear_to_conv(lin, (1, 2, 2)), (4,),
         ...                  input_map=lambda x: x.reshape(-1, 1, 2, 2))
     """
-    plan = _plan(reference, candidate, input_shape, inputs, input_map, output_map, grad, seed)
+    ref, cand = _in_dtype(reference, candidate, dtype)
+    plan = _plan(ref, cand, input_shape, inputs, input_map, output_map, grad, seed)
     measures = [Measure("outputs")] + ([Measure("input gradients")] if grad else [])
     unsupported = None
     for b, (label, x) in enumerate(tqdm(plan.batches, desc="compare", unit="batch", disable=not progress)):
@@ -118,6 +126,7 @@ def assert_equivalent(
     seed: int = 0,
     parameter_rounding: bool = False,
     progress: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> EquivalenceReport:
     """:func:`compare`, raising when the modules are not the same function.
 
@@ -132,6 +141,7 @@ def assert_equivalent(
         seed: as for :func:`compare`.
         parameter_rounding: as for :func:`compare`.
         progress: as for :func:`compare`.
+        dtype: as for :func:`compare`.
 
     Returns:
         The :class:`EquivalenceReport` when ``report.equivalent``.
@@ -147,10 +157,27 @@ def assert_equivalent(
     """
     report = compare(reference, candidate, input_shape, inputs=inputs, input_map=input_map,
                      output_map=output_map, grad=grad, seed=seed, parameter_rounding=parameter_rounding,
-                     progress=progress)
+                     progress=progress, dtype=dtype)
     if not report.equivalent:
         raise NotEquivalentError(str(report))
     return report
+
+
+def _in_dtype(reference: object, candidate: object, dtype: object) -> tuple[object, object]:
+    """Copies of both modules in ``dtype`` (the originals unchanged); the modules themselves for None."""
+    if dtype is None:
+        return reference, candidate
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise FcconvError(f"dtype must be a floating torch dtype such as torch.bfloat16; "
+                          f"got {dtype!r:.80}.")
+    reference = check_module(reference, "reference")
+    candidate = check_module(candidate, "candidate")
+    try:
+        return copy.deepcopy(reference).to(dtype), copy.deepcopy(candidate).to(dtype)
+    except Exception as err:
+        raise FcconvError(f"compare(dtype={dtype}) runs copies of both modules in that dtype, and "
+                          f"copying failed: {err}. Convert the modules yourself and leave dtype out."
+                          ) from err
 
 
 def _plan(reference: object, candidate: object, input_shape: object, inputs: object, input_map: object,

@@ -8,7 +8,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["FLOAT64_RTOL", "Agreement", "EquivalenceReport", "Location", "dtype_name", "format_number"]
+from fcconv.certify._ratio import ERROR_RATIO_MAX, VACUOUS_FACTOR
+
+__all__ = ["ERROR_RATIO_MAX", "FLOAT64_RTOL", "VACUOUS_FACTOR", "Agreement", "EquivalenceReport", "Location",
+           "dtype_name", "format_number"]
 
 FLOAT64_RTOL = 1e-10
 """Float64 differences up to this fraction of the largest reference value count as the same function."""
@@ -72,6 +75,18 @@ class Agreement:
             valid but loose, and is reported only. None when no bound was derived.
         float64_worst: where ``float64_max_abs`` is.
         float64_ok: whether this quantity passes the verdict (see :func:`fcconv.certify.compare`).
+        error_ratio: the candidate's largest deviation from the float64 reference function (the
+            reference copied to float64) over the reference's own, both in the working precision
+            and relative to each sample's largest output: about 1 when the conversion adds no error
+            beyond what the working precision itself does. None when the reference is exact in the
+            working precision (then ``error_ratio_ok`` falls back to exact equality or the bound).
+        reference_error: the reference's largest relative deviation from the float64 function.
+        candidate_error: the candidate's largest relative deviation from the float64 function.
+        error_ratio_ok: ``error_ratio <= ERROR_RATIO_MAX``; without a ratio: the candidate is exact
+            too, else ``bound_ok``; None when neither can say.
+        bound_looseness: the largest rounding bound (relative, as ``reference_error``) over
+            ``reference_error``: how many times the real error the bound allows. Above
+            :data:`VACUOUS_FACTOR` the bound is vacuous. None without a bound or a reference error.
     """
 
     quantity: str
@@ -92,6 +107,16 @@ class Agreement:
     bound_single_layer: bool | None
     float64_worst: Location | None
     float64_ok: bool
+    error_ratio: float | None = None
+    reference_error: float = 0.0
+    candidate_error: float = 0.0
+    error_ratio_ok: bool | None = None
+    bound_looseness: float | None = None
+
+    @property
+    def bound_vacuous(self) -> bool:
+        """Whether the rounding bound is more than :data:`VACUOUS_FACTOR` times the real error."""
+        return self.bound_looseness is not None and self.bound_looseness > VACUOUS_FACTOR
 
 
 @dataclass(frozen=True)
@@ -169,17 +194,36 @@ class EquivalenceReport:
             return None
         return all(bool(p.bound_ok) for p in parts)
 
+    @property
+    def error_ratio(self) -> float | None:
+        """The outputs' error ratio (see :attr:`Agreement.error_ratio`): about 1 when the candidate
+        adds no error beyond what the working precision does; None when the reference is exact in it."""
+        return self.output_agreement.error_ratio
+
+    @property
+    def error_ratio_ok(self) -> bool | None:
+        """Whether every quantity's error ratio is within :data:`ERROR_RATIO_MAX` (or its fallback)."""
+        parts = self.agreements
+        if any(p.error_ratio_ok is None for p in parts):
+            return None
+        return all(bool(p.error_ratio_ok) for p in parts)
+
     def as_dict(self) -> dict[str, Any]:
         """The report as plain Python values (dtypes as strings), e.g. for ``json.dumps``."""
         def plain(value: Any) -> Any:
             if isinstance(value, torch.dtype):
                 return str(value).replace("torch.", "")
-            if isinstance(value, (Agreement, Location)):
+            if isinstance(value, Agreement):
+                fields = {k: plain(v) for k, v in value.__dict__.items()}
+                return {**fields, "bound_vacuous": value.bound_vacuous}
+            if isinstance(value, Location):
                 return {k: plain(v) for k, v in value.__dict__.items()}
             if isinstance(value, tuple):
                 return list(value)
             return value
-        return {k: plain(v) for k, v in self.__dict__.items()}
+        out = {k: plain(v) for k, v in self.__dict__.items()}
+        out.update(error_ratio=self.error_ratio, error_ratio_ok=self.error_ratio_ok)
+        return out
 
     def __str__(self) -> str:
         parts = self.agreements
@@ -190,8 +234,8 @@ class EquivalenceReport:
             ("max rel difference", [format_number(p.max_rel) for p in parts]),
             (f"max ULP ({dtype})", [str(p.max_ulp) for p in parts]),
             ("bit-identical", [f"{100 * p.bit_identical_fraction:.2f}%" for p in parts]),
-            ("diff / rounding bound", [_format_ratio(p.bound_ratio, p.bound_ok, p.bound_single_layer)
-                                       for p in parts]),
+            ("diff / rounding bound", [_format_bound(p) for p in parts]),
+            (f"error ratio ({dtype})", [format_error_ratio(p) for p in parts]),
             ("float64 copies: max rel", [format_number(p.float64_max_rel) for p in parts]),
             ("float64 copies: / bound", [_format_ratio(p.float64_bound_ratio, None, p.bound_single_layer)
                                          for p in parts]),
@@ -225,6 +269,24 @@ def dtype_name(dtype: torch.dtype) -> str:
 def format_number(x: float) -> str:
     """Three significant digits, the way the report prints numbers."""
     return f"{x:.3g}" if math.isfinite(x) else str(x)
+
+
+def format_error_ratio(a: Agreement) -> str:
+    """``1.02 ok`` / ``340 ABOVE 8``, or why the ratio is undefined and what decided instead."""
+    if a.error_ratio is not None:
+        ok = "ok" if a.error_ratio_ok else f"ABOVE {ERROR_RATIO_MAX:g}"
+        return f"{format_number(a.error_ratio)} {ok}"
+    if a.candidate_error == 0:
+        return "undefined (both exact)"
+    fallback = {True: "bound ok", False: "bound EXCEEDED", None: "no bound"}[a.error_ratio_ok]
+    return f"undefined (reference exact); {fallback}"
+
+
+def _format_bound(a: Agreement) -> str:
+    text = _format_ratio(a.bound_ratio, a.bound_ok, a.bound_single_layer)
+    if a.bound_vacuous and a.bound_looseness is not None:
+        text += f", vacuous (x{a.bound_looseness:.1g})"
+    return text
 
 
 def _format_ratio(ratio: float | None, ok: bool | None, single: bool | None) -> str:

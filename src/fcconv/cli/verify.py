@@ -101,14 +101,19 @@ Exit status: 0 when equivalent, 1 when not (or on an error), 2 on a usage error.
               help="Allow one rounding of every parameter in the float64 verdict: for conversions that "
                    "compute weights (folded padding taps, fused batch norm). Weakens the verdict.")
 @click.option("--device", default="cpu", show_default=True, help="Where to run both models, e.g. cuda.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Run copies of both models in this precision (default: as loaded); the error ratio "
+                   "then says whether the candidate is as accurate in it as the reference.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
 def command(reference: str, candidate: str, input_shape: tuple[int, ...] | None, grad: bool,
             factory: str | None, reference_factory: str | None, candidate_factory: str | None,
-            kwargs: str, seed: int, parameter_rounding: bool, device: str, quiet: bool) -> None:
+            kwargs: str, seed: int, parameter_rounding: bool, device: str, dtype: str | None,
+            quiet: bool) -> None:
     """Certify that REFERENCE and CANDIDATE compute the same function.
 
     Runs both on seeded random inputs (several batches, large and negative values included), in
-    float64 for the verdict and in their own dtype for the rounding bound, and prints the report.
+    float64 for the verdict and in their own dtype (or --dtype) for the error ratio and the rounding
+    bound, and prints the report.
     Exit status 0 when they are equivalent, 1 when they are not. Whole models take a while (each
     batch runs in float64 with a rounding analysis; minutes for resnet18 with --grad): from 1M
     parameters a progress bar goes to stderr, also when it is piped.
@@ -142,7 +147,8 @@ def command(reference: str, candidate: str, input_shape: tuple[int, ...] | None,
     with step(f"Comparing on inputs {format_shape(shape)}", quiet=quiet or bar):
         try:
             report = compare(modules[0], modules[1], input_shape=shape, grad=grad, seed=seed,
-                             parameter_rounding=parameter_rounding, progress=bar)
+                             parameter_rounding=parameter_rounding, progress=bar,
+                             dtype=None if dtype is None else getattr(torch, dtype))
         except ModuleRunError as error:
             name = reference if error.role == "reference" else candidate
             raise FcconvError(

@@ -14,7 +14,8 @@ for _name in ("onnx", "onnxruntime", "onnxscript", "onnx_ir"):
 
 from fcconv.onnx._check import OnnxReport, SizeCheck  # noqa: E402 - after the check of the extra
 from fcconv.onnx.export import export  # noqa: E402
+from fcconv.onnx.precision import float16_error_ratio  # noqa: E402
 from fcconv.onnx.rewrite import linear_to_conv  # noqa: E402
 from fcconv.onnx.surgery import convolutionalize  # noqa: E402
 
-__all__ = ["OnnxReport", "SizeCheck", "convolutionalize", "export", "linear_to_conv"]
+__all__ = ["OnnxReport", "SizeCheck", "convolutionalize", "export", "float16_error_ratio", "linear_to_conv"]

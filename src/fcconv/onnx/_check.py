@@ -11,11 +11,11 @@ from torch import Tensor, nn
 
 from fcconv import FullyConvolutional, NotEquivalentError, compare
 from fcconv._shapes import format_shape
-from fcconv.certify import FLOAT64_RTOL
+from fcconv.certify import ERROR_RATIO_MAX, FLOAT64_RTOL, error_ratio
 from fcconv.errors import FcconvError
 from fcconv.onnx._runtime import run
 
-__all__ = ["OnnxReport", "SizeCheck", "check_sizes_for", "check_size"]
+__all__ = ["OnnxReport", "SizeCheck", "check_ratio", "check_sizes_for", "check_size", "ratio_of"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,9 @@ class SizeCheck:
         float64_max_rel: the verdict: the float64 graph run by ``onnx.reference`` against the float64
             reference, relative to its largest output (at most :data:`fcconv.certify.FLOAT64_RTOL`);
             None where it was not run (``certify="float32"``, or a size with nothing to compare with).
+        error_ratio: the float32 verdict: onnxruntime's largest deviation from the float64 reference
+            over the float32 reference's own (see :func:`fcconv.certify.error_ratio`), about 1 for a
+            correct file; None where no float64 reference ran or the reference is exact.
     """
 
     input_shape: tuple[int, ...]
@@ -44,6 +47,7 @@ class SizeCheck:
     bound_ratio: float | None
     deep: bool | None
     float64_max_rel: float | None = None
+    error_ratio: float | None = None
 
     def __str__(self) -> str:
         if self.max_abs != self.max_abs:  # NaN: a size with nothing to compare with
@@ -53,8 +57,9 @@ class SizeCheck:
             bound = "no rounding bound derived"
         else:
             bound = f"{self.bound_ratio:.2g} of the rounding bound" + (" (deep)" if self.deep else "")
+        ratio = "" if self.error_ratio is None else f"; error ratio {self.error_ratio:.2g}"
         return (f"input {format_shape(self.input_shape)} -> {format_shape(self.output_shape)}: max abs "
-                f"difference {self.max_abs:.3g} (rel {self.max_rel:.3g}), {bound}{float64}")
+                f"difference {self.max_abs:.3g} (rel {self.max_rel:.3g}), {bound}{float64}{ratio}")
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,7 @@ class OnnxReport:
         lines.append(f"  checked in onnxruntime at {len(self.checks)} size(s):")
         lines += [f"    {c}" for c in self.checks]
         lines.append(self._float64_line())
+        lines.append(self._ratio_line())
         return "\n".join(lines)
 
     @property
@@ -102,6 +108,19 @@ class OnnxReport:
         """The largest float64 relative difference over the checked sizes; None if none was run."""
         values = [c.float64_max_rel for c in self.checks if c.float64_max_rel is not None]
         return max(values) if values else None
+
+    @property
+    def error_ratio(self) -> float | None:
+        """The largest float32 error ratio over the checked sizes; None if none was measured."""
+        values = [c.error_ratio for c in self.checks if c.error_ratio is not None]
+        return max(values) if values else None
+
+    def _ratio_line(self) -> str:
+        ratio = self.error_ratio
+        if ratio is None:
+            return "  float32 error ratio: not measured (no float64 reference ran, or it is exact)"
+        return (f"  float32 error ratio (onnxruntime vs the reference in float32, against float64): "
+                f"{ratio:.2g} <= {ERROR_RATIO_MAX:g}")
 
     def _float64_line(self) -> str:
         rel = self.float64_max_rel
@@ -176,7 +195,8 @@ def check_size(module: nn.Module, sess: Any, x: Tensor, what: str) -> SizeCheck:
     report = compare(module, _Shifted(module, got - expected), inputs=[x])
     out = report.output_agreement
     check = SizeCheck(shape, tuple(got.shape), max_abs, max_abs / scale if scale else max_abs,
-                      out.bound_ratio, None if out.bound_single_layer is None else not out.bound_single_layer)
+                      out.bound_ratio, None if out.bound_single_layer is None else not out.bound_single_layer,
+                      error_ratio=out.error_ratio)
     if not torch.isfinite(got).all() or out.bound_ok is False:
         raise NotEquivalentError(
             f"{what} differs from the PyTorch module at input {format_shape(shape)} by up to {max_abs:.3g} "
@@ -185,3 +205,25 @@ def check_size(module: nn.Module, sess: Any, x: Tensor, what: str) -> SizeCheck:
             "compute the same function."
         )
     return check
+
+
+def check_ratio(ratio: float | None, what: str, reference: str, shape: tuple[int, ...]) -> float | None:
+    """``ratio`` when within :data:`~fcconv.certify.ERROR_RATIO_MAX` (or None); raise above it.
+
+    Raises:
+        NotEquivalentError: when the file adds float32 error beyond what the reference's own run has.
+    """
+    if ratio is not None and not ratio <= ERROR_RATIO_MAX:
+        raise NotEquivalentError(
+            f"In float32 {what} deviates from the float64 reference {ratio:.3g} times as much as "
+            f"{reference} does at input {format_shape(shape)} (error ratio above {ERROR_RATIO_MAX:g}): it "
+            "adds error beyond float32 rounding (a changed weight, a lower-precision op)."
+        )
+    return ratio
+
+
+def ratio_of(expected: Tensor, got: Tensor, expected64: Any) -> float | None:
+    """The error ratio of ``got`` (float32) against ``expected`` (float32), with the float64 reference
+    ``expected64`` (a tensor or a numpy array of the same size); None when ``expected`` is exact."""
+    ref64 = torch.as_tensor(expected64, dtype=torch.float64).reshape(expected.shape)
+    return error_ratio([expected], [got.reshape(expected.shape)], [ref64]).ratio

@@ -19,7 +19,7 @@ from fcconv import FullyConvolutional
 from fcconv._shapes import check_input_shape, format_shape
 from fcconv.errors import FcconvError, NotEquivalentError
 from fcconv.models.modules import UnfoldConv1d, UnfoldConv2d, UnfoldConv3d
-from fcconv.onnx._check import OnnxReport, SizeCheck, check_size, check_sizes_for
+from fcconv.onnx._check import OnnxReport, SizeCheck, check_ratio, check_size, check_sizes_for
 from fcconv.onnx._float64 import check_certify, run_reference, verdict
 from fcconv.onnx._runtime import (
     LINEAR_OPS,
@@ -46,7 +46,9 @@ def export(module: nn.Module, path: str | Path, input_shape: Sequence[int], *, d
     The file is run in onnxruntime (batch 1) at the training size and at the other sizes the module
     accepts (a :class:`~fcconv.FullyConvolutional`: its ``min_size`` and a non-square odd size;
     another module: the training size only), or at ``check_sizes``, and compared with the module within
-    the float32 rounding bound :func:`fcconv.compare` derives. The verdict is float64, as in
+    the float32 rounding bound :func:`fcconv.compare` derives and by the error ratio (onnxruntime's
+    deviation from the float64 module over the float32 module's own, at most
+    :data:`fcconv.certify.ERROR_RATIO_MAX`; also with ``certify="float32"``). The verdict is float64, as in
     :func:`fcconv.compare`: a float64 copy of the module is exported the same way and run with
     ``onnx.reference`` at the same sizes; its outputs must agree with the copy's to
     :data:`fcconv.certify.FLOAT64_RTOL`. It is written atomically, and only when every check passes.
@@ -117,6 +119,8 @@ def export(module: nn.Module, path: str | Path, input_shape: Sequence[int], *, d
         _check_batch(module, sess, shape)
     if float64:
         checks = _certify_float64(module, shape, sizes, dims, conv_only, checks)
+    for check in checks:  # the float32 verdict, after the float64 one (which says more when both fail)
+        check_ratio(check.error_ratio, "the exported ONNX model", "the PyTorch module", check.input_shape)
     save(proto, path)
     return OnnxReport(str(path), tuple(checks), op_counts(proto), symbolic_dims(proto), rewritten)
 

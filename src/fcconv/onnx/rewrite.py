@@ -23,7 +23,7 @@ from onnxscript.rewriter import pattern
 
 from fcconv._shapes import format_shape
 from fcconv.errors import NotEquivalentError
-from fcconv.onnx._check import OnnxReport, SizeCheck
+from fcconv.onnx._check import OnnxReport, SizeCheck, check_ratio, ratio_of
 from fcconv.onnx._float64 import check_certify, run_reference, to_float64, verdict
 from fcconv.onnx._runtime import check_output, load, op_counts, run, save, session, symbolic_dims
 
@@ -228,7 +228,8 @@ def _check_against_file(original: Any, rewritten: Any, what: str, float64: bool)
     """Run both models in onnxruntime on one random input and measure the difference; with
     ``float64``, run both cast to float64 with ``onnx.reference`` and give the verdict.
 
-    No float32 rounding bound is derived here: onnxruntime is a black box to :func:`fcconv.compare`.
+    No float32 rounding bound is derived here: onnxruntime is a black box to :func:`fcconv.compare`;
+    with ``float64`` the float32 check is the error ratio against the original file's float64 run.
     """
     import torch
 
@@ -243,13 +244,15 @@ def _check_against_file(original: Any, rewritten: Any, what: str, float64: bool)
         )
     diff = float((got - expected).abs().max()) if got.numel() else 0.0
     scale = float(expected.abs().max()) if got.numel() else 0.0
-    rel64 = None
+    rel64 = ratio = None
     if float64:
         x64 = x.double().numpy()
-        rel64 = verdict(run_reference(to_float64(original), x64, "the original file"),
-                        run_reference(to_float64(rewritten), x64, what), what, "the original file",
-                        tuple(shape))
-    return SizeCheck(tuple(shape), tuple(got.shape), diff, diff / scale if scale else diff, None, None, rel64)
+        expected64 = run_reference(to_float64(original), x64, "the original file")
+        got64 = run_reference(to_float64(rewritten), x64, what)
+        rel64 = verdict(expected64, got64, what, "the original file", tuple(shape))
+        ratio = check_ratio(ratio_of(expected, got, expected64), what, "the original file", tuple(shape))
+    return SizeCheck(tuple(shape), tuple(got.shape), diff, diff / scale if scale else diff, None, None, rel64,
+                     error_ratio=ratio)
 
 
 def example_shape(proto: Any, sizes: dict[str, int] | None = None) -> tuple[int, ...]:

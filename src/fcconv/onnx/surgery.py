@@ -33,7 +33,7 @@ from onnx import helper, numpy_helper
 
 from fcconv._shapes import check_input_shape, format_shape
 from fcconv.errors import FcconvError, NotEquivalentError
-from fcconv.onnx._check import OnnxReport, SizeCheck
+from fcconv.onnx._check import OnnxReport, SizeCheck, check_ratio, ratio_of
 from fcconv.onnx._float64 import check_certify, run_reference, to_float64, verdict
 from fcconv.onnx._runtime import check_output, load, op_counts, run, save, session, symbolic_dims
 
@@ -343,14 +343,19 @@ def convolutionalize(src: str | Path, dst: str | Path, input_shape: Sequence[int
 
 
 def _certify_float64(original: Any, model: Any, x: torch.Tensor, check: SizeCheck) -> SizeCheck:
-    """Both files in float64 (``onnx.reference``) at the training size must give the same scores."""
+    """Both files in float64 (``onnx.reference``) at the training size must give the same scores, and
+    in float32 (onnxruntime) the result may deviate from the original's float64 scores no more than
+    :data:`fcconv.certify.ERROR_RATIO_MAX` times as much as the original does."""
     x64 = x.double().numpy()
     expected = run_reference(to_float64(original), x64, "the original file")
     got = run_reference(to_float64(model), x64, "the convolutionalized file")
     if got.size == expected.size:
         got = got.reshape(expected.shape)  # (N, M, 1, 1) -> (N, M)
     rel = verdict(expected, got, "the convolutionalized file", "the original file", tuple(x.shape))
-    return dataclasses.replace(check, float64_max_rel=rel)
+    # The float32 check: both files in onnxruntime, against the original's float64 run.
+    ratio = check_ratio(ratio_of(run(session(original), x), run(session(model), x), expected),
+                        "the convolutionalized file", "the original file", tuple(x.shape))
+    return dataclasses.replace(check, float64_max_rel=rel, error_ratio=ratio)
 
 
 def _same_scores(expected: torch.Tensor, got: torch.Tensor, x: torch.Tensor) -> SizeCheck:

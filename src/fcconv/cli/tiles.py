@@ -16,7 +16,9 @@ import click
 import torch
 from torch import Tensor
 
+from fcconv._io import check_output_store
 from fcconv.cli._app import OutputPath, fail, step
+from fcconv.errors import FcconvError
 
 __all__ = ["MapOutput", "PixelScale", "is_map_output", "parse_plane", "run"]
 
@@ -31,9 +33,12 @@ class MapOutput(OutputPath):
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path:
         path = Path(os.fsdecode(value)).expanduser()
-        if is_map_output(path) and path.is_dir():
-            return path
-        return super().convert(value, param, ctx)
+        if not is_map_output(path):
+            return super().convert(value, param, ctx)
+        try:
+            return check_output_store(path, what=self.what)
+        except FcconvError as error:
+            self.fail(str(error), param, ctx)
 
 
 class PixelScale:

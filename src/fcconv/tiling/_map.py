@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fcconv._deps import need_tiles as require
+from fcconv._io import check_output_store
 from fcconv._shapes import format_shape
 from fcconv.errors import FcconvError
 from fcconv.tiling._plan import Tile, TilePlan, field_of, plan_tiles
@@ -210,6 +211,8 @@ def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
         result = np.empty(shape, dtype=job.dtype)
     elif isinstance(out, (str, os.PathLike)):
         from dask.base import tokenize
+
+        check_output_store(out)
 
         identity = {"image": job.source.identity, "image_shape": job.source.shape, "layout": layout,
                     "level": level, "model": model_identity(job.fcn), "tile": plan.tile,

@@ -56,7 +56,7 @@ def _initializer_inputs(model: Any) -> int:
 
 def check_output(dst: str | Path, src: str | Path | None = None) -> None:
     """Refuse, before any work, an output whose folder is missing or that is the input file."""
-    dst = check_output_path(dst)  # the one check: folder, device, FIFO, socket
+    dst = check_output_path(dst, what="the ONNX model")  # the one check: folder, device, FIFO, socket
     if src is not None and dst.exists() and Path(src).exists() and dst.samefile(src):
         raise FcconvError(f"The output {str(dst)!r} is the input file; fcconv never overwrites its input. "
                           "Choose another output path.")

@@ -100,6 +100,9 @@ def _refuse_ignored(ctx: click.Context, *, tiles: bool) -> None:
         if _given(ctx, name):
             path = "with -o X.zarr (a map, tile by tile)" if tiles else "with a picture -o (.png, .pdf, ...)"
             raise click.UsageError(f"{_option(ctx, name)} does nothing {path}: {instead}.")
+    if _given(ctx, "cam") and _given(ctx, "head_impl"):
+        raise click.UsageError("--head-impl does nothing with --cam: the class activation map applies the "
+                               "classifier's own head. Drop --head-impl.")
     if tiles and _given(ctx, "hide") and not _given(ctx, "preview"):
         raise click.UsageError("--hide applies to the --preview picture; -o X.zarr stores every class. "
                                "Add --preview, or drop --hide.")

@@ -177,3 +177,11 @@ def test_cli_plane_and_layout(tmp_path: Path, planes: np.ndarray) -> None:
     code, err = _cli(str(rgb), "-o", str(tmp_path / "r.zarr"), "-q", "--layout", "CHW")
     assert code == 1 and "Error: --layout CHW contradicts the image" in err and "Drop --layout" in err, err
     assert "layout=" not in err
+
+
+def test_a_picture_of_a_stack_is_refused(tmp_path: Path, planes: np.ndarray) -> None:
+    path = _tiff(tmp_path / "stack.tif", planes, photometric="minisblack", metadata={"axes": "ZYX"})
+    code, err = _cli(str(path), "-o", str(tmp_path / "m.png"))
+    assert code == 1 and err.startswith(f"Error: {str(path)!r} has axes ZYX (shape (5, 40, 47)): a picture "
+                                        "-o reads one grayscale or RGB image"), err
+    assert "--plane" in err and not (tmp_path / "m.png").exists()

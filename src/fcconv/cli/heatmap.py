@@ -42,6 +42,7 @@ def load_image(path: Path, channels: int, *, scale: float = 1.0) -> Tensor:
     """
     from PIL import Image, UnidentifiedImageError
 
+    _refuse_tiff_stack(path)
     if channels not in (1, 3):
         raise FcconvError(
             f"heatmap reads images as grayscale (1 channel) or RGB (3 channels); the model's --input "
@@ -106,6 +107,24 @@ def _refuse_ignored(ctx: click.Context, *, tiles: bool) -> None:
     if tiles and _given(ctx, "hide") and not _given(ctx, "preview"):
         raise click.UsageError("--hide applies to the --preview picture; -o X.zarr stores every class. "
                                "Add --preview, or drop --hide.")
+
+
+def _refuse_tiff_stack(path: Path) -> None:
+    """Pillow reads one page of a TIFF: refuse a stack or a channels-first TIFF it would misread."""
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            axes, shape = tif.series[0].axes, tuple(tif.series[0].shape)
+    except Exception:  # noqa: BLE001 - not readable by tifffile: Pillow says what it can read
+        return
+    if axes not in ("YX", "YXS"):
+        raise FcconvError(
+            f"{str(path)!r} has axes {axes} (shape {format_shape(shape)}): a picture -o reads one "
+            "grayscale or RGB image (axes YX or YXS). Give -o X.zarr to read its axes, and --plane to "
+            "pick one plane of a stack.")
 
 
 def _labels(source: str | None, count: int) -> list[str]:

@@ -15,7 +15,7 @@ import fcconv
 from fcconv import FcconvError
 from fcconv.cli import app
 from fcconv.cli.tiles import PixelScale
-from fcconv.tiling import plan_for
+from fcconv.tiling import plan_for, winners
 
 tifffile = pytest.importorskip("tifffile")
 zarr = pytest.importorskip("zarr")
@@ -130,7 +130,7 @@ def test_zarr_dimension_names(tmp_path: Path, rgb_fcn: fcconv.FullyConvolutional
 
 @pytest.mark.parametrize(("image", "start"), [
     (np.zeros((2, 30, 30), dtype=np.complex128), r"The image has dtype complex128 \(complex\); expected "
-                                                 r"integer or floating-point pixels\. Pass image\.real"),
+                                                 r"integer or floating-point values\. Pass image\.real"),
     (np.zeros((2, 30, 30), dtype=object), r"The image has dtype object \(object\);.* numpy\.asarray"),
     (np.zeros((2, 30, 30), dtype=bool), r"The image has dtype bool \(boolean\);.* image\.astype\(numpy"),
     (np.zeros((2, 30, 30), dtype="U1"), r"The image has dtype <U1 \(text\)"),
@@ -140,6 +140,8 @@ def test_pixels_that_are_not_real_numbers_are_refused(padded_fcn: fcconv.FullyCo
     for call in (fcconv.tiled_map, fcconv.dask_map, plan_for):
         with pytest.raises(FcconvError, match="^" + start):
             call(padded_fcn, image)
+    with pytest.raises(FcconvError, match="^" + start.replace("The image", "The map")):
+        winners(image)
 
 
 def test_a_complex_zarr_file_is_refused(tmp_path: Path, padded_fcn: fcconv.FullyConvolutional) -> None:

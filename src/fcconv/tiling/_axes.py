@@ -40,8 +40,9 @@ class Layout:
     planes: tuple[tuple[int, int], ...] = ()
 
 
-def check_dtype(dtype: Any) -> None:
-    """Refuse images whose pixels are not real numbers: complex, boolean, object, text, dates."""
+def check_dtype(dtype: Any, what: str = "the image") -> None:
+    """Refuse images (or maps: ``what``) whose values are not real numbers: complex, boolean, object,
+    text, dates."""
     if dtype is None:
         return
     kind = np.dtype(dtype)
@@ -55,8 +56,8 @@ def check_dtype(dtype: Any) -> None:
              "numpy.asarray(image, dtype=numpy.float32) first",
     }
     fix = fixes.get(kind.kind, "convert it to integer or floating-point pixels first")
-    raise FcconvError(f"The image has dtype {kind} ({_kind_name(kind)}); expected integer or floating-point "
-                      f"pixels. {fix[0].upper() + fix[1:]}.")
+    raise FcconvError(f"{cap(what)} has dtype {kind} ({_kind_name(kind)}); expected integer or "
+                      f"floating-point values. {fix[0].upper() + fix[1:]}.")
 
 
 def _kind_name(dtype: np.dtype) -> str:

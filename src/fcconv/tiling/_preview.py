@@ -12,6 +12,7 @@ import numpy as np
 
 from fcconv._io import atomic_output
 from fcconv.errors import FcconvError
+from fcconv.tiling._axes import check_dtype
 from fcconv.tiling._source import Plane, Source, open_source
 
 __all__ = ["winners", "write_preview"]
@@ -22,6 +23,7 @@ def winners(scores: Any) -> tuple[np.ndarray, np.ndarray]:
 
     Reads a zarr (or numpy) map one band of chunk rows at a time, so memory follows the chunk.
     """
+    check_dtype(getattr(scores, "dtype", None), "the map")
     classes, height = scores.shape[0], scores.shape[1]
     band = scores.chunks[1] if hasattr(scores, "chunks") and isinstance(scores.chunks[1], int) else height
     winner = np.empty(scores.shape[1:], dtype=np.int32)

@@ -88,10 +88,7 @@ def test_a_file_made_special_during_the_write_is_not_replaced(short_dir: Path) -
     assert _still_special(path) and [p.name for p in short_dir.iterdir()] == ["out.txt"]
 
 
-def test_a_store_path_that_is_a_file_is_refused(tmp_path: Path) -> None:
-    (tmp_path / "map.zarr").write_text("x")
-    with pytest.raises(FcconvError, match=r"^Cannot write the map to '.*map\.zarr': it is a file, not a"):
-        check_output_store(tmp_path / "map.zarr")
+def test_a_store_may_be_a_folder(tmp_path: Path) -> None:
     (tmp_path / "done.zarr").mkdir()
     assert check_output_store(tmp_path / "done.zarr") == tmp_path / "done.zarr"
 

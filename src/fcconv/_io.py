@@ -53,20 +53,14 @@ def check_output_path(path: str | os.PathLike[str], *, what: str = "the output",
 def check_output_store(path: str | os.PathLike[str], *, what: str = "the map") -> Path:
     """``path`` as a :class:`Path` if a store (a folder) can be written there, else an :class:`FcconvError`.
 
-    An existing folder is accepted (a store to resume); an existing file of any other kind (a
-    regular file, a device, a FIFO, a socket) is refused, as is a missing or read-only parent folder.
+    An existing folder is accepted (a store to resume); a device, a FIFO or a socket is refused. A
+    regular file or a missing folder is left to the store, which refuses it naming what it found.
     """
     out = Path(path).expanduser()
     where = f"Cannot write {what} to {str(out)!r}"
     if out.is_dir():
         return out
     _refuse_special(out, where)
-    if out.exists() or out.is_symlink():
-        raise FcconvError(f"{where}: it is a file, not a zarr store (a folder). Choose another path.")
-    folder = out.parent
-    if not folder.is_dir():
-        raise FcconvError(
-            f"{where}: folder {str(folder)!r} does not exist. Create it or choose another path.")
     return out
 
 

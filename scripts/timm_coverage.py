@@ -2,7 +2,11 @@
 
 A family is the timm module that registers a model (``timm.list_modules()``: ``resnet``, ``vgg``, ...).
 For each family the script picks its smallest classifier by parameter count (built on PyTorch's
-``meta`` device: no memory, no weights) and sorts the family as a CNN or lists it apart:
+``meta`` device: no memory, no weights) and sorts the family as a CNN or lists it apart. A family's
+members may differ in their head (``mobilenetv3`` registers MobileNetV3, whose ``forward_head`` is
+pool, conv, activation, and MobileNetV4, whose head adds a ``BatchNormAct2d``): the members are
+grouped by **head layout**, the types of the modules their ``forward_head`` calls (recorded on meta
+features), and the smallest CNN of every head layout is checked too, one row each.
 
 * **transformer and token families** (listed apart, not counted): the model cuts the image into a
   fixed sequence of patch tokens (it holds a ``timm.layers.PatchEmbed``), or its forward multiplies
@@ -74,6 +78,7 @@ class Pick:
     params: int
     cnn: bool
     why_apart: str = ""
+    head: str = "?"  # the head layout: the module types forward_head calls, in order
 
 
 @dataclass
@@ -125,38 +130,72 @@ def why_not_cnn(name: str, model: torch.nn.Module) -> str:
     return f"attention (multiplies activations: {', '.join(found)})" if found else ""
 
 
-def candidates(family: str) -> list[tuple[int, str]]:
-    """The family's classifiers as (parameter count, name), smallest first."""
+def head_layout(name: str, model: torch.nn.Module) -> str:
+    """The types of the modules ``model.forward_head`` calls, in call order, or "?" if unknown."""
+    size = tuple(timm.models.get_pretrained_cfg_value(name, "input_size") or (3, 224, 224))
+    called: list[str] = []
+    try:
+        with torch.no_grad():
+            features = model.forward_features(torch.empty(1, *size, device="meta"))
+            handles = [m.register_forward_hook(lambda m, *_: called.append(type(m).__name__))
+                       for m in model.modules() if m is not model]
+            try:
+                model.forward_head(features)
+            finally:
+                for handle in handles:
+                    handle.remove()
+    except Exception:  # noqa: BLE001 - not decidable on meta: one layout for all such members
+        return "?"
+    return ", ".join(called) or "functions only"
+
+
+def candidates(family: str) -> list[tuple[int, str, str]]:
+    """The family's classifiers as (parameter count, name, head layout), smallest first."""
     sized = []
     for name in timm.list_models(module=family):
         if name.startswith("test_") or not timm.models.get_pretrained_cfg_value(name, "num_classes"):
             continue
         try:
-            params = sum(p.numel() for p in _meta_model(name).parameters())
+            model = _meta_model(name)
+            params, head = sum(p.numel() for p in model.parameters()), head_layout(name, model)
         except Exception:  # noqa: BLE001 - a model that cannot be built on meta goes last
-            params = sys.maxsize
-        sized.append((params, name))
+            params, head = sys.maxsize, "?"
+        sized.append((params, name, head))
     return sorted(sized)
 
 
-def pick(family: str, tries: int = 8) -> Pick | None:
-    """The smallest CNN classifier of a family, or its smallest model listed apart."""
-    sized = candidates(family)
-    if not sized:
-        return None
-    if family in GLOBAL_MIXERS:
-        return Pick(family, sized[0][1], sized[0][0], cnn=False, why_apart=GLOBAL_MIXERS[family])
+def _first_cnn(family: str, sized: list[tuple[int, str, str]], tries: int) -> tuple[Pick | None, list[str]]:
+    """The smallest CNN among the first ``tries`` of ``sized``, and why the others are not."""
     reasons = []
-    for params, name in sized[:tries]:
+    for params, name, head in sized[:tries]:
         try:
             why = why_not_cnn(name, _meta_model(name)) if params != sys.maxsize else ""
         except Exception:  # noqa: BLE001
             why = ""
         if not why:
-            return Pick(family, name, params, cnn=True)
+            return Pick(family, name, params, cnn=True, head=head), reasons
         reasons.append(why)
-    params, name = sized[0]
-    return Pick(family, name, params, cnn=False, why_apart=reasons[0])
+    return None, reasons
+
+
+def picks(family: str, tries: int = 8) -> list[Pick]:
+    """The smallest CNN classifier of a family and of each other head layout in it, or its
+    smallest model listed apart."""
+    sized = candidates(family)
+    if not sized:
+        return []
+    if family in GLOBAL_MIXERS:
+        return [Pick(family, sized[0][1], sized[0][0], cnn=False, why_apart=GLOBAL_MIXERS[family])]
+    first, reasons = _first_cnn(family, sized, tries)
+    if first is None:
+        params, name, head = sized[0]
+        return [Pick(family, name, params, cnn=False, why_apart=reasons[0], head=head)]
+    found = [first]
+    for head in dict.fromkeys(h for _, _, h in sized):  # every other head layout, smallest first
+        if head != first.head:
+            other, _ = _first_cnn(family, [c for c in sized if c[2] == head], tries)
+            found += [other] if other is not None else []
+    return found
 
 
 def check(name: str) -> tuple[tuple[int, ...], str, str]:
@@ -228,8 +267,9 @@ def _cell(text: str, limit: int = 400) -> str:
 
 def render(rows: list[Row], apart: list[Pick], none: list[str], elapsed: float, complete: bool) -> str:
     """The markdown page."""
-    ok = sum(r.result == CONVERTED for r in rows)
-    share = f"{100 * ok / len(rows):.0f}%" if rows else "n/a"
+    families = {r.pick.family for r in rows}
+    ok = len(families - {r.pick.family for r in rows if r.result != CONVERTED})
+    share = f"{100 * ok / len(families):.0f}%" if families else "n/a"
     lines = [
         "# Coverage of timm",
         "",
@@ -237,8 +277,10 @@ def render(rows: list[Row], apart: list[Pick], none: list[str], elapsed: float, 
         f"and torch {torch.__version__.split('+')[0]}, in {elapsed / 60:.1f} min on one CPU thread"
         + ("" if complete else " (**partial: the run was interrupted**)") + ". Do not edit: run it again.",
         "",
-        f"**{ok} of {len(rows)} CNN families convert ({share}).** Each family is represented by its smallest "
-        "classifier (by parameter count), built with random weights. *converted* means: "
+        f"**{ok} of {len(families)} CNN families convert ({share}).** A family converts when every "
+        "head layout of it does. Each family is represented by its smallest classifier (by parameter "
+        "count) and by the smallest of each other head layout among its members (the module types its "
+        "`forward_head` calls), built with random weights. *converted* means: "
         "`convolutionalize(model, input_size)` at the model's `pretrained_cfg` input size, `compare` "
         "certifies it equal to the model in float64 on a seeded input at that size, and `fcn.grid_shape` "
         f"gives the shape of the map the FCN returns at a size {LARGER_BY[0]} px higher and {LARGER_BY[1]} "
@@ -247,13 +289,13 @@ def render(rows: list[Row], apart: list[Pick], none: list[str], elapsed: float, 
         "",
         "## CNN families",
         "",
-        "| family | model | params | input | result | seconds | why |",
-        "|---|---|---|---|---|---|---|",
+        "| family | model | params | input | result | seconds | why | head layout |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(rows, key=lambda r: (r.result != CONVERTED, r.result, r.pick.family)):
+    for r in sorted(rows, key=lambda r: (r.result != CONVERTED, r.result, r.pick.family, r.pick.params)):
         size = "x".join(map(str, r.input_size[1:])) or "-"
         lines.append(f"| {r.pick.family} | `{r.pick.model}` | {r.pick.params / 1e6:.1f}M | {size} | "
-                     f"{r.result} | {r.seconds:.0f} | {_cell(r.why)} |")
+                     f"{r.result} | {r.seconds:.0f} | {_cell(r.why)} | {_cell(r.pick.head, 160)} |")
     lines += [
         "",
         "## Transformer and token families (listed apart)",
@@ -284,12 +326,12 @@ def main(argv: Iterable[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown timm families {unknown}; they are: {', '.join(known)}")
     start = time.perf_counter()
-    picked = {f: pick(f) for f in tqdm(families, desc="sorting families", unit="family")}
-    picks = [p for p in picked.values() if p]
-    none = [f for f, p in picked.items() if p is None]
-    apart = [p for p in picks if not p.cnn]
+    picked = {f: picks(f) for f in tqdm(families, desc="sorting families", unit="family")}
+    chosen = [p for found in picked.values() for p in found]
+    none = [f for f, found in picked.items() if not found]
+    apart = [p for p in chosen if not p.cnn]
     rows: list[Row] = []
-    bar = tqdm([p for p in picks if p.cnn], desc="converting", unit="family")
+    bar = tqdm([p for p in chosen if p.cnn], desc="converting", unit="model")
     for p in bar:
         bar.set_postfix_str(p.model)
         rows.append(run_isolated(p, args.timeout))
@@ -298,7 +340,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         args.out.write_text(render(rows, apart, none, time.perf_counter() - start, complete=False))
     args.out.write_text(render(rows, apart, none, time.perf_counter() - start, complete=True))
     ok = sum(r.result == CONVERTED for r in rows)
-    print(f"{ok} of {len(rows)} CNN families convert; {len(apart)} listed apart; "
+    print(f"{ok} of {len(rows)} models (head layouts of CNN families) convert; {len(apart)} listed apart; "
           f"{time.perf_counter() - start:.0f} s; wrote {args.out}")
     return 0
 

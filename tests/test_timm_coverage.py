@@ -32,6 +32,9 @@ def test_coverage_table_of_three_families(tmp_path: Path) -> None:
     assert re.search(r"\| resnet \| `resnet10t` \| 5\.4M \| 176x176 \| converted \| \d+ \| float64 max rel "
                      r"[0-9.e-]+; map 3x2 at 240x208, stride \(32, 32\); exact_sliding_window False \|", cnn)
     assert re.search(r"\| mobilenetv3 \| `mobilenetv3_small_050` \| ", cnn)
+    # the family's other head layouts get a row each: MobileNetV4's BatchNormAct2d after the conv_head
+    assert re.search(r"\| mobilenetv3 \| `mobilenetv4_conv_small_035` \| [^\n]* \| converted \| [^\n]*"
+                     r"\| [^\n]*BatchNormAct2d[^\n]* \|", cnn)
     assert "| mlp_mixer | `gmlp_ti16_224` | patch tokens (timm.layers.PatchEmbed) |" in apart
     assert "partial" not in page
 

@@ -107,5 +107,6 @@ def test_not_onnx_is_refused_and_nothing_written(tmp_path: Path) -> None:
     hand_made(tmp_path / "src.onnx")
     with pytest.raises(fcconv.FcconvError, match="The output '.*src.onnx' is the input file"):
         fonnx.linear_to_conv(tmp_path / "src.onnx", tmp_path / "src.onnx")
-    with pytest.raises(fcconv.FcconvError, match="Cannot write '.*out.onnx': folder '.*nowhere' does not"):
+    with pytest.raises(fcconv.FcconvError,
+                       match="Cannot write the ONNX model to '.*out.onnx': folder '.*nowhere' does not"):
         fonnx.linear_to_conv(tmp_path / "src.onnx", tmp_path / "nowhere" / "out.onnx")

@@ -41,8 +41,12 @@ def test_pyramidal_tiff_levels(tmp_path: Path, padded_fcn: fcconv.FullyConvoluti
         assert_same_map(got, expected)
     with pytest.raises(FcconvError, match=r"^level 3 does not exist in .*slide\.tif': it has 3 pyramid"):
         fcconv.tiled_map(padded_fcn, path, layout="HWC", level=3, progress=False)
-    with pytest.raises(FcconvError, match=r"^The image \(150, 211, 2\) read as CHW has 150 channel.*'HWC'"):
-        fcconv.tiled_map(padded_fcn, path, progress=False)
+    # without layout, the axes tifffile reads (YXS at every level) say channels last
+    assert_same_map(fcconv.tiled_map(padded_fcn, path, tile=48, level=2, transform=_scale, progress=False),
+                    untiled(padded_fcn, pixels[:, ::4, ::4] / 255.0))
+    with pytest.raises(FcconvError, match=r"^layout='CHW' contradicts the image '.*slide\.tif': its axes YXS "
+                                          r"store channels last \(HWC\)"):
+        fcconv.tiled_map(padded_fcn, path, layout="CHW", progress=False)
 
 
 def test_zarr_array_path_group_and_memmap(tmp_path: Path, padded_fcn: fcconv.FullyConvolutional,
@@ -78,7 +82,7 @@ def test_unknown_or_missing_file(tmp_path: Path, padded_fcn: fcconv.FullyConvolu
         fcconv.tiled_map(padded_fcn, tmp_path / "broken.tif", progress=False)
     with pytest.raises(FcconvError, match=r"^level 1 applies to TIFF and zarr pyramids"):
         fcconv.tiled_map(padded_fcn, np.zeros((2, 40, 40)), level=1, progress=False)
-    with pytest.raises(FcconvError, match=r"^layout must be one of CHW, HWC; got 'NCHW'"):
+    with pytest.raises(FcconvError, match=r"^layout must be one of CHW, HWC or None \(from the file\)"):
         fcconv.tiled_map(padded_fcn, np.zeros((2, 40, 40)), layout="NCHW", progress=False)
 
 

@@ -86,6 +86,18 @@ _CLI_WAYS = {
                     "free of data-dependent control flow and of fixed sizes, or convert the model in "
                     "Python with fcconv.convolutionalize and its leaf_modules argument",
 }
+# Arguments the command line has as options: layout='HWC' -> --layout HWC, plane={'T': 0} -> --plane T=0.
+_CLI_OPTIONS = (
+    (re.compile(r"\blayout='(\w+)'"), r"--layout \1"),
+    (re.compile(r"\bplane=\{([^}]*)\}"), lambda m: "--plane " + ",".join(
+        "=".join(p.strip().strip("'\"") for p in pair.split(":")) for pair in m.group(1).split(","))),
+    (re.compile(r"\bplane=(\w+)"), r"--plane \1"),
+    (re.compile(r"\b(Drop|drop) (layout|plane)\b"), r"\1 --\2"),
+    (re.compile(r"\bplane picks\b"), "--plane picks"),
+    (re.compile(r"\bPass level=(\d+)"), r"Pass --level \1"),
+    (re.compile(r"\bPass level between\b"), "Pass --level between"),
+    (re.compile(r"\bpass level= one of them\b", re.IGNORECASE), "pass --level one of them"),
+)
 _PYTHON_ONLY = re.compile(r"\b(" + "|".join(_CLI_WAYS) + r")\b")
 _CLAUSE = re.compile(r"(?<=[.;])\s+(?=[A-Z(])|(?<=;)\s+")
 
@@ -94,6 +106,8 @@ def for_the_command_line(message: str) -> str:
     """``message`` with advice about Python-only arguments (``output_map=...``) made the CLI's."""
     for python, cli in _CLI_PHRASES:
         message = message.replace(python, cli)
+    for pattern, option in _CLI_OPTIONS:
+        message = pattern.sub(option, message)
     if not _PYTHON_ONLY.search(message):
         return message
     clauses = _CLAUSE.split(message)

@@ -42,6 +42,7 @@ def load_image(path: Path, channels: int, *, scale: float = 1.0) -> Tensor:
     """
     from PIL import Image, UnidentifiedImageError
 
+    _refuse_tiff_stack(path)
     if channels not in (1, 3):
         raise FcconvError(
             f"heatmap reads images as grayscale (1 channel) or RGB (3 channels); the model's --input "
@@ -61,6 +62,69 @@ def load_image(path: Path, channels: int, *, scale: float = 1.0) -> Tensor:
         picture = picture.resize(size, Image.Resampling.BILINEAR)
     data = torch.frombuffer(bytearray(picture.tobytes()), dtype=torch.uint8)
     return data.view(picture.height, picture.width, channels).permute(2, 0, 1).float() / 255.0
+
+
+# Options that do nothing on one path, and what to use there instead.
+_PICTURE_ONLY = {
+    "scale": "with -o X.zarr the image is mapped at its own size: pick a pyramid level with --level, or "
+             "resample the image first",
+    "alpha": "-o X.zarr stores scores, not a picture: the --preview picture has a fixed opacity",
+    "top": "-o X.zarr prints no class summary: read the classes from the map",
+    "cam": "-o X.zarr writes the map of windows; --cam draws a picture: drop one",
+}
+_TILES_ONLY = {
+    "tile": "a picture is computed in one pass over the whole image",
+    "preview": "the picture -o writes is the preview",
+    "level": "Pillow reads the first image of the file: give -o X.zarr to read a pyramid level",
+    "workers": "a picture is computed in this process: give -o X.zarr to run tiles on a dask cluster",
+    "scheduler": "a picture is computed in this process: give -o X.zarr to run tiles on a dask cluster",
+    "overwrite": "a picture is always replaced",
+    "layout": "Pillow reads pictures as they are stored",
+    "plane": "Pillow reads the first image of the file: give -o X.zarr to map a plane of a TIFF stack",
+}
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    """True when the user gave option ``name`` on the command line (not its default)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source != click.core.ParameterSource.DEFAULT
+
+
+def _option(ctx: click.Context, name: str) -> str:
+    return next(max(p.opts, key=len) for p in ctx.command.params if p.name == name)
+
+
+def _refuse_ignored(ctx: click.Context, *, tiles: bool) -> None:
+    """Refuse an option the chosen path (a picture, or a zarr map) would ignore, saying what to use."""
+    ignored = _PICTURE_ONLY if tiles else _TILES_ONLY
+    for name, instead in ignored.items():
+        if _given(ctx, name):
+            path = "with -o X.zarr (a map, tile by tile)" if tiles else "with a picture -o (.png, .pdf, ...)"
+            raise click.UsageError(f"{_option(ctx, name)} does nothing {path}: {instead}.")
+    if _given(ctx, "cam") and _given(ctx, "head_impl"):
+        raise click.UsageError("--head-impl does nothing with --cam: the class activation map applies the "
+                               "classifier's own head. Drop --head-impl.")
+    if tiles and _given(ctx, "hide") and not _given(ctx, "preview"):
+        raise click.UsageError("--hide applies to the --preview picture; -o X.zarr stores every class. "
+                               "Add --preview, or drop --hide.")
+
+
+def _refuse_tiff_stack(path: Path) -> None:
+    """Pillow reads one page of a TIFF: refuse a stack or a channels-first TIFF it would misread."""
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            axes, shape = tif.series[0].axes, tuple(tif.series[0].shape)
+    except Exception:  # noqa: BLE001 - not readable by tifffile: Pillow says what it can read
+        return
+    if axes not in ("YX", "YXS"):
+        raise FcconvError(
+            f"{str(path)!r} has axes {axes} (shape {format_shape(shape)}): a picture -o reads one "
+            "grayscale or RGB image (axes YX or YXS). Give -o X.zarr to read its axes, and --plane to "
+            "pick one plane of a stack.")
 
 
 def _labels(source: str | None, count: int) -> list[str]:
@@ -267,6 +331,12 @@ Examples:
 @click.option("--workers", type=click.IntRange(min=1), help="With -o X.zarr: run on a local dask cluster.")
 @click.option("--scheduler", metavar="ADDRESS", help="With -o X.zarr: run on this dask scheduler.")
 @click.option("--overwrite", is_flag=True, help="With -o X.zarr: replace a map of another run.")
+@click.option("--layout", type=click.Choice(("CHW", "HWC")),
+              help="With -o X.zarr: channels first (CHW) or last (HWC). Default: the file's axes (a TIFF "
+                   "states them: YXS is HWC, CYX is CHW), else CHW.")
+@click.option("--plane", metavar="K|AXIS=K,...",
+              help="With -o X.zarr: the plane of a stack to map (a z-stack, a time series): its index, "
+                   "or one per stack axis, e.g. --plane T=0,Z=3.")
 @click.option("--cam", is_flag=True,
               help="Draw the exact class activation map (the head at each position of the last feature "
                    "map, whose mean is the model's output) instead of the map of windows.")
@@ -275,7 +345,7 @@ def command(model: str, image: Path, output: Path, input_shape: tuple[int, ...] 
             kwargs: str, mean: tuple[float, ...] | None, std: tuple[float, ...] | None, labels: str | None,
             hide: str, scale: float, alpha: float, head_impl: str, top: int, device: str, tile: int,
             preview: Path | None, level: int, workers: int | None, scheduler: str | None, overwrite: bool,
-            cam: bool, quiet: bool) -> None:
+            layout: str | None, plane: str | None, cam: bool, quiet: bool) -> None:
     """Draw the dense class map of the classifier MODEL over IMAGE into OUTPUT.
 
     MODEL follows the loading rules of every command (torchvision:NAME, package.module:factory, a
@@ -283,6 +353,7 @@ def command(model: str, image: Path, output: Path, input_shape: tuple[int, ...] 
     then --mean and --std, if given, normalise them. With --cam, the map is the exact class
     activation map of a global-average-pool head instead (see docs/cam.md).
     """
+    _refuse_ignored(click.get_current_context(), tiles=is_map_output(output))
     if not image.is_file() and not is_map_output(output):
         fail(f"Image {str(image)!r} not found. Check the path.")
     with step(f"Loading {model}", quiet=quiet):
@@ -297,16 +368,19 @@ def command(model: str, image: Path, output: Path, input_shape: tuple[int, ...] 
     if len(input_shape) != 3:
         raise click.BadParameter(f"heatmap needs images: a shape C,H,W; got {format_shape(input_shape)}.",
                                  param_hint="--input")
+    if converted and _given(click.get_current_context(), "head_impl"):
+        raise click.UsageError(f"--head-impl applies when heatmap converts the model; {model} is already "
+                               "converted (its head computes as fcconv convert chose). Drop --head-impl, or "
+                               "convert again with fcconv convert --head-impl.")
     if is_map_output(output):
-        if cam:
-            raise click.UsageError("--cam draws a picture; -o X.zarr writes the map of windows. Drop one.")
-        from fcconv.cli.tiles import run
+        from fcconv.cli.tiles import parse_plane, run
 
         fcn = loaded.module if converted else _convert(loaded.module, input_shape, head_impl, quiet)
         names = _labels(labels, int(fcn.num_classes))  # type: ignore[arg-type]
         return run(fcn.to(torch.device(device)), image, output, tile=tile, level=level, mean=mean, std=std,
                    preview=preview, labels=names, hidden=_hidden(hide, names), workers=workers,
-                   scheduler=scheduler, overwrite=overwrite, quiet=quiet)
+                   scheduler=scheduler, overwrite=overwrite, quiet=quiet, layout=layout,
+                   plane=parse_plane(plane))
     pixels = load_image(image, input_shape[0], scale=scale)
     x = _normalize(pixels, mean, std).unsqueeze(0)
     target = torch.device(device)

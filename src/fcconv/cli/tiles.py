@@ -16,10 +16,11 @@ import click
 import torch
 from torch import Tensor
 
+from fcconv._io import check_output_store
 from fcconv.cli._app import OutputPath, fail, step
 from fcconv.errors import FcconvError
 
-__all__ = ["MapOutput", "PixelScale", "is_map_output", "run"]
+__all__ = ["MapOutput", "PixelScale", "is_map_output", "parse_plane", "run"]
 
 
 def is_map_output(path: Path) -> bool:
@@ -32,9 +33,12 @@ class MapOutput(OutputPath):
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path:
         path = Path(os.fsdecode(value)).expanduser()
-        if is_map_output(path) and path.is_dir():
-            return path
-        return super().convert(value, param, ctx)
+        if not is_map_output(path):
+            return super().convert(value, param, ctx)
+        try:
+            return check_output_store(path, what=self.what)
+        except FcconvError as error:
+            self.fail(str(error), param, ctx)
 
 
 class PixelScale:
@@ -63,17 +67,18 @@ class PixelScale:
         return x
 
 
-def _layout(fcn: Any, image: Path, level: int) -> str:
-    """``"HWC"`` for images stored channels last (RGB TIFFs), else ``"CHW"``."""
-    from fcconv.tiling import plan_for
-
+def parse_plane(text: str | None) -> Any:
+    """``--plane 3`` -> ``3``; ``--plane T=0,Z=3`` -> ``{"T": 0, "Z": 3}``; None stays None."""
+    if text is None:
+        return None
     try:
-        plan_for(fcn, image, tile=10**9, layout="CHW", level=level)
-        return "CHW"
-    except FcconvError as error:
-        if "layout='HWC'" not in str(error):
-            raise
-    return "HWC"
+        if "=" not in text:
+            return int(text)
+        pairs = (part.split("=") for part in text.replace(" ", "").split(",") if part)
+        return {axis.upper(): int(index) for axis, index in pairs}
+    except ValueError:
+        raise click.BadParameter(f"expected an index such as 2, or AXIS=INDEX pairs such as T=0,Z=2; "
+                                 f"got {text!r}.", param_hint="--plane") from None
 
 
 def _pixel_scale(dtype: Any) -> float:
@@ -97,7 +102,8 @@ def _client(workers: int | None, scheduler: str | None) -> Any:
 
 def run(fcn: Any, image: Path, output: Path, *, tile: int, level: int, mean: Sequence[float] | None,
         std: Sequence[float] | None, preview: Path | None, labels: Sequence[str], hidden: Collection[int],
-        workers: int | None, scheduler: str | None, overwrite: bool, quiet: bool) -> None:
+        workers: int | None, scheduler: str | None, overwrite: bool, quiet: bool, layout: str | None = None,
+        plane: Any = None) -> None:
     """Write the map of ``fcn`` over ``image`` to the zarr store ``output``, resuming a killed run."""
     from fcconv.tiling import plan_for, tiled_map, write_preview
     from fcconv.tiling._source import open_source
@@ -106,19 +112,19 @@ def run(fcn: Any, image: Path, output: Path, *, tile: int, level: int, mean: Seq
         raise click.UsageError("Give --workers (a local cluster) or --scheduler (a running one), not both.")
     if not image.exists():
         fail(f"Image {str(image)!r} not found. Check the path.")
-    layout = _layout(fcn, image, level)
-    stored = open_source(image, layout=layout, level=level, ndim=2, channels=fcn.input_shape[0]).dtype
+    source = open_source(image, layout=layout, level=level, ndim=2, channels=fcn.input_shape[0], plane=plane)
     dtype = next(iter(fcn.parameters())).dtype
-    transform = PixelScale(_pixel_scale(stored), mean, std, dtype)
-    plan = plan_for(fcn, image, tile=tile, layout=layout, level=level)
+    transform = PixelScale(_pixel_scale(source.dtype), mean, std, dtype)
+    plan = plan_for(fcn, image, tile=tile, layout=layout, level=level, plane=plane)
     if not quiet:
-        click.echo(f"Image {plan.image[1]}x{plan.image[0]} ({layout}, level {level}): a "
+        where = f"level {level}" + "".join(f", plane {i}" for _, i in source.planes)
+        click.echo(f"Image {plan.image[1]}x{plan.image[0]} ({source.layout}, {where}): a "
                    f"{plan.grid[0]}x{plan.grid[1]} map in {len(plan)} tiles of at most {tile} px, recompute "
                    f"factor {plan.recompute_factor():.2f}.")
     client = _client(workers, scheduler)
     try:
         scores = tiled_map(fcn, image, tile=tile, out=output, layout=layout, transform=transform, level=level,
-                           client=client, overwrite=overwrite, progress=not quiet)
+                           client=client, overwrite=overwrite, progress=not quiet, plane=plane)
     except KeyboardInterrupt:
         fail(f"Interrupted. The finished tiles are kept in {str(output)!r}: run the same command again to "
              "resume.")
@@ -132,5 +138,5 @@ def run(fcn: Any, image: Path, output: Path, *, tile: int, level: int, mean: Seq
     if preview is not None:
         with step(f"Drawing {preview}", quiet=quiet):
             write_preview(scores, image, preview, fcn=fcn, layout=layout, level=level, labels=labels,
-                          hide=hidden)
+                          hide=hidden, plane=plane)
         click.echo(f"Wrote {preview}")

@@ -493,8 +493,12 @@ def _convolutionalize(model: nn.Module, input_shape: Sequence[int], *, inplace: 
                             "e.g. (3, 224, 224)") from None
     desc = spatial_descriptors(gm, shapes, ndim, flatten_points(gm, shapes, ndim))
     state = Pass(gm, source, inplace, ndim, head_impl, shapes, dict(desc.desc))
-    convert_head(state, desc)
-    grid = measure_geometry(gm, shape)
+    try:
+        convert_head(state, desc)
+        grid = measure_geometry(gm, shape)
+    except NodeFailure as error:  # a raw PyTorch error never leaves: name the node that raised it
+        raise node_failure(error, gm, shape, "The converted model on its training input",
+                           "This is a bug in fcconv; please report it with the model") from None
     return FullyConvolutional(
         gm, input_shape=shape, stride=grid.stride, window=grid.window,
         min_size=grid.min_size, exact_sliding_window=grid.exact, head_impl=head_impl,

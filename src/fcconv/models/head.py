@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fcconv._shapes import dim_labels, format_shape
+from fcconv.errors import FcconvError
 from fcconv.layers import linear_to_conv, linear_to_pointwise
 from fcconv.models.descriptors import Descriptors, depends_on_input_size
 from fcconv.models.head_entry import collapse, permuted_map_error
@@ -44,7 +45,7 @@ from fcconv.models.ops import (
     is_flatten_like,
     permutation_of,
 )
-from fcconv.models.shapes import NodeValue, record_sizes
+from fcconv.models.shapes import NodeFailure, NodeValue, node_failure, record_sizes
 from fcconv.models.tracing import arg, data_inputs
 
 __all__ = ["Pass", "convert_head"]
@@ -237,6 +238,8 @@ def _module_node(p: Pass, node: fx.Node, src: fx.Node, layout: Layout) -> Layout
         return layout
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and kind == "map" and (
             layout.channel_position == 1):
+        if isinstance(module, nn.BatchNorm1d) and p.ndim > 1:  # an F.batch_norm on a pooled (N, C, 1, 1)
+            p.set_module(target, batchnorm_nd(module, p.ndim), ("bn", layout.channels))
         return layout
     if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1 and (
             module.normalized_shape[0] == layout.channels):
@@ -425,11 +428,26 @@ def _freeze_sizes(p: Pass, head: set[fx.Node], entries: set[fx.Node]) -> None:
     if not used:
         return
     placeholder = next(n for n in p.gm.graph.nodes if n.op == "placeholder")
-    _, sizes = record_sizes(p.gm, p.shape(placeholder)[1:])
+    try:
+        _, sizes = record_sizes(p.gm, p.shape(placeholder)[1:])
+    except NodeFailure as error:
+        raise node_failure(error, p.gm, p.shape(placeholder)[1:], "The model on its training input",
+                           "This is a bug in fcconv; please report it with the model") from None
     for node in head - entries:  # entries are replaced whole (F.avg_pool2d(x, x.size()[2:]))
         if any(i in used for i in node.all_input_nodes):
             node.args = fx.node.map_arg(node.args, lambda i: sizes.get(i, i) if i in used else i)
             node.kwargs = fx.node.map_arg(node.kwargs, lambda i: sizes.get(i, i) if i in used else i)
+
+
+def _convert_node_or_fail(p: Pass, node: fx.Node) -> Layout | None:
+    """:func:`_convert_head_node`, with any error that is not fcconv's own named by the node."""
+    try:
+        return _convert_head_node(p, node)
+    except FcconvError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a raw PyTorch error never leaves convolutionalize
+        raise p.fail(node, f"{type(error).__name__}: {' '.join(str(error).split())}",
+                     "This is a bug in fcconv; please report it with the model") from error
 
 
 def convert_head(p: Pass, desc: Descriptors) -> None:
@@ -450,7 +468,7 @@ def convert_head(p: Pass, desc: Descriptors) -> None:
         if not isinstance(p.shapes.get(node), tuple):
             # sizes and other non-tensor values computed from head tensors (x.size(0), ...)
             continue
-        layout = _convert_head_node(p, node)
+        layout = _convert_node_or_fail(p, node)
         if layout is not None:
             p.layouts[node] = layout
     p.apply_removals()

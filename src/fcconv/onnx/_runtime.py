@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from fcconv._deps import need_onnx as require
-from fcconv._io import atomic_output
+from fcconv._io import atomic_output, check_output_path
 from fcconv.errors import FcconvError
 
 __all__ = ["LINEAR_OPS", "check_output", "load", "op_counts", "require", "run", "save", "session",
@@ -56,10 +56,7 @@ def _initializer_inputs(model: Any) -> int:
 
 def check_output(dst: str | Path, src: str | Path | None = None) -> None:
     """Refuse, before any work, an output whose folder is missing or that is the input file."""
-    dst = Path(dst)
-    if not dst.parent.is_dir():
-        raise FcconvError(f"Cannot write {str(dst)!r}: folder {str(dst.parent)!r} does not exist. "
-                          "Create it or choose another output path.")
+    dst = check_output_path(dst, what="the ONNX model")  # the one check: folder, device, FIFO, socket
     if src is not None and dst.exists() and Path(src).exists() and dst.samefile(src):
         raise FcconvError(f"The output {str(dst)!r} is the input file; fcconv never overwrites its input. "
                           "Choose another output path.")

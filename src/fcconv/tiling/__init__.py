@@ -3,7 +3,7 @@
 Needs the ``tiles`` extra (dask, distributed, zarr, tifffile), imported only when a map is made.
 
 Example:
-    >>> scores = fcconv.tiled_map(fcn, "slide.tif", layout="HWC", tile=2048, out="scores.zarr")
+    >>> scores = fcconv.tiled_map(fcn, "slide.tif", tile=2048, out="scores.zarr")
 """
 
 from fcconv.tiling._map import dask_map, plan_for, tiled_map

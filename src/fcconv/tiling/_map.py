@@ -14,10 +14,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fcconv._deps import need_tiles as require
+from fcconv._io import check_output_store
 from fcconv._shapes import format_shape
 from fcconv.errors import FcconvError
 from fcconv.tiling._plan import Tile, TilePlan, field_of, plan_tiles
-from fcconv.tiling._source import Source, open_source
+from fcconv.tiling._source import Plane, Source, open_source
 from fcconv.tiling._store import finished, open_output
 from fcconv.tiling._tasks import compute_tile, model_identity, model_placement, tile_to_zarr
 
@@ -36,8 +37,8 @@ class _Job:
     dtype: np.dtype
 
 
-def _prepare(fcn: Any, image: Any, tile: int | Sequence[int], layout: str, transform: Transform | None,
-             level: int) -> _Job:
+def _prepare(fcn: Any, image: Any, tile: int | Sequence[int], layout: str | None, transform: Transform | None,
+             level: int, plane: Plane = None) -> _Job:
     from fcconv import FullyConvolutional
 
     if not isinstance(fcn, FullyConvolutional):
@@ -48,7 +49,8 @@ def _prepare(fcn: Any, image: Any, tile: int | Sequence[int], layout: str, trans
     if transform is not None and not callable(transform):
         raise FcconvError(
             f"transform must be a callable on (1, C, h, w) tensors; got {type(transform).__name__}.")
-    source = open_source(image, layout=layout, level=level, ndim=fcn.ndim, channels=fcn.input_shape[0])
+    source = open_source(image, layout=layout, level=level, ndim=fcn.ndim, channels=fcn.input_shape[0],
+                         plane=plane)
     spatial = source.shape[1:]
     if any(s < m for s, m in zip(spatial, fcn.min_size)):
         raise FcconvError(
@@ -66,14 +68,14 @@ def _prepare(fcn: Any, image: Any, tile: int | Sequence[int], layout: str, trans
     return _Job(fcn, source, plan, transform, int(classes), torch.empty((), dtype=stored).numpy().dtype)
 
 
-def plan_for(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048, layout: str = "CHW",
-             level: int = 0) -> TilePlan:
+def plan_for(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048, layout: str | None = None,
+             level: int = 0, plane: Plane = None) -> TilePlan:
     """The tiles :func:`tiled_map` would run (cells per tile, blocks read, recompute factor).
 
     Example:
-        >>> plan_for(fcn, "slide.tif", tile=2048, layout="HWC").recompute_factor()
+        >>> plan_for(fcn, "slide.tif", tile=2048).recompute_factor()
     """
-    return _prepare(fcn, image, tile, layout, None, level).plan
+    return _prepare(fcn, image, tile, layout, None, level, plane).plan
 
 
 def _delayed_inputs(job: _Job) -> tuple[Any, Any]:
@@ -86,15 +88,15 @@ def _delayed_inputs(job: _Job) -> tuple[Any, Any]:
     return model, source
 
 
-def dask_map(fcn: Any, array: Any, *, tile: int | Sequence[int] = 2048, layout: str = "CHW",
-             transform: Transform | None = None, level: int = 0) -> Any:
+def dask_map(fcn: Any, array: Any, *, tile: int | Sequence[int] = 2048, layout: str | None = None,
+             transform: Transform | None = None, level: int = 0, plane: Plane = None) -> Any:
     """The map of ``fcn`` over ``array`` as a lazy ``dask.array.Array`` ``(classes, *grid)``.
 
     Each chunk is one tile of :func:`tiled_map`: computed from its own block of the image, equal to
     the same cells of ``fcn(image[None])[0]``. Nothing runs until you compute or store it.
 
     Args:
-        fcn, array, tile, layout, transform, level: as for :func:`tiled_map`.
+        fcn, array, tile, layout, transform, level, plane: as for :func:`tiled_map`.
 
     Example:
         >>> scores = fcconv.dask_map(fcn, dask.array.from_zarr("slide.zarr"), tile=2048)
@@ -102,7 +104,7 @@ def dask_map(fcn: Any, array: Any, *, tile: int | Sequence[int] = 2048, layout: 
     """
     da = require("dask.array")
     dask = require("dask")
-    job = _prepare(fcn, array, tile, layout, transform, level)
+    job = _prepare(fcn, array, tile, layout, transform, level, plane)
     model, source = _delayed_inputs(job)
     blocks = np.empty(job.plan.tiles_per_dim, dtype=object)
     for t in job.plan:
@@ -157,9 +159,9 @@ def _run_client(job: _Job, tiles: list[Tile], out: str | None, client: Any, bar:
 
 
 def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
-              out: str | os.PathLike[str] | None = None, layout: str = "CHW",
+              out: str | os.PathLike[str] | None = None, layout: str | None = None,
               transform: Transform | None = None, level: int = 0, client: Any = None,
-              overwrite: bool = False, progress: bool = True) -> Any:
+              overwrite: bool = False, progress: bool = True, plane: Plane = None) -> Any:
     """The map of ``fcn`` over ``image``, computed tile by tile: equal to ``fcn(image[None])[0]``.
 
     Tiles start on the model's stride and read a halo that covers the receptive field of the
@@ -172,8 +174,10 @@ def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
         tile: the largest input block one task reads, halo included (an int or one per dim).
         out: ``None`` to return numpy; a path ``"scores.zarr"`` to write the map chunk by chunk
             and return the zarr array. Running again with the same arguments resumes.
-        layout: ``"CHW"`` or ``"HWC"`` (channels last, as TIFF and PNG store them); a 2-d image
-            is one channel.
+        layout: ``None`` (the default) reads the file's axes (a TIFF's: ``YXS`` is channels last,
+            ``CYX`` first, ``YX`` one channel), else takes ``"CHW"``; ``"CHW"`` or ``"HWC"``
+            (channels last) says it, and is refused where it contradicts the file. A 2-d image is
+            one channel.
         transform: applied to each block as a ``(1, C, h, w)`` tensor, per pixel, e.g.
             ``lambda t: (t.float() / 255 - mean) / std``; without one, blocks are cast to the
             model's dtype.
@@ -181,6 +185,10 @@ def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
         client: a ``dask.distributed.Client`` to run the tiles on its workers.
         overwrite: replace an ``out`` that holds another run's map.
         progress: show a progress bar (tiles done, throughput, ETA).
+        plane: for a stack (a TIFF with axes ``ZYX``, ``TYX``, ``TZCYX``...: planes beyond the
+            channels and the model's spatial dims), the plane to map: an index along its one stack
+            axis (``plane=2``), or one per stack axis (``plane={"T": 0, "Z": 2}``). A stack without
+            ``plane`` is refused.
 
     Returns:
         ``(classes, *grid)``: numpy, or the zarr array at ``out``.
@@ -191,9 +199,9 @@ def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
         NotEquivalentError: for models whose cells are not local (e.g. squeeze-and-excitation).
 
     Example:
-        >>> scores = fcconv.tiled_map(fcn, "slide.tif", layout="HWC", tile=2048, out="scores.zarr")
+        >>> scores = fcconv.tiled_map(fcn, "slide.tif", tile=2048, out="scores.zarr")
     """
-    job = _prepare(fcn, image, tile, layout, transform, level)
+    job = _prepare(fcn, image, tile, layout, transform, level, plane)
     plan = job.plan
     shape, chunks = (job.classes, *plan.grid), (job.classes, *plan.cells_per_tile)
     path: str | None = None
@@ -203,6 +211,8 @@ def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
         result = np.empty(shape, dtype=job.dtype)
     elif isinstance(out, (str, os.PathLike)):
         from dask.base import tokenize
+
+        check_output_store(out)
 
         identity = {"image": job.source.identity, "image_shape": job.source.shape, "layout": layout,
                     "level": level, "model": model_identity(job.fcn), "tile": plan.tile,

@@ -12,7 +12,8 @@ import numpy as np
 
 from fcconv._io import atomic_output
 from fcconv.errors import FcconvError
-from fcconv.tiling._source import open_source
+from fcconv.tiling._axes import check_dtype
+from fcconv.tiling._source import Plane, Source, open_source
 
 __all__ = ["winners", "write_preview"]
 
@@ -22,6 +23,7 @@ def winners(scores: Any) -> tuple[np.ndarray, np.ndarray]:
 
     Reads a zarr (or numpy) map one band of chunk rows at a time, so memory follows the chunk.
     """
+    check_dtype(getattr(scores, "dtype", None), "the map")
     classes, height = scores.shape[0], scores.shape[1]
     band = scores.chunks[1] if hasattr(scores, "chunks") and isinstance(scores.chunks[1], int) else height
     winner = np.empty(scores.shape[1:], dtype=np.int32)
@@ -59,17 +61,16 @@ def _pool_cells(winner: np.ndarray, confidence: np.ndarray, hide: Collection[int
             np.take_along_axis(blocks(confidence, None), pick, -1)[..., 0])
 
 
-def _thumbnail(image: Any, layout: str, level: int, channels: int, ndim: int, step: int) -> np.ndarray:
-    source = open_source(image, layout=layout, level=level, ndim=ndim, channels=channels)
+def _thumbnail(source: Source, step: int) -> np.ndarray:
     small = np.asarray(source.thumbnail(step), dtype=np.float64)
     low, high = float(small.min()), float(small.max())
     small = (small - low) / (high - low) if high > low else np.zeros_like(small)
     return np.moveaxis(small[:3] if small.shape[0] >= 3 else small[:1], 0, -1)
 
 
-def write_preview(scores: Any, image: Any, path: str | os.PathLike[str], *, fcn: Any, layout: str = "CHW",
-                  level: int = 0, labels: Sequence[str] | None = None, hide: Collection[int] = (),
-                  max_side: int = 1024) -> Path:
+def write_preview(scores: Any, image: Any, path: str | os.PathLike[str], *, fcn: Any,
+                  layout: str | None = None, level: int = 0, labels: Sequence[str] | None = None,
+                  hide: Collection[int] = (), max_side: int = 1024, plane: Plane = None) -> Path:
     """Draw the map ``scores`` over ``image`` into a PNG at most ``max_side`` pixels a side.
 
     Each cell is coloured by its winning class, with an opacity that grows with its probability,
@@ -77,13 +78,13 @@ def write_preview(scores: Any, image: Any, path: str | os.PathLike[str], *, fcn:
 
     Args:
         scores: the ``(classes, h, w)`` map, e.g. what :func:`tiled_map` returned.
-        image, layout, level: the image the map was computed on, as given to :func:`tiled_map`.
+        image, layout, level, plane: the image the map was computed on, as given to :func:`tiled_map`.
         fcn: the model, for the geometry (stride and window) of the cells.
         labels: class names for the legend; ``hide``: classes left uncoloured (e.g. background).
         max_side: the largest side of the picture, in pixels.
 
     Example:
-        >>> write_preview(scores, "slide.tif", "preview.png", fcn=fcn, layout="HWC")
+        >>> write_preview(scores, "slide.tif", "preview.png", fcn=fcn)
     """
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -93,11 +94,11 @@ def write_preview(scores: Any, image: Any, path: str | os.PathLike[str], *, fcn:
     winner, confidence = winners(scores)
     grid_h, grid_w = winner.shape
     stride_y, stride_x = fcn.stride
-    source_shape = open_source(image, layout=layout, level=level, ndim=2, channels=fcn.input_shape[0]).shape
-    height, width = source_shape[1:]
+    source = open_source(image, layout=layout, level=level, ndim=2, channels=fcn.input_shape[0], plane=plane)
+    height, width = source.shape[1:]
     step = max(1, math.ceil(max(height, width) / max_side))
     cell_step = max(1, math.ceil(max(grid_h, grid_w) / max_side))
-    shown = _thumbnail(image, layout, level, fcn.input_shape[0], 2, step)
+    shown = _thumbnail(source, step)
     names = list(labels) if labels is not None else [str(i) for i in range(int(scores.shape[0]))]
     palette = colormaps["tab20"] if len(names) > 10 else colormaps["tab10"]
     small_winner, small_conf = _pool_cells(winner, confidence, hide, cell_step)

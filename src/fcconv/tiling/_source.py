@@ -11,7 +11,7 @@ import functools
 import hashlib
 import mmap
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +21,13 @@ import numpy as np
 from fcconv._deps import need_tiles as require
 from fcconv._shapes import format_shape
 from fcconv.errors import FcconvError
+from fcconv.tiling._axes import Layout, cap, check_dtype, resolve_axes, zarr_axes
 
-__all__ = ["LAYOUTS", "Source", "open_source"]
+__all__ = ["LAYOUTS", "Plane", "Source", "open_source"]
 
 LAYOUTS = ("CHW", "HWC")
+Plane = int | Mapping[str, int] | None
+"""Which plane of a stack to read: an index along its one plane axis, or ``{axis: index}``."""
 _TIFF = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".btf")
 
 
@@ -41,11 +44,12 @@ class Source:
     kind: str  # "array", "zarr", "tiff" or "dask"
     shape: tuple[int, ...]
     dtype: np.dtype
-    layout: str  # "CHW", "HWC", or "HW" (no channel axis: one channel)
+    layout: str  # "CHW", "HWC", or "HW" (no channel axis: one channel), once the planes are picked
     identity: str
     path: str | None = None
     level: int = 0
     data: Any = field(default=None, repr=False, compare=False)  # the array, for array and dask
+    planes: tuple[tuple[int, int], ...] = ()  # (axis, index) of the stored axes fixed to one plane
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         """A whole-file memmap travels as its file, reopened on arrival, never as its pixels."""
@@ -61,12 +65,7 @@ class Source:
         """The block ``[start, stop)`` of the spatial dims, all channels, as ``(C, *block)``."""
         window = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
         array = self.data if self.path is None else _open(self.kind, self.path, self.level, self.identity)
-        if self.layout == "CHW":
-            block = array[(slice(None),) + window]
-        elif self.layout == "HWC":
-            block = array[window + (slice(None),)]
-        else:
-            block = array[window]
+        block = array[self._index(window)]
         if self.kind == "dask":
             block = block.compute(scheduler="sync")
         block = np.asarray(block)
@@ -80,12 +79,19 @@ class Source:
         """Every ``step``-th pixel along each spatial dim, all channels, as ``(C, *small)``."""
         array = self.data if self.path is None else _open(self.kind, self.path, self.level, self.identity)
         every = tuple(slice(None, None, step) for _ in self.shape[1:])
-        index = {"CHW": (slice(None),) + every, "HWC": every + (slice(None),), "HW": every}[self.layout]
-        small = array[index]
+        small = array[self._index(every)]
         small = np.asarray(small.compute(scheduler="sync") if self.kind == "dask" else small)
         if self.layout == "HWC":
             return np.moveaxis(small, -1, 0)
         return small[None] if self.layout == "HW" else small
+
+    def _index(self, spatial: tuple[slice, ...]) -> tuple[Any, ...]:
+        """The index of the stored array: ``spatial`` and every channel, on the chosen planes."""
+        index: list[Any] = list({"CHW": (slice(None),) + spatial, "HWC": spatial + (slice(None),),
+                                 "HW": spatial}[self.layout])
+        for axis, plane in sorted(self.planes):
+            index.insert(axis, plane)
+        return tuple(index)
 
 
 def _reopen(source: Source, filename: str, dtype: str, offset: int, shape: tuple[int, ...], order: Any
@@ -168,45 +174,107 @@ def _from_path(path: Path, level: int) -> tuple[str, Any, str]:
     )
 
 
-def open_source(image: Any, *, layout: str, level: int, ndim: int, channels: int) -> Source:
-    """Wrap ``image`` as a :class:`Source`, checking its rank, channels and layout.
+def open_source(image: Any, *, layout: str | None = None, level: int = 0, ndim: int, channels: int,
+                plane: Plane = None) -> Source:
+    """Wrap ``image`` as a :class:`Source`, checking its dtype, rank, axes, channels and layout.
+
+    Args:
+        image: a numpy array or memmap, a zarr array or a path to one, a TIFF path, or a dask array.
+        layout: ``None`` for the file's axes (a TIFF's, a zarr array's dimension names), else
+            ``"CHW"``; ``"CHW"`` or ``"HWC"`` to say it, checked against the file's axes.
+        level: the pyramid level of a TIFF or of a zarr group of levels.
+        ndim, channels: the model's spatial dims and input channels.
+        plane: for a stack (a z-stack, a time series: axes beyond the channels and spatial ones),
+            the plane to read: an index along its one stack axis, or ``{axis: index}``.
 
     Raises:
-        FcconvError: on an unknown type or file, a missing level, or a shape that does not hold
-            ``channels`` channels in ``layout``.
+        FcconvError: on an unknown type or file, a missing level, pixels that are not real numbers,
+            a stack without ``plane``, or a shape that does not hold ``channels`` channels.
     """
-    if layout not in LAYOUTS:
-        raise FcconvError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}.")
+    if layout is not None and layout not in LAYOUTS:
+        raise FcconvError(
+            f"layout must be one of {', '.join(LAYOUTS)} or None (from the file); got {layout!r}.")
     if isinstance(level, bool) or not isinstance(level, int) or level < 0:
         raise FcconvError(f"level must be an int >= 0; got {level!r}.")
     path: str | None = None
     if isinstance(image, (str, os.PathLike)):
         kind, array, identity = _from_path(Path(image).expanduser(), level)
         path = str(Path(image).expanduser().resolve())
+        axes = _tiff_axes(Path(path), level) if kind == "tiff" else zarr_axes(array)
+        where = f"the image {str(image)!r}"
     else:
         if level:
             raise FcconvError(f"level {level} applies to TIFF and zarr pyramids; this image is a "
                               f"{type(image).__name__}. Pass level=0.")
+        check_dtype(getattr(image, "dtype", None))
         kind, array, identity = _from_object(image)
+        axes = zarr_axes(array) if type(array).__module__.startswith("zarr") else None
+        where = "the image"
+    check_dtype(array.dtype)
     shape = tuple(int(s) for s in array.shape)
-    stored = layout if len(shape) == ndim + 1 else "HW" if len(shape) == ndim else None
+    if axes is not None:
+        found = resolve_axes(axes, shape, layout=layout, plane=plane, ndim=ndim, where=where)
+    else:
+        found = _unnamed_layout(shape, layout, plane, ndim, channels)
+    kept = [s for i, s in enumerate(shape) if i not in dict(found.planes)]
+    stored = found.stored
+    per_sample = (kept[0], *kept[1:]) if stored == "CHW" else (
+        (kept[-1], *kept[:-1]) if stored == "HWC" else (1, *kept))
+    _check_channels(per_sample[0], channels, shape, axes, stored, where)
+    planes = "".join(f"|{axes[a] if axes else a}={i}" for a, i in found.planes)
+    return Source(kind, tuple(per_sample), np.dtype(array.dtype), stored,
+                  f"{kind}|{identity}|{stored}|{level}{planes}", path=path, level=level,
+                  data=array if path is None else None, planes=found.planes)
+
+
+def _tiff_axes(path: Path, level: int) -> str | None:
+    """The axes tifffile reads in the TIFF's first series at ``level`` (``YXS``, ``CYX``, ``ZYX``...)."""
+    tifffile = require("tifffile")
+    with tifffile.TiffFile(path) as tif:
+        axes = tif.series[0].levels[level].axes
+    return str(axes) if axes else None
+
+
+def _unnamed_layout(shape: tuple[int, ...], layout: str | None, plane: Plane, ndim: int, channels: int
+                    ) -> Layout:
+    """The layout of an array that does not name its axes: ``layout``, else channels first."""
+    if plane is not None:
+        raise FcconvError(
+            "plane picks a plane of a file that states its axes (a TIFF, a zarr array with dimension "
+            "names); this image does not name its axes. Index it yourself (image[k]) and drop plane.")
+    stored = (layout or "CHW") if len(shape) == ndim + 1 else "HW" if len(shape) == ndim else None
     if stored is None:
         raise FcconvError(
             f"The image has shape {format_shape(shape)}; the model needs {ndim} spatial dim(s) and "
             f"{channels} channel(s): ({channels}, *spatial) with layout='CHW', (*spatial, {channels}) "
             "with layout='HWC', or (*spatial) for one channel."
         )
-    per_sample = (shape[0], *shape[1:]) if stored == "CHW" else (
-        (shape[-1], *shape[:-1]) if stored == "HWC" else (1, *shape))
-    if per_sample[0] != channels:
-        other = "HWC" if layout == "CHW" else "CHW"
+    return Layout(stored)
+
+
+def _check_channels(found: int, channels: int, shape: tuple[int, ...], axes: str | None, stored: str,
+                    where: str) -> None:
+    if found == channels:
+        return
+    if axes is None:
+        other = "HWC" if stored == "CHW" else "CHW"
         raise FcconvError(
-            f"The image {format_shape(shape)} read as {stored} has {per_sample[0]} channel(s); the model "
-            f"takes {channels}. Check the image, or pass layout={other!r} if channels come "
+            f"{cap(where)} {format_shape(shape)} read as {stored} has {found} channel(s); the model "
+            f"takes {channels}. Check the image, or pass layout='{other}' if channels come "
             f"{'last' if other == 'HWC' else 'first'}."
         )
-    return Source(kind, per_sample, np.dtype(array.dtype), stored, f"{kind}|{identity}|{layout}|{level}",
-                  path=path, level=level, data=array if path is None else None)
+    if stored == "HW":
+        raise FcconvError(
+            f"{cap(where)} is grayscale (axes {axes}: one channel); the model takes {channels} "
+            "channels. Give an image with that many channels, or a model of one channel.")
+    if found == 4 and channels == 3 and "S" in axes:
+        raise FcconvError(
+            f"{cap(where)} has 4 samples per pixel (axes {axes}: RGB and alpha); the model takes 3. "
+            "fcconv does not drop the alpha channel silently: write an RGB copy of the image "
+            "without alpha first (e.g. with tifffile: imwrite(out, imread(image)[..., :3])).")
+    raise FcconvError(
+            f"{cap(where)} has {found} channels (axes {axes}, shape {format_shape(shape)}); the "
+            f"model takes {channels}. Check the image or the model.")
 
 
 def _from_object(image: Any) -> tuple[str, Any, str]:

@@ -267,6 +267,8 @@ Examples:
 @click.option("--workers", type=click.IntRange(min=1), help="With -o X.zarr: run on a local dask cluster.")
 @click.option("--scheduler", metavar="ADDRESS", help="With -o X.zarr: run on this dask scheduler.")
 @click.option("--overwrite", is_flag=True, help="With -o X.zarr: replace a map of another run.")
+@click.option("--wait", is_flag=True,
+              help="With -o X.zarr: wait for another run writing the same map, instead of stopping.")
 @click.option("--cam", is_flag=True,
               help="Draw the exact class activation map (the head at each position of the last feature "
                    "map, whose mean is the model's output) instead of the map of windows.")
@@ -275,7 +277,7 @@ def command(model: str, image: Path, output: Path, input_shape: tuple[int, ...] 
             kwargs: str, mean: tuple[float, ...] | None, std: tuple[float, ...] | None, labels: str | None,
             hide: str, scale: float, alpha: float, head_impl: str, top: int, device: str, tile: int,
             preview: Path | None, level: int, workers: int | None, scheduler: str | None, overwrite: bool,
-            cam: bool, quiet: bool) -> None:
+            wait: bool, cam: bool, quiet: bool) -> None:
     """Draw the dense class map of the classifier MODEL over IMAGE into OUTPUT.
 
     MODEL follows the loading rules of every command (torchvision:NAME, package.module:factory, a
@@ -306,7 +308,7 @@ def command(model: str, image: Path, output: Path, input_shape: tuple[int, ...] 
         names = _labels(labels, int(fcn.num_classes))  # type: ignore[arg-type]
         return run(fcn.to(torch.device(device)), image, output, tile=tile, level=level, mean=mean, std=std,
                    preview=preview, labels=names, hidden=_hidden(hide, names), workers=workers,
-                   scheduler=scheduler, overwrite=overwrite, quiet=quiet)
+                   scheduler=scheduler, overwrite=overwrite, wait=wait, quiet=quiet)
     pixels = load_image(image, input_shape[0], scale=scale)
     x = _normalize(pixels, mean, std).unsqueeze(0)
     target = torch.device(device)

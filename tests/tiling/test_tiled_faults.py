@@ -267,7 +267,7 @@ def peak_mb():
 torch.manual_seed(0)
 net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
 fcn = fcconv.convolutionalize(net, (1, 8, 8))
-image = np.random.default_rng(0).random((1, 8 + 4 * 400, 8), dtype=np.float32)[:, :, :]
+image = np.random.default_rng(0).random((1, 8 + 5 * 400, 8), dtype=np.float32)
 peaks = []
 for tiles in (40, 400):
     # tile 12: five cells per tile, one tile per five rows of cells

@@ -293,3 +293,17 @@ def test_memory_stays_flat_over_a_run(tmp_path: Path) -> None:
 def test_inner_chunks_hold_at_most_16_classes() -> None:
     assert _store._layout((20, 50, 60), (20, 8, 9)) == ((32, 8, 9), (16, 8, 9))
     assert _store._layout((3, 50, 60), (3, 8, 9)) == ((3, 8, 9), (3, 8, 9))
+
+
+@pytest.mark.slow
+def test_worker_processes_write_checksummed_chunks_under_the_drivers_lock(
+        tmp_path: Path, digits_fcn: fcconv.FullyConvolutional) -> None:
+    distributed = pytest.importorskip("distributed")
+    image = np.random.default_rng(11).random((1, 60, 70))
+    out = tmp_path / "m.zarr"
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+                                  ) as cluster, distributed.Client(cluster) as client:
+        stored = fcconv.tiled_map(digits_fcn, image, tile=30, out=out, client=client, progress=False)
+    assert not (out / ".fcconv" / "lock.json").exists()
+    assert_same_map(fcconv.tiling.open_map(out)[...], untiled(digits_fcn, image))
+    np.testing.assert_array_equal(stored[...], fcconv.tiling.open_map(out)[...])

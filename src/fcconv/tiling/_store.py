@@ -157,9 +157,9 @@ def _lock(book: Path, wait: bool, path: Path) -> Any:
         ) from None
     except FileNotFoundError:  # the store was replaced or removed while we looked
         return None
-    fd = lock._context.lock_file_fd
+    fd = getattr(getattr(lock, "_context", None), "lock_file_fd", None)  # filelock keeps it there
     try:
-        same = fd is not None and os.fstat(fd).st_ino == lock_path.stat().st_ino
+        same = fd is None or os.fstat(fd).st_ino == lock_path.stat().st_ino
     except OSError:
         same = False
     if not same:  # we locked a file that a replace or a release removed: look again

@@ -307,3 +307,19 @@ def test_worker_processes_write_checksummed_chunks_under_the_drivers_lock(
     assert not (out / ".fcconv" / "lock.json").exists()
     assert_same_map(fcconv.tiling.open_map(out)[...], untiled(digits_fcn, image))
     np.testing.assert_array_equal(stored[...], fcconv.tiling.open_map(out)[...])
+
+
+def test_bookkeeping_removed_by_hand_trusts_no_shard(tmp_path: Path, digits_fcn: fcconv.FullyConvolutional,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    image = np.random.default_rng(12).random((1, 50, 50))
+    out = tmp_path / "m.zarr"
+    fcconv.tiled_map(digits_fcn, image, tile=30, out=out, progress=False)
+    import shutil
+
+    shutil.rmtree(out / ".fcconv")
+    with pytest.raises(FcconvError, match=r"^out .* holds another run's map \(it differs in: tile"):
+        fcconv.tiled_map(digits_fcn, image, tile=40, out=out, progress=False)  # still refused, not replaced
+    with caplog.at_level(logging.WARNING, logger="fcconv.tiling"):
+        again = fcconv.tiled_map(digits_fcn, image, tile=30, out=out, progress=False)
+    assert len([r for r in caplog.records if "has no checksum" in r.getMessage()]) == len(_shards(out))
+    assert_same_map(again[...], untiled(digits_fcn, image))

@@ -296,10 +296,9 @@ def open_output(out: str | os.PathLike[str], *, shape: Sequence[int], chunks: Se
             lock = _create(path, shape, chunks, dtype, attributes, wait, replace=True)
         else:
             _check_writable(path)
-            lock = _lock(path / BOOK, wait, path) if (path / BOOK).is_dir() else None
-            if lock is None and not (path / BOOK).is_dir():
-                lock = _create(path, shape, chunks, dtype, attributes, wait, replace=True)
-            elif lock is not None:
+            (path / BOOK / "chunks").mkdir(parents=True, exist_ok=True)  # removed by hand: no shard trusted
+            lock = _lock(path / BOOK, wait, path)
+            if lock is not None:
                 lock = _resume_or_replace(path, lock, shape, chunks, dtype, attributes, overwrite, wait)
         if lock is not None:
             _HELD[str(path)] = lock

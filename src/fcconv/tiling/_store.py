@@ -193,7 +193,7 @@ def _build(root: Path, shape: Sequence[int], chunks: Sequence[int], dtype: np.dt
 
 
 def _cannot_write(path: Path, error: OSError) -> FcconvError:
-    return FcconvError(f"Cannot write out {str(path)!r}: {error.strerror or error}; nothing was left "
+    return FcconvError(f"Cannot write out {str(path)!r}: {error.strerror or error}; nothing was changed "
                        "there. Free some space or choose a writable path.")
 
 
@@ -218,7 +218,14 @@ def _create(path: Path, shape: Sequence[int], chunks: Sequence[int], dtype: np.d
         if replace:
             trash = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".replaced"))
             os.rename(path, trash / "old")
-            os.rename(tmp, path)
+            try:
+                os.rename(tmp, path)
+            except OSError:
+                os.rename(trash / "old", path)  # put the old store back as it was
+                raise
+            finally:
+                if not (trash / "old").exists():
+                    shutil.rmtree(trash, ignore_errors=True)
             shutil.rmtree(trash, ignore_errors=True)
         else:
             try:

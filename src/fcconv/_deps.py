@@ -35,7 +35,7 @@ def require(name: str, *, extra: str, feature: str) -> ModuleType:
 
 
 def need_tiles(name: str) -> ModuleType:
-    """:func:`require` for :mod:`fcconv.tiling` (dask, distributed, zarr, tifffile)."""
+    """:func:`require` for :mod:`fcconv.tiling` (dask, distributed, zarr, tifffile, filelock)."""
     return require(name, extra="tiles", feature="fcconv.tiling")
 
 

@@ -174,7 +174,7 @@ def test_cli_plane_and_layout(tmp_path: Path, planes: np.ndarray) -> None:
     fcn = fcconv.convolutionalize(digits_model(), (1, 12, 12))  # as the command line converts it
     scale = PixelScale(1 / 255, None, None, torch.float32)
     expected = fcconv.tiled_map(fcn, path, plane=2, tile=24, transform=scale, progress=False)
-    np.testing.assert_array_equal(zarr.open_array(out)[...], expected)
+    np.testing.assert_array_equal(zarr.open_group(out)["0"][...], expected)
     rgb = _tiff(tmp_path / "rgb.tif", np.moveaxis(planes[:3], 0, -1), photometric="rgb")
     code, err = _cli(str(rgb), "-o", str(tmp_path / "r.zarr"), "-q", "--layout", "CHW")
     assert code == 1 and "Error: --layout CHW contradicts the image" in err and "Drop --layout" in err, err

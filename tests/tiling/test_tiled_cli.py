@@ -55,7 +55,7 @@ def test_zarr_map_preview_and_resume(canvas: Path, tmp_path: Path) -> None:
     fcn = fcconv.convolutionalize(digits_model(), (1, 12, 12))
     scale = PixelScale(1 / 255, None, None, torch.float32)
     expected = fcconv.tiled_map(fcn, canvas, tile=40, transform=scale, progress=False)
-    np.testing.assert_array_equal(zarr.open_array(str(out))[...], expected)
+    np.testing.assert_array_equal(fcconv.tiling.open_map(out)[...], expected)
     again = _run("heatmap", *args)  # resumes: an existing store of the same run is accepted
     assert again.exit_code == 0, again.output
     _one_line_error(_run("heatmap", *MODEL, str(canvas), "-o", str(out), "--tile", "64", "-q"),
@@ -78,8 +78,15 @@ def test_bad_input(canvas: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "scores.zarr").exists()
 
 
+def _shards(out: Path) -> list[Path]:
+    return sorted(p for p in (out / "0" / "c").rglob("*") if p.is_file())
+
+
 @pytest.mark.slow
-def test_ctrl_c_keeps_finished_tiles_and_the_same_command_resumes(tmp_path: Path, one_thread: None) -> None:
+@pytest.mark.parametrize(("sent", "name", "code"), [(signal.SIGINT, "Ctrl-C (SIGINT)", 130),
+                                                    (signal.SIGTERM, "SIGTERM", 143)])
+def test_a_signal_keeps_finished_tiles_and_the_same_command_resumes(tmp_path: Path, one_thread: None,
+                                                                    sent: int, name: str, code: int) -> None:
     # one_thread: the expected map is computed here as the CLI computes it (OMP_NUM_THREADS=1), bit for bit.
     pixels = (make_canvas(512, 768, seed=4).image[0].numpy() * 255).round().astype(np.uint8)
     tifffile.imwrite(tmp_path / "canvas.tif", pixels, tile=(64, 64))
@@ -88,20 +95,35 @@ def test_ctrl_c_keeps_finished_tiles_and_the_same_command_resumes(tmp_path: Path
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
-    chunks = tmp_path / "scores.zarr" / "c"
+    out = tmp_path / "scores.zarr"
     deadline = time.monotonic() + 120
-    while (not chunks.is_dir() or sum(1 for p in chunks.rglob("*") if p.is_file()) < 3) and (
-            time.monotonic() < deadline and first.poll() is None):
+    while len(_shards(out)) < 3 and time.monotonic() < deadline and first.poll() is None:
         time.sleep(0.05)
-    first.send_signal(signal.SIGINT)
+    first.send_signal(sent)
     _, err = first.communicate(timeout=120)
-    assert first.returncode == 1
-    assert err.strip().splitlines()[-1].startswith("Error: Interrupted. The finished tiles are kept in")
-    kept = sum(1 for p in chunks.rglob("*") if p.is_file())
+    assert first.returncode == code, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"Stopped by {name}: ") and last.endswith("; run the same command to resume."), err
+    kept = int(last.split(": ")[1].split(" of ")[0])
+    assert 3 <= kept < int(last.split(" of ")[1].split()[0])
+    assert not (out / ".fcconv" / "lock.json").exists()  # the lock went with the run
     second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr
-    assert kept < sum(1 for p in chunks.rglob("*") if p.is_file())
+    assert kept < len(_shards(out))
     fcn = fcconv.convolutionalize(digits_model(), (1, 12, 12))
     scale = PixelScale(1 / 255, None, None, torch.float32)
     expected = fcconv.tiled_map(fcn, pixels, tile=40, transform=scale, progress=False)
-    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "scores.zarr"))[...], expected)
+    np.testing.assert_array_equal(fcconv.tiling.open_map(out)[...], expected)
+
+
+def test_the_cli_says_which_damaged_chunk_it_recomputes(canvas: Path, tmp_path: Path) -> None:
+    out = tmp_path / "scores.zarr"
+    args = ("heatmap", *MODEL, str(canvas), "-o", str(out), "--tile", "40", "-q")
+    assert _run(*args).exit_code == 0
+    shard = _shards(out)[1]
+    shard.write_bytes(shard.read_bytes()[:20])
+    again = _run(*args)
+    assert again.exit_code == 0, again.output
+    relative = shard.relative_to(out).as_posix()
+    assert f"Chunk {relative} (tile (0, 1)) is damaged" in again.stderr
+    fcconv.tiling.open_map(out)  # verified

@@ -45,6 +45,7 @@ def test_cluster_map_equals_untiled(client: Any, padded_fcn: fcconv.FullyConvolu
     stored = fcconv.tiled_map(padded_fcn, image, tile=40, client=client, out=tmp_path / "s.zarr",
                               progress=False)
     assert_same_map(stored[...], expected)
+    assert_same_map(fcconv.tiling.open_map(tmp_path / "s.zarr")[...], expected)  # every shard checksummed
     tiles = len(fcconv.tiling.plan_for(padded_fcn, image, tile=40))
     assert len(submitted) == 2 * tiles > 4
     models = [kwargs for data, kwargs in scattered if isinstance(data, fcconv.FullyConvolutional)]

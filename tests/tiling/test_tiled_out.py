@@ -37,9 +37,14 @@ fcconv.tiled_map(fcn, image, tile=24, out=sys.argv[1], transform=slow, progress=
 
 
 def _chunks(path: Path) -> dict[str, tuple[int, int]]:
-    """Chunk file -> (inode, mtime): a rewritten chunk gets a new inode (zarr writes, then renames)."""
+    """Shard file -> (inode, mtime): a rewritten shard gets a new inode (zarr writes, then renames)."""
     return {str(p.relative_to(path)): (p.stat().st_ino, p.stat().st_mtime_ns)
-            for p in (path / "c").rglob("*") if p.is_file()}
+            for p in (path / "0" / "c").rglob("*") if p.is_file()}
+
+
+def _recorded(path: Path) -> set[str]:
+    """The shards whose checksum was recorded: those a resume keeps."""
+    return {"0/" + p.name.replace(".", "/") for p in (path / ".fcconv" / "chunks").glob("c.*")}
 
 
 def _run(script: Path, out: Path) -> subprocess.Popen[bytes]:
@@ -54,12 +59,12 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     killed, fresh = tmp_path / "killed.zarr", tmp_path / "fresh.zarr"
     first = _run(script, killed)
     deadline = time.monotonic() + 120
-    while (not (killed / "c").is_dir() or len(_chunks(killed)) < 20) and time.monotonic() < deadline:
+    while (not (killed / "0" / "c").is_dir() or len(_recorded(killed)) < 20) and time.monotonic() < deadline:
         assert first.poll() is None, first.stderr.read().decode() if first.stderr else ""
         time.sleep(0.05)
     first.send_signal(signal.SIGKILL)
     first.wait()
-    kept = _chunks(killed)
+    kept = {name: stamp for name, stamp in _chunks(killed).items() if name in _recorded(killed)}
     total = 21 * 21  # 145 cells per dim, 7 per tile: (24 - 12) // 2 + 1
     assert 20 <= len(kept) < total
     for process in (_run(script, killed), _run(script, fresh)):
@@ -69,7 +74,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     assert len(resumed) == total
     assert all(resumed[name] == stamp for name, stamp in kept.items())  # finished chunks not redone
     assert not list(killed.rglob("*.partial"))
-    np.testing.assert_array_equal(zarr.open_array(str(killed))[...], zarr.open_array(str(fresh))[...])
+    np.testing.assert_array_equal(fcconv.tiling.open_map(killed)[...], fcconv.tiling.open_map(fresh)[...])
 
 
 def test_out_equals_numpy_and_a_rerun_computes_nothing(tmp_path: Path,
@@ -78,7 +83,8 @@ def test_out_equals_numpy_and_a_rerun_computes_nothing(tmp_path: Path,
     out = tmp_path / "scores.zarr"
     stored = fcconv.tiled_map(padded_fcn, image, tile=40, out=out, progress=False)
     plan = fcconv.tiling.plan_for(padded_fcn, image, tile=40)
-    assert stored.chunks == (3, *plan.cells_per_tile) and len(_chunks(out)) == len(plan) > 1
+    assert stored.shards == (3, *plan.cells_per_tile) and len(_chunks(out)) == len(plan) > 1
+    assert stored.chunks == (3, *plan.cells_per_tile)  # inner chunks: min(16, classes) classes
     assert_same_map(stored[...], untiled(padded_fcn, image))
     before = _chunks(out)
     again = fcconv.tiled_map(padded_fcn, image, tile=40, out=str(out), progress=False)
@@ -113,7 +119,7 @@ def test_another_runs_out_is_refused_and_kept(tmp_path: Path, padded_fcn: fcconv
             fcconv.tiled_map(padded_fcn, args.pop("image"), out=out, overwrite=True, progress=False, **args)
         assert {name: (out / name).read_bytes() for name in _chunks(out)} == before
     replaced = fcconv.tiled_map(padded_fcn, image, tile=44, out=out, overwrite=True, progress=False)
-    assert replaced.chunks != (3, *fcconv.tiling.plan_for(padded_fcn, image, tile=40).cells_per_tile)
+    assert replaced.shards != (3, *fcconv.tiling.plan_for(padded_fcn, image, tile=40).cells_per_tile)
 
 
 def test_out_that_is_not_a_map(tmp_path: Path, padded_fcn: fcconv.FullyConvolutional) -> None:
@@ -121,7 +127,8 @@ def test_out_that_is_not_a_map(tmp_path: Path, padded_fcn: fcconv.FullyConvoluti
     notes = tmp_path / "notes.txt"
     notes.write_text("keep me")
     for out in (notes, tmp_path):
-        with pytest.raises(FcconvError, match=r"^out .* exists and is not a zarr array; it was left"):
+        foreign = r"^out .* exists and is not a zarr map written by fcconv \(even with"
+        with pytest.raises(FcconvError, match=foreign):
             fcconv.tiled_map(padded_fcn, image, out=out, overwrite=True, progress=False)
     assert notes.read_text() == "keep me"
     with pytest.raises(FcconvError, match=r"^Cannot write out .*notes\.txt/scores\.zarr'"):

@@ -79,6 +79,7 @@ _TILES_ONLY = {
     "workers": "a picture is computed in this process: give -o X.zarr to run tiles on a dask cluster",
     "scheduler": "a picture is computed in this process: give -o X.zarr to run tiles on a dask cluster",
     "overwrite": "a picture is always replaced",
+    "wait": "a picture is written by this process alone: --wait waits for another run writing a map",
     "layout": "Pillow reads pictures as they are stored",
     "plane": "Pillow reads the first image of the file: give -o X.zarr to map a plane of a TIFF stack",
 }
@@ -337,6 +338,8 @@ Examples:
 @click.option("--plane", metavar="K|AXIS=K,...",
               help="With -o X.zarr: the plane of a stack to map (a z-stack, a time series): its index, "
                    "or one per stack axis, e.g. --plane T=0,Z=3.")
+@click.option("--wait", is_flag=True,
+              help="With -o X.zarr: wait for another run writing the same map, instead of stopping.")
 @click.option("--cam", is_flag=True,
               help="Draw the exact class activation map (the head at each position of the last feature "
                    "map, whose mean is the model's output) instead of the map of windows.")
@@ -345,7 +348,7 @@ def command(model: str, image: Path, output: Path, input_shape: tuple[int, ...] 
             kwargs: str, mean: tuple[float, ...] | None, std: tuple[float, ...] | None, labels: str | None,
             hide: str, scale: float, alpha: float, head_impl: str, top: int, device: str, tile: int,
             preview: Path | None, level: int, workers: int | None, scheduler: str | None, overwrite: bool,
-            layout: str | None, plane: str | None, cam: bool, quiet: bool) -> None:
+            layout: str | None, plane: str | None, wait: bool, cam: bool, quiet: bool) -> None:
     """Draw the dense class map of the classifier MODEL over IMAGE into OUTPUT.
 
     MODEL follows the loading rules of every command (torchvision:NAME, package.module:factory, a
@@ -380,7 +383,7 @@ def command(model: str, image: Path, output: Path, input_shape: tuple[int, ...] 
         return run(fcn.to(torch.device(device)), image, output, tile=tile, level=level, mean=mean, std=std,
                    preview=preview, labels=names, hidden=_hidden(hide, names), workers=workers,
                    scheduler=scheduler, overwrite=overwrite, quiet=quiet, layout=layout,
-                   plane=parse_plane(plane))
+                   plane=parse_plane(plane), wait=wait)
     pixels = load_image(image, input_shape[0], scale=scale)
     x = _normalize(pixels, mean, std).unsqueeze(0)
     target = torch.device(device)

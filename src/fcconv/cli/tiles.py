@@ -7,8 +7,10 @@ chunk with :func:`fcconv.tiled_map`, and ``--preview`` draws a small PNG of it.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Collection, Sequence
+import signal
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +83,21 @@ def parse_plane(text: str | None) -> Any:
                                  f"got {text!r}.", param_hint="--plane") from None
 
 
+@contextlib.contextmanager
+def _log_to_stderr() -> Iterator[None]:
+    """Print the tiling's one-line notes (a damaged chunk recomputed) on stderr, as they come."""
+    import logging
+
+    logger = logging.getLogger("fcconv.tiling")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
 def _pixel_scale(dtype: Any) -> float:
     import numpy as np
 
@@ -100,10 +117,49 @@ def _client(workers: int | None, scheduler: str | None) -> Any:
     return distributed.Client(cluster)
 
 
+class Stopped(BaseException):
+    """A signal (SIGTERM) that stops the run as Ctrl-C does."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+@contextlib.contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    """While the map runs, SIGTERM (what batch schedulers send) raises :class:`Stopped` as Ctrl-C would."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Stopped("SIGTERM")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: signals cannot be caught here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped(output: Path, name: str, code: int) -> None:
+    """Say how much of the map is on disk and how to resume, then exit with ``code``."""
+    from fcconv.tiling._store import stored_progress
+
+    try:
+        done, total = stored_progress(output)
+        kept = f"{done} of {total} tiles are on disk in {str(output)!r}"
+    except Exception:  # noqa: BLE001 - stopped before the store existed
+        kept = f"nothing was kept in {str(output)!r}"
+    click.echo(f"Stopped by {name}: {kept}; run the same command to resume.", err=True)
+    raise click.exceptions.Exit(code)
+
+
 def run(fcn: Any, image: Path, output: Path, *, tile: int, level: int, mean: Sequence[float] | None,
         std: Sequence[float] | None, preview: Path | None, labels: Sequence[str], hidden: Collection[int],
         workers: int | None, scheduler: str | None, overwrite: bool, quiet: bool, layout: str | None = None,
-        plane: Any = None) -> None:
+        plane: Any = None, wait: bool = False) -> None:
     """Write the map of ``fcn`` over ``image`` to the zarr store ``output``, resuming a killed run."""
     from fcconv.tiling import plan_for, tiled_map, write_preview
     from fcconv.tiling._source import open_source
@@ -123,11 +179,14 @@ def run(fcn: Any, image: Path, output: Path, *, tile: int, level: int, mean: Seq
                    f"factor {plan.recompute_factor():.2f}.")
     client = _client(workers, scheduler)
     try:
-        scores = tiled_map(fcn, image, tile=tile, out=output, layout=layout, transform=transform, level=level,
-                           client=client, overwrite=overwrite, progress=not quiet, plane=plane)
+        with _sigterm_stops(), _log_to_stderr():
+            scores = tiled_map(fcn, image, tile=tile, out=output, layout=layout, transform=transform,
+                               level=level, client=client, overwrite=overwrite, wait=wait, progress=not quiet,
+                               plane=plane)
+    except Stopped as stop:
+        _stopped(output, stop.name, 128 + signal.SIGTERM)
     except KeyboardInterrupt:
-        fail(f"Interrupted. The finished tiles are kept in {str(output)!r}: run the same command again to "
-             "resume.")
+        _stopped(output, "Ctrl-C (SIGINT)", 128 + signal.SIGINT)
     finally:
         if client is not None:
             cluster = client.cluster if workers is not None else None

@@ -9,6 +9,7 @@ Example:
 from fcconv.tiling._map import dask_map, plan_for, tiled_map
 from fcconv.tiling._plan import Tile, TilePlan, field_of, plan_tiles
 from fcconv.tiling._preview import winners, write_preview
+from fcconv.tiling._store import open_map
 
-__all__ = ["Tile", "TilePlan", "dask_map", "field_of", "plan_for", "plan_tiles", "tiled_map", "winners",
-           "write_preview"]
+__all__ = ["Tile", "TilePlan", "dask_map", "field_of", "open_map", "plan_for", "plan_tiles", "tiled_map",
+           "winners", "write_preview"]

@@ -19,7 +19,7 @@ from fcconv._shapes import format_shape
 from fcconv.errors import FcconvError
 from fcconv.tiling._plan import Tile, TilePlan, field_of, plan_tiles
 from fcconv.tiling._source import Plane, Source, open_source
-from fcconv.tiling._store import finished, open_output
+from fcconv.tiling._store import finished, mark_complete, open_output, release_output
 from fcconv.tiling._tasks import compute_tile, model_identity, model_placement, tile_to_zarr
 
 __all__ = ["dask_map", "plan_for", "tiled_map"]
@@ -119,25 +119,35 @@ def _local_workers() -> int:
 
 
 def _run_local(job: _Job, tiles: list[Tile], out: str | None, bar: Any) -> Iterator[tuple[Tile, Any]]:
+    """Run the tiles on dask's threaded scheduler, a few batches of tasks at a time.
+
+    One ``dask.compute`` over every tile would keep every tile's result until the last one ends;
+    batches of a few tasks per worker keep memory flat however many tiles there are.
+    """
     dask = require("dask")
     from dask.callbacks import Callback
 
     model, source = _delayed_inputs(job)
+    workers = _local_workers()
     keys = {f"fcconv-tile-{'-'.join(map(str, t.index))}": t for t in tiles}
-    tasks = [
-        dask.delayed(tile_to_zarr if out else compute_tile, pure=False)(
-            model, source, t, job.transform, *((out,) if out else ()), dask_key_name=key)
-        for key, t in keys.items()
-    ]
 
     class _Progress(Callback):
         def _posttask(self, key: Any, *_: Any) -> None:
             if key in keys:
                 bar.update(1)
 
-    with _Progress():
-        results = dask.compute(*tasks, scheduler="threads", num_workers=_local_workers())
-    yield from zip(keys.values(), results)
+    names = list(keys)
+    batch = 4 * workers
+    for first in range(0, len(names), batch):
+        tasks = [
+            dask.delayed(tile_to_zarr if out else compute_tile, pure=False)(
+                model, source, keys[key], job.transform, *((out,) if out else ()), dask_key_name=key)
+            for key in names[first:first + batch]
+        ]
+        with _Progress():
+            results = dask.compute(*tasks, scheduler="threads", num_workers=workers)
+        yield from zip((keys[key] for key in names[first:first + batch]), results)
+        del tasks, results
 
 
 def _run_client(job: _Job, tiles: list[Tile], out: str | None, client: Any, bar: Any
@@ -158,10 +168,23 @@ def _run_client(job: _Job, tiles: list[Tile], out: str | None, client: Any, bar:
         client.cancel(list(futures))
 
 
+def _geometry(job: _Job, level: int) -> dict[str, Any]:
+    """The group's ``geometry`` attribute: where each cell of the map lies in the image read."""
+    fcn: Any = job.fcn
+    ndim = int(fcn.ndim)
+    try:
+        crop = fcn.window_of((0,) * ndim, job.source.shape[1:])
+        offset = list(crop[:ndim])
+    except FcconvError:
+        offset = [0] * ndim
+    return {"stride": list(fcn.stride), "window": list(fcn.window), "window_offset": offset,
+            "image_shape": list(job.source.shape), "level": level, "downsample": 1.0, "mpp": None}
+
+
 def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
               out: str | os.PathLike[str] | None = None, layout: str | None = None,
               transform: Transform | None = None, level: int = 0, client: Any = None,
-              overwrite: bool = False, progress: bool = True, plane: Plane = None) -> Any:
+              overwrite: bool = False, wait: bool = False, progress: bool = True, plane: Plane = None) -> Any:
     """The map of ``fcn`` over ``image``, computed tile by tile: equal to ``fcn(image[None])[0]``.
 
     Tiles start on the model's stride and read a halo that covers the receptive field of the
@@ -172,8 +195,9 @@ def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
         fcn: a :class:`~fcconv.FullyConvolutional` whose cells are local (no global pooling).
         image: a numpy array or memmap, a zarr array or a path to one, a TIFF path, or a dask array.
         tile: the largest input block one task reads, halo included (an int or one per dim).
-        out: ``None`` to return numpy; a path ``"scores.zarr"`` to write the map chunk by chunk
-            and return the zarr array. Running again with the same arguments resumes.
+        out: ``None`` to return numpy; a path ``"scores.zarr"`` to write the map as a zarr group
+            (the map is its array ``"0"``, one shard per tile) and return that array. Running
+            again with the same arguments resumes, recomputing any chunk that fails its checksum.
         layout: ``None`` (the default) reads the file's axes (a TIFF's: ``YXS`` is channels last,
             ``CYX`` first, ``YX`` one channel), else takes ``"CHW"``; ``"CHW"`` or ``"HWC"``
             (channels last) says it, and is refused where it contradicts the file. A 2-d image is
@@ -183,7 +207,8 @@ def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
             model's dtype.
         level: the pyramid level of a TIFF or of a zarr group of levels.
         client: a ``dask.distributed.Client`` to run the tiles on its workers.
-        overwrite: replace an ``out`` that holds another run's map.
+        overwrite: replace an ``out`` that holds another run's map (only a map fcconv wrote).
+        wait: wait for another run writing ``out`` to finish, instead of refusing.
         progress: show a progress bar (tiles done, throughput, ETA).
         plane: for a stack (a TIFF with axes ``ZYX``, ``TYX``, ``TZCYX``...: planes beyond the
             channels and the model's spatial dims), the plane to map: an index along its one stack
@@ -191,48 +216,58 @@ def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
             ``plane`` is refused.
 
     Returns:
-        ``(classes, *grid)``: numpy, or the zarr array at ``out``.
+        ``(classes, *grid)``: numpy, or the zarr array ``out/0``.
 
     Raises:
         FcconvError: on a tile below the minimum (the message states it), an image smaller than
-            the window, an unreadable image or level, an ``out`` of another run or not writable.
+            the window, an unreadable image or level, an ``out`` of another run, not written by
+            fcconv, being written by another run, or not writable.
         NotEquivalentError: for models whose cells are not local (e.g. squeeze-and-excitation).
 
     Example:
         >>> scores = fcconv.tiled_map(fcn, "slide.tif", tile=2048, out="scores.zarr")
     """
     job = _prepare(fcn, image, tile, layout, transform, level, plane)
-    plan = job.plan
-    shape, chunks = (job.classes, *plan.grid), (job.classes, *plan.cells_per_tile)
-    path: str | None = None
-    todo = list(plan)
-    result: Any = None
     if out is None:
-        result = np.empty(shape, dtype=job.dtype)
-    elif isinstance(out, (str, os.PathLike)):
-        from dask.base import tokenize
-
-        check_output_store(out)
-
-        identity = {"image": job.source.identity, "image_shape": job.source.shape, "layout": layout,
-                    "level": level, "model": model_identity(job.fcn), "tile": plan.tile,
-                    "cells_per_tile": plan.cells_per_tile,
-                    "transform": None if transform is None else tokenize(transform)}
-        result = open_output(out, shape=shape, chunks=chunks, dtype=job.dtype, identity=identity,
-                             overwrite=overwrite)
-        path = str(Path(out).expanduser())
-        done = finished(result, path, (t.index for t in todo))
-        todo = [t for t in todo if t.index not in done]
-    else:
+        result = np.empty((job.classes, *job.plan.grid), dtype=job.dtype)
+        _run(job, list(job.plan), None, client, progress, result)
+        return result
+    if not isinstance(out, (str, os.PathLike)):
         raise FcconvError(f"out must be None or a path to a zarr store; got {type(out).__name__}.")
-    with tqdm(total=len(plan), initial=len(plan) - len(todo), unit="tile", desc="tiled map",
+    from dask.base import tokenize
+
+    check_output_store(out)
+    plan = job.plan
+    identity = {"image": job.source.identity, "image_shape": job.source.shape, "layout": layout,
+                "level": level, "model": model_identity(job.fcn), "tile": plan.tile,
+                "cells_per_tile": plan.cells_per_tile,
+                "transform": None if transform is None else tokenize(transform)}
+    path = str(Path(out).expanduser().absolute())
+    stored = open_output(path, shape=(job.classes, *plan.grid), chunks=(job.classes, *plan.cells_per_tile),
+                         dtype=job.dtype, identity=identity, overwrite=overwrite,
+                         geometry=_geometry(job, level), wait=wait)
+    try:
+        done = finished(stored, path, (t.index for t in plan))
+        todo = [t for t in plan if t.index not in done]
+        if todo:
+            mark_complete(path, False)
+        _run(job, todo, path, client, progress, None)
+        if len(finished(stored, path, (t.index for t in todo))) != len(todo):
+            raise FcconvError(f"Some chunks of {path!r} did not reach the disk intact; run the same command "
+                              "again to recompute them.")
+        mark_complete(path, True)
+    finally:
+        release_output(path)
+    return require("zarr").open_group(path, mode="r")["0"]
+
+
+def _run(job: _Job, todo: list[Tile], path: str | None, client: Any, progress: bool,
+         result: np.ndarray | None) -> None:
+    with tqdm(total=len(job.plan), initial=len(job.plan) - len(todo), unit="tile", desc="tiled map",
               disable=not progress) as bar:
         runs = _run_client(job, todo, path, client, bar) if client is not None else _run_local(
             job, todo, path, bar)
         for t, values in runs:
-            if path is None:
+            if result is not None:
                 cells = tuple(slice(s, e) for s, e in zip(t.cell_start, t.cell_stop))
                 result[(slice(None),) + cells] = values
-    if path is None:
-        return result
-    return require("zarr").open_array(path, mode="r")

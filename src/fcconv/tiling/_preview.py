@@ -14,6 +14,7 @@ from fcconv._io import atomic_output
 from fcconv.errors import FcconvError
 from fcconv.tiling._axes import check_dtype
 from fcconv.tiling._source import Plane, Source, open_source
+from fcconv.tiling._store import damage_report
 
 __all__ = ["winners", "write_preview"]
 
@@ -29,7 +30,7 @@ def winners(scores: Any) -> tuple[np.ndarray, np.ndarray]:
     winner = np.empty(scores.shape[1:], dtype=np.int32)
     confidence = np.empty(scores.shape[1:], dtype=np.float32)
     for top in range(0, height, band):
-        part = np.asarray(scores[:, top:top + band], dtype=np.float64)
+        part = _read_band(scores, top, band)
         part = np.exp(part - part.max(axis=0, keepdims=True))
         probabilities = part / part.sum(axis=0, keepdims=True)
         winner[top:top + band] = probabilities.argmax(axis=0)
@@ -37,6 +38,18 @@ def winners(scores: Any) -> tuple[np.ndarray, np.ndarray]:
     if classes == 0:
         raise FcconvError("The map has no classes to draw.")
     return winner, confidence
+
+
+def _read_band(scores: Any, top: int, band: int) -> np.ndarray:
+    """Rows ``[top, top + band)`` of the map; a chunk that does not decode is named with the fix."""
+    try:
+        return np.asarray(scores[:, top:top + band], dtype=np.float64)
+    except Exception as error:  # noqa: BLE001 - zarr and its codecs raise many types
+        report = damage_report(scores)
+        raise FcconvError(
+            f"Cannot read rows {top} to {top + band} of the map: "
+            f"{report or f'{type(error).__name__}: {error}'}."
+        ) from None
 
 
 def _pool_cells(winner: np.ndarray, confidence: np.ndarray, hide: Collection[int], step: int

@@ -121,6 +121,31 @@ def _stat_identity(path: Path) -> str:
     return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
 
 
+def _file_offset(view: np.memmap) -> int:
+    """Where the first element of a memmap (or a view of one) lies in its file, in bytes."""
+    mapped = getattr(view, "_mmap", None)
+    if not isinstance(mapped, mmap.mmap):
+        return int(getattr(view, "offset", 0))
+    start = int(view.offset) - int(view.offset) % mmap.ALLOCATIONGRANULARITY  # where numpy mapped from
+    base = np.frombuffer(mapped, dtype=np.uint8).__array_interface__["data"][0]
+    return start + int(view.__array_interface__["data"][0]) - int(base)
+
+
+def _listing_identity(root: Path) -> str:
+    """A hash of every file under a zarr store with its size and modification time (stat only).
+
+    A store rewritten in place, even one chunk, changes it; the pixels are never read.
+    """
+    digest = hashlib.sha256()
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            stat = os.stat(os.path.join(folder, name))
+            digest.update(f"{os.path.relpath(os.path.join(folder, name), root)}|{stat.st_size}|"
+                          f"{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def _hash_array(array: np.ndarray) -> str:
     digest = hashlib.sha256()
     flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
@@ -165,8 +190,7 @@ def _from_path(path: Path, level: int) -> tuple[str, Any, str]:
         elif level:
             raise FcconvError(f"level {level} needs a zarr group of levels '0', '1', ...; {str(path)!r} "
                               "is one array. Pass level=0.")
-        meta = path / "zarr.json" if (path / "zarr.json").is_file() else path
-        stamp = _stat_identity(meta)
+        stamp = f"{path.resolve()}|{_listing_identity(path)}"
         return "zarr", _open("zarr", str(path), level, stamp), stamp
     raise FcconvError(
         f"Cannot read {str(path)!r}: unknown image type. Give a TIFF file ({', '.join(_TIFF)}), a "
@@ -279,8 +303,7 @@ def _check_channels(found: int, channels: int, shape: tuple[int, ...], axes: str
 
 def _from_object(image: Any) -> tuple[str, Any, str]:
     if isinstance(image, np.memmap) and isinstance(image.filename, (str, os.PathLike)):
-        base = image.base if isinstance(image.base, np.memmap) else image
-        return "array", image, (f"memmap|{_stat_identity(Path(image.filename))}|{getattr(base, 'offset', 0)}"
+        return "array", image, (f"memmap|{_stat_identity(Path(image.filename))}|{_file_offset(image)}"
                                 f"|{image.shape}|{image.strides}|{image.dtype}")
     if isinstance(image, np.ndarray):
         return "array", image, f"sha256|{_hash_array(image)}|{image.shape}|{image.dtype}"
@@ -288,7 +311,9 @@ def _from_object(image: Any) -> tuple[str, Any, str]:
     if module == "dask":
         return "dask", image, f"dask|{image.name}"
     if module == "zarr" and hasattr(image, "shape"):
-        return "array", image, f"zarr|{image.store_path}|{image.shape}|{image.dtype}"
+        root = getattr(getattr(image.store_path, "store", None), "root", None)
+        files = _listing_identity(Path(root) / str(image.path)) if root is not None else "in-memory"
+        return "array", image, f"zarr|{image.store_path}|{image.shape}|{image.dtype}|{files}"
     if module == "torch":
         raise FcconvError("image is a torch tensor; pass image.numpy() (CPU) or a path to the file.")
     raise FcconvError(

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from fcconv._deps import need_tiles as require
 from fcconv._shapes import format_shape
 from fcconv.errors import FcconvError
+from fcconv.tiling import _mask
 from fcconv.tiling._plan import Tile, TilePlan, field_of, plan_tiles
 from fcconv.tiling._source import Source, open_source
 from fcconv.tiling._store import finished, open_output
@@ -37,7 +38,7 @@ class _Job:
 
 
 def _prepare(fcn: Any, image: Any, tile: int | Sequence[int], layout: str, transform: Transform | None,
-             level: int) -> _Job:
+             level: int, mpp: float | None = None, magnification: float | None = None) -> _Job:
     from fcconv import FullyConvolutional
 
     if not isinstance(fcn, FullyConvolutional):
@@ -48,7 +49,8 @@ def _prepare(fcn: Any, image: Any, tile: int | Sequence[int], layout: str, trans
     if transform is not None and not callable(transform):
         raise FcconvError(
             f"transform must be a callable on (1, C, h, w) tensors; got {type(transform).__name__}.")
-    source = open_source(image, layout=layout, level=level, ndim=fcn.ndim, channels=fcn.input_shape[0])
+    source = open_source(image, layout=layout, level=level, ndim=fcn.ndim, channels=fcn.input_shape[0],
+                         mpp=mpp, magnification=magnification)
     spatial = source.shape[1:]
     if any(s < m for s, m in zip(spatial, fcn.min_size)):
         raise FcconvError(
@@ -67,13 +69,13 @@ def _prepare(fcn: Any, image: Any, tile: int | Sequence[int], layout: str, trans
 
 
 def plan_for(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048, layout: str = "CHW",
-             level: int = 0) -> TilePlan:
+             level: int = 0, mpp: float | None = None, magnification: float | None = None) -> TilePlan:
     """The tiles :func:`tiled_map` would run (cells per tile, blocks read, recompute factor).
 
     Example:
         >>> plan_for(fcn, "slide.tif", tile=2048, layout="HWC").recompute_factor()
     """
-    return _prepare(fcn, image, tile, layout, None, level).plan
+    return _prepare(fcn, image, tile, layout, None, level, mpp, magnification).plan
 
 
 def _delayed_inputs(job: _Job) -> tuple[Any, Any]:
@@ -87,14 +89,15 @@ def _delayed_inputs(job: _Job) -> tuple[Any, Any]:
 
 
 def dask_map(fcn: Any, array: Any, *, tile: int | Sequence[int] = 2048, layout: str = "CHW",
-             transform: Transform | None = None, level: int = 0) -> Any:
+             transform: Transform | None = None, level: int = 0, mpp: float | None = None,
+             magnification: float | None = None) -> Any:
     """The map of ``fcn`` over ``array`` as a lazy ``dask.array.Array`` ``(classes, *grid)``.
 
     Each chunk is one tile of :func:`tiled_map`: computed from its own block of the image, equal to
     the same cells of ``fcn(image[None])[0]``. Nothing runs until you compute or store it.
 
     Args:
-        fcn, array, tile, layout, transform, level: as for :func:`tiled_map`.
+        fcn, array, tile, layout, transform, level, mpp, magnification: as for :func:`tiled_map`.
 
     Example:
         >>> scores = fcconv.dask_map(fcn, dask.array.from_zarr("slide.zarr"), tile=2048)
@@ -102,7 +105,7 @@ def dask_map(fcn: Any, array: Any, *, tile: int | Sequence[int] = 2048, layout: 
     """
     da = require("dask.array")
     dask = require("dask")
-    job = _prepare(fcn, array, tile, layout, transform, level)
+    job = _prepare(fcn, array, tile, layout, transform, level, mpp, magnification)
     model, source = _delayed_inputs(job)
     blocks = np.empty(job.plan.tiles_per_dim, dtype=object)
     for t in job.plan:
@@ -159,7 +162,8 @@ def _run_client(job: _Job, tiles: list[Tile], out: str | None, client: Any, bar:
 def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
               out: str | os.PathLike[str] | None = None, layout: str = "CHW",
               transform: Transform | None = None, level: int = 0, client: Any = None,
-              overwrite: bool = False, progress: bool = True) -> Any:
+              overwrite: bool = False, progress: bool = True, mpp: float | None = None,
+              magnification: float | None = None, mask: Any = None) -> Any:
     """The map of ``fcn`` over ``image``, computed tile by tile: equal to ``fcn(image[None])[0]``.
 
     Tiles start on the model's stride and read a halo that covers the receptive field of the
@@ -168,7 +172,8 @@ def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
 
     Args:
         fcn: a :class:`~fcconv.FullyConvolutional` whose cells are local (no global pooling).
-        image: a numpy array or memmap, a zarr array or a path to one, a TIFF path, or a dask array.
+        image: a numpy array or memmap, a zarr array or a path to one, a TIFF path, a dask array,
+            or a slide: a ``TiffSlide``/``OpenSlide`` object or a path they read (with ``mpp``).
         tile: the largest input block one task reads, halo included (an int or one per dim).
         out: ``None`` to return numpy; a path ``"scores.zarr"`` to write the map chunk by chunk
             and return the zarr array. Running again with the same arguments resumes.
@@ -181,6 +186,12 @@ def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
         client: a ``dask.distributed.Client`` to run the tiles on its workers.
         overwrite: replace an ``out`` that holds another run's map.
         progress: show a progress bar (tiles done, throughput, ETA).
+        mpp, magnification: for slides, the resolution to read (micrometres per pixel, or an
+            objective power such as 20): the coarsest level at least as fine, area-averaged to it
+            when no level matches (see ``docs/slides.md``).
+        mask: compute only cells whose window touches tissue: ``"otsu"``, a boolean array (any
+            resolution), an image file or a callable on a thumbnail. Tiles without tissue are never
+            read; their cells are NaN (in memory too) and 0 in ``out/valid``.
 
     Returns:
         ``(classes, *grid)``: numpy, or the zarr array at ``out``.
@@ -193,8 +204,9 @@ def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
     Example:
         >>> scores = fcconv.tiled_map(fcn, "slide.tif", layout="HWC", tile=2048, out="scores.zarr")
     """
-    job = _prepare(fcn, image, tile, layout, transform, level)
+    job = _prepare(fcn, image, tile, layout, transform, level, mpp, magnification)
     plan = job.plan
+    tissue = None if mask is None else _mask.tissue_cells(mask, job.source, job.fcn, plan.grid)  # issue 17
     shape, chunks = (job.classes, *plan.grid), (job.classes, *plan.cells_per_tile)
     path: str | None = None
     todo = list(plan)
@@ -208,6 +220,8 @@ def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
                     "level": level, "model": model_identity(job.fcn), "tile": plan.tile,
                     "cells_per_tile": plan.cells_per_tile,
                     "transform": None if transform is None else tokenize(transform)}
+        if tissue is not None:
+            identity["mask"] = _mask.mask_token(tissue)
         result = open_output(out, shape=shape, chunks=chunks, dtype=job.dtype, identity=identity,
                              overwrite=overwrite)
         path = str(Path(out).expanduser())
@@ -215,6 +229,8 @@ def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
         todo = [t for t in todo if t.index not in done]
     else:
         raise FcconvError(f"out must be None or a path to a zarr store; got {type(out).__name__}.")
+    if tissue is not None:
+        todo = _mask.tiles_touching(todo, tissue)
     with tqdm(total=len(plan), initial=len(plan) - len(todo), unit="tile", desc="tiled map",
               disable=not progress) as bar:
         runs = _run_client(job, todo, path, client, bar) if client is not None else _run_local(
@@ -223,6 +239,8 @@ def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
             if path is None:
                 cells = tuple(slice(s, e) for s, e in zip(t.cell_start, t.cell_stop))
                 result[(slice(None),) + cells] = values
+    if tissue is not None:
+        result = _mask.finish(result, path, list(plan), tissue)
     if path is None:
         return result
     return require("zarr").open_array(path, mode="r")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 from fcconv._deps import need_tiles as require
 from fcconv._shapes import format_shape
 from fcconv.errors import FcconvError
-from fcconv.tiling import _mask
+from fcconv.tiling import _mask, _ome
 from fcconv.tiling._plan import Tile, TilePlan, field_of, plan_tiles
 from fcconv.tiling._source import Source, open_source
 from fcconv.tiling._store import finished, open_output
@@ -163,7 +164,8 @@ def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
               out: str | os.PathLike[str] | None = None, layout: str = "CHW",
               transform: Transform | None = None, level: int = 0, client: Any = None,
               overwrite: bool = False, progress: bool = True, mpp: float | None = None,
-              magnification: float | None = None, mask: Any = None) -> Any:
+              magnification: float | None = None, mask: Any = None, scores: str = "logits",
+              class_names: Sequence[str] | str | os.PathLike[str] | None = None) -> Any:
     """The map of ``fcn`` over ``image``, computed tile by tile: equal to ``fcn(image[None])[0]``.
 
     Tiles start on the model's stride and read a halo that covers the receptive field of the
@@ -192,6 +194,9 @@ def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
         mask: compute only cells whose window touches tissue: ``"otsu"``, a boolean array (any
             resolution), an image file or a callable on a thumbnail. Tiles without tissue are never
             read; their cells are NaN (in memory too) and 0 in ``out/valid``.
+        scores: ``"logits"`` (the model's outputs) or ``"probabilities"`` (softmax over classes).
+        class_names: one name per class (or a file with one a line), for the OME-Zarr channel
+            labels and ``fcconv.classes`` of ``out``.
 
     Returns:
         ``(classes, *grid)``: numpy, or the zarr array at ``out``.
@@ -205,6 +210,8 @@ def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
         >>> scores = fcconv.tiled_map(fcn, "slide.tif", layout="HWC", tile=2048, out="scores.zarr")
     """
     job = _prepare(fcn, image, tile, layout, transform, level, mpp, magnification)
+    job = dataclasses.replace(job, fcn=_ome.with_scores(job.fcn, scores))  # issue 17
+    names = _ome.read_class_names(class_names, job.classes)
     plan = job.plan
     tissue = None if mask is None else _mask.tissue_cells(mask, job.source, job.fcn, plan.grid)  # issue 17
     shape, chunks = (job.classes, *plan.grid), (job.classes, *plan.cells_per_tile)
@@ -241,6 +248,7 @@ def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
                 result[(slice(None),) + cells] = values
     if tissue is not None:
         result = _mask.finish(result, path, list(plan), tissue)
+    _ome.finish(path, fcn, job.source, class_names=names, scores=scores, tissue=tissue)
     if path is None:
         return result
     return require("zarr").open_array(path, mode="r")

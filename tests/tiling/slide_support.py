@@ -10,7 +10,7 @@ from torch import nn
 
 import fcconv
 
-__all__ = ["RgbNet", "make_svs", "rgb_fcn", "tissue_picture", "to_unit"]
+__all__ = ["RgbNet", "make_svs", "rgb_fcn", "seeded_rgb_net", "tissue_picture", "to_unit"]
 
 
 def tissue_picture(size: int = 1024, background: float = 0.5, seed: int = 0) -> np.ndarray:
@@ -61,3 +61,9 @@ def rgb_fcn() -> fcconv.FullyConvolutional:
 def to_unit(x: torch.Tensor) -> torch.Tensor:
     """uint8 pixels to float64 in [0, 1]."""
     return x.double() / 255
+
+
+def seeded_rgb_net() -> RgbNet:
+    """:class:`RgbNet` (float32) with seeded weights: a factory for CLI tests."""
+    torch.manual_seed(0)
+    return RgbNet().eval()

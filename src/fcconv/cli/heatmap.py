@@ -21,6 +21,7 @@ from fcconv._io import IMAGE_SUFFIXES, atomic_output, image_format
 from fcconv._shapes import format_shape
 from fcconv.cli._app import InputShape, NumberList, OutputPath, fail, step
 from fcconv.cli._loading import as_fcn_source, import_attribute, load_model
+from fcconv.cli._slides import slide_options
 from fcconv.cli.tiles import MapOutput, is_map_output
 from fcconv.errors import FcconvError
 from fcconv.models.modules import HEAD_IMPLS
@@ -246,7 +247,7 @@ Examples:
 @click.option("--kwargs", default="", metavar="'K=V, ...'", help="Keyword arguments for the factory.")
 @click.option("--mean", type=NumberList(), help="Per-channel mean subtracted from pixels in [0, 1].")
 @click.option("--std", type=NumberList(), help="Per-channel standard deviation pixels are divided by.")
-@click.option("--labels", metavar="FILE|REF",
+@click.option("--labels", "--class-names", "labels", metavar="FILE|REF",
               help="Class names: a text file, one per line, or package.module:NAMES.")
 @click.option("--hide", metavar="NAME,...", default="",
               help="Classes not to colour, e.g. --hide background.")
@@ -270,12 +271,13 @@ Examples:
 @click.option("--cam", is_flag=True,
               help="Draw the exact class activation map (the head at each position of the last feature "
                    "map, whose mean is the model's output) instead of the map of windows.")
+@slide_options
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 def command(model: str, image: Path, output: Path, input_shape: tuple[int, ...] | None, factory: str | None,
             kwargs: str, mean: tuple[float, ...] | None, std: tuple[float, ...] | None, labels: str | None,
             hide: str, scale: float, alpha: float, head_impl: str, top: int, device: str, tile: int,
             preview: Path | None, level: int, workers: int | None, scheduler: str | None, overwrite: bool,
-            cam: bool, quiet: bool) -> None:
+            cam: bool, quiet: bool, **slides: Any) -> None:
     """Draw the dense class map of the classifier MODEL over IMAGE into OUTPUT.
 
     MODEL follows the loading rules of every command (torchvision:NAME, package.module:factory, a
@@ -306,7 +308,8 @@ def command(model: str, image: Path, output: Path, input_shape: tuple[int, ...] 
         names = _labels(labels, int(fcn.num_classes))  # type: ignore[arg-type]
         return run(fcn.to(torch.device(device)), image, output, tile=tile, level=level, mean=mean, std=std,
                    preview=preview, labels=names, hidden=_hidden(hide, names), workers=workers,
-                   scheduler=scheduler, overwrite=overwrite, quiet=quiet)
+                   scheduler=scheduler, overwrite=overwrite, quiet=quiet,
+                   class_names=None if labels is None else names, **slides)
     pixels = load_image(image, input_shape[0], scale=scale)
     x = _normalize(pixels, mean, std).unsqueeze(0)
     target = torch.device(device)

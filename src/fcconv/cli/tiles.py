@@ -63,12 +63,12 @@ class PixelScale:
         return x
 
 
-def _layout(fcn: Any, image: Path, level: int) -> str:
+def _layout(fcn: Any, image: Path, level: int, **resolution: Any) -> str:
     """``"HWC"`` for images stored channels last (RGB TIFFs), else ``"CHW"``."""
     from fcconv.tiling import plan_for
 
     try:
-        plan_for(fcn, image, tile=10**9, layout="CHW", level=level)
+        plan_for(fcn, image, tile=10**9, layout="CHW", level=level, **resolution)
         return "CHW"
     except FcconvError as error:
         if "layout='HWC'" not in str(error):
@@ -97,8 +97,15 @@ def _client(workers: int | None, scheduler: str | None) -> Any:
 
 def run(fcn: Any, image: Path, output: Path, *, tile: int, level: int, mean: Sequence[float] | None,
         std: Sequence[float] | None, preview: Path | None, labels: Sequence[str], hidden: Collection[int],
-        workers: int | None, scheduler: str | None, overwrite: bool, quiet: bool) -> None:
-    """Write the map of ``fcn`` over ``image`` to the zarr store ``output``, resuming a killed run."""
+        workers: int | None, scheduler: str | None, overwrite: bool, quiet: bool,
+        mpp: float | None = None, magnification: float | None = None, mask: str | None = None,
+        score_kind: str = "logits", show_class: str | None = None, class_names: Sequence[str] | None = None
+        ) -> None:
+    """Write the map of ``fcn`` over ``image`` to the zarr store ``output``, resuming a killed run.
+
+    ``mpp``, ``magnification``, ``mask``, ``class_names``: as for :func:`fcconv.tiled_map` (slides,
+    issue 17); ``score_kind``: its ``scores``; ``show_class``: the class the preview draws.
+    """
     from fcconv.tiling import plan_for, tiled_map, write_preview
     from fcconv.tiling._source import open_source
 
@@ -106,11 +113,13 @@ def run(fcn: Any, image: Path, output: Path, *, tile: int, level: int, mean: Seq
         raise click.UsageError("Give --workers (a local cluster) or --scheduler (a running one), not both.")
     if not image.exists():
         fail(f"Image {str(image)!r} not found. Check the path.")
-    layout = _layout(fcn, image, level)
-    stored = open_source(image, layout=layout, level=level, ndim=2, channels=fcn.input_shape[0]).dtype
+    resolution: dict[str, Any] = {"mpp": mpp, "magnification": magnification}
+    layout = _layout(fcn, image, level, **resolution)
+    stored = open_source(image, layout=layout, level=level, ndim=2, channels=fcn.input_shape[0],
+                         **resolution).dtype
     dtype = next(iter(fcn.parameters())).dtype
     transform = PixelScale(_pixel_scale(stored), mean, std, dtype)
-    plan = plan_for(fcn, image, tile=tile, layout=layout, level=level)
+    plan = plan_for(fcn, image, tile=tile, layout=layout, level=level, **resolution)
     if not quiet:
         click.echo(f"Image {plan.image[1]}x{plan.image[0]} ({layout}, level {level}): a "
                    f"{plan.grid[0]}x{plan.grid[1]} map in {len(plan)} tiles of at most {tile} px, recompute "
@@ -118,7 +127,8 @@ def run(fcn: Any, image: Path, output: Path, *, tile: int, level: int, mean: Seq
     client = _client(workers, scheduler)
     try:
         scores = tiled_map(fcn, image, tile=tile, out=output, layout=layout, transform=transform, level=level,
-                           client=client, overwrite=overwrite, progress=not quiet)
+                           client=client, overwrite=overwrite, progress=not quiet, mask=mask,
+                           scores=score_kind, class_names=class_names, **resolution)
     except KeyboardInterrupt:
         fail(f"Interrupted. The finished tiles are kept in {str(output)!r}: run the same command again to "
              "resume.")
@@ -132,5 +142,6 @@ def run(fcn: Any, image: Path, output: Path, *, tile: int, level: int, mean: Seq
     if preview is not None:
         with step(f"Drawing {preview}", quiet=quiet):
             write_preview(scores, image, preview, fcn=fcn, layout=layout, level=level, labels=labels,
-                          hide=hidden)
+                          hide=hidden, show_class=show_class, probabilities=score_kind == "probabilities",
+                          mpp=mpp, magnification=magnification)
         click.echo(f"Wrote {preview}")

@@ -213,7 +213,7 @@ def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
     job = dataclasses.replace(job, fcn=_ome.with_scores(job.fcn, scores))  # issue 17
     names = _ome.read_class_names(class_names, job.classes)
     plan = job.plan
-    tissue = None if mask is None else _mask.tissue_cells(mask, job.source, job.fcn, plan.grid)  # issue 17
+    tissue = None if mask is None else _mask.tissue_cells(mask, job.source, fcn, plan.grid)  # issue 17
     shape, chunks = (job.classes, *plan.grid), (job.classes, *plan.cells_per_tile)
     path: str | None = None
     todo = list(plan)

@@ -1,0 +1,32 @@
+"""The whole-slide options of ``fcconv heatmap ... -o X.zarr`` (issue 17), in one decorator."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+__all__ = ["slide_options"]
+
+
+def slide_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--mpp``, ``--magnification``, ``--mask``, ``--scores`` and ``--class`` to a command."""
+    options = [
+        click.option("--mpp", type=click.FloatRange(min=0, min_open=True), metavar="UM",
+                     help="With -o X.zarr and a slide: micrometres per pixel to read at (the coarsest "
+                          "level at least as fine, area-averaged when none matches)."),
+        click.option("--magnification", type=click.FloatRange(min=0, min_open=True), metavar="X",
+                     help="With -o X.zarr and a slide: the objective power to read at, e.g. 20."),
+        click.option("--mask", metavar="otsu|FILE",
+                     help="With -o X.zarr: compute only cells whose window touches tissue: 'otsu' "
+                          "(threshold on a thumbnail) or a mask image (nonzero is tissue)."),
+        click.option("--scores", "score_kind", type=click.Choice(["logits", "probabilities"]),
+                     default="logits", show_default=True,
+                     help="With -o X.zarr: store logits or softmax probabilities."),
+        click.option("--class", "show_class", metavar="NAME|INDEX",
+                     help="With --preview: draw this class's probability instead of the winners."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command

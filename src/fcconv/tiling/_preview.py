@@ -218,7 +218,7 @@ def write_preview(scores: Any, image: Any, path: str | os.PathLike[str], *, fcn:
         title = f"probability of {names[index]!r}"
     if skipped.any():
         axes.contourf(skipped.astype(float), levels=[0.5, 1.5], colors=["0.55"], alpha=0.55, hatches=["//"],
-                      extent=(extent[0], extent[1], extent[3], extent[2]), origin="upper")
+                      extent=extent, origin="upper")  # row 0 at the top, as imshow draws it
         handles.append(Patch(facecolor="0.55", alpha=0.55, hatch="//", label="skipped (no tissue)"))
     axes.set_xlim(-0.5, width - 0.5)
     axes.set_ylim(height - 0.5, -0.5)

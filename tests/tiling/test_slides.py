@@ -133,3 +133,22 @@ def test_mask_as_array_callable_and_file(svs: Path, fcn: fcconv.FullyConvolution
         assert np.array_equal(np.isnan(other), np.isnan(maps[0]))
     with pytest.raises(FcconvError, match="mask is an array of shape"):
         fcconv.tiled_map(fcn, svs, mpp=0.5, progress=False, mask=np.zeros(5))
+
+
+def test_prefetch_reads_ahead_and_gives_the_same_map(svs: Path, fcn: fcconv.FullyConvolutional,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from fcconv.tiling._prefetch import Prefetching
+
+    plain = fcconv.tiled_map(fcn, svs, mpp=0.5, tile=136, transform=to_unit, progress=False)
+    hits: list[bool] = []
+    read = Prefetching.read
+
+    def counted(self: Prefetching, start: tuple[int, ...], stop: tuple[int, ...]) -> np.ndarray:
+        hits.append((tuple(start), tuple(stop)) in self._pending)
+        return read(self, start, stop)
+
+    monkeypatch.setattr(Prefetching, "read", counted)
+    ahead = fcconv.tiled_map(fcn, svs, mpp=0.5, tile=136, transform=to_unit, progress=False, prefetch=True)
+    assert np.array_equal(ahead, plain)
+    assert len(hits) == len(fcconv.tiling.plan_for(fcn, svs, mpp=0.5, tile=136))
+    assert sum(hits) >= len(hits) - 2  # all but the first read (and a turn) were read ahead

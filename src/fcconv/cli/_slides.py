@@ -24,6 +24,8 @@ def slide_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--scores", "score_kind", type=click.Choice(["logits", "probabilities"]),
                      default="logits", show_default=True,
                      help="With -o X.zarr: store logits or softmax probabilities."),
+        click.option("--prefetch/--no-prefetch", default=True, show_default=True,
+                     help="With -o X.zarr: read the next blocks while the model runs (local runs)."),
         click.option("--class", "show_class", metavar="NAME|INDEX",
                      help="With --preview: draw this class's probability instead of the winners."),
     ]

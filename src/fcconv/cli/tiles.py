@@ -99,12 +99,13 @@ def run(fcn: Any, image: Path, output: Path, *, tile: int, level: int, mean: Seq
         std: Sequence[float] | None, preview: Path | None, labels: Sequence[str], hidden: Collection[int],
         workers: int | None, scheduler: str | None, overwrite: bool, quiet: bool,
         mpp: float | None = None, magnification: float | None = None, mask: str | None = None,
-        score_kind: str = "logits", show_class: str | None = None, class_names: Sequence[str] | None = None
-        ) -> None:
+        score_kind: str = "logits", show_class: str | None = None, class_names: Sequence[str] | None = None,
+        prefetch: bool = False) -> None:
     """Write the map of ``fcn`` over ``image`` to the zarr store ``output``, resuming a killed run.
 
     ``mpp``, ``magnification``, ``mask``, ``class_names``: as for :func:`fcconv.tiled_map` (slides,
-    issue 17); ``score_kind``: its ``scores``; ``show_class``: the class the preview draws.
+    issue 17); ``score_kind``: its ``scores``; ``show_class``: the class the preview draws; ``prefetch``:
+    read ahead (local runs).
     """
     from fcconv.tiling import plan_for, tiled_map, write_preview
     from fcconv.tiling._source import open_source
@@ -128,7 +129,7 @@ def run(fcn: Any, image: Path, output: Path, *, tile: int, level: int, mean: Seq
     try:
         scores = tiled_map(fcn, image, tile=tile, out=output, layout=layout, transform=transform, level=level,
                            client=client, overwrite=overwrite, progress=not quiet, mask=mask,
-                           scores=score_kind, class_names=class_names, **resolution)
+                           scores=score_kind, class_names=class_names, prefetch=prefetch, **resolution)
     except KeyboardInterrupt:
         fail(f"Interrupted. The finished tiles are kept in {str(output)!r}: run the same command again to "
              "resume.")

@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from fcconv._shapes import format_shape
 from fcconv.errors import FcconvError
 from fcconv.tiling import _mask, _ome
 from fcconv.tiling._plan import Tile, TilePlan, field_of, plan_tiles
+from fcconv.tiling._prefetch import Prefetching
 from fcconv.tiling._source import Source, open_source
 from fcconv.tiling._store import finished, open_output
 from fcconv.tiling._tasks import compute_tile, model_identity, model_placement, tile_to_zarr
@@ -165,7 +166,8 @@ def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
               transform: Transform | None = None, level: int = 0, client: Any = None,
               overwrite: bool = False, progress: bool = True, mpp: float | None = None,
               magnification: float | None = None, mask: Any = None, scores: str = "logits",
-              class_names: Sequence[str] | str | os.PathLike[str] | None = None) -> Any:
+              class_names: Sequence[str] | str | os.PathLike[str] | None = None, prefetch: bool = False
+              ) -> Any:
     """The map of ``fcn`` over ``image``, computed tile by tile: equal to ``fcn(image[None])[0]``.
 
     Tiles start on the model's stride and read a halo that covers the receptive field of the
@@ -197,6 +199,8 @@ def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
         scores: ``"logits"`` (the model's outputs) or ``"probabilities"`` (softmax over classes).
         class_names: one name per class (or a file with one a line), for the OME-Zarr channel
             labels and ``fcconv.classes`` of ``out``.
+        prefetch: on this machine (no ``client``), read the next tiles' blocks in a background
+            thread while the model runs.
 
     Returns:
         ``(classes, *grid)``: numpy, or the zarr array at ``out``.
@@ -238,6 +242,9 @@ def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
         raise FcconvError(f"out must be None or a path to a zarr store; got {type(out).__name__}.")
     if tissue is not None:
         todo = _mask.tiles_touching(todo, tissue)
+    if prefetch and client is None:  # issue 17: read the next blocks while the model runs
+        job = dataclasses.replace(job, source=cast(Source, Prefetching(
+            job.source, ((t.read_start, t.read_stop) for t in todo))))
     with tqdm(total=len(plan), initial=len(plan) - len(todo), unit="tile", desc="tiled map",
               disable=not progress) as bar:
         runs = _run_client(job, todo, path, client, bar) if client is not None else _run_local(
@@ -246,6 +253,8 @@ def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
             if path is None:
                 cells = tuple(slice(s, e) for s, e in zip(t.cell_start, t.cell_stop))
                 result[(slice(None),) + cells] = values
+    if isinstance(job.source, Prefetching):
+        job.source.close()
     if tissue is not None:
         result = _mask.finish(result, path, list(plan), tissue)
     _ome.finish(path, fcn, job.source, class_names=names, scores=scores, tissue=tissue)

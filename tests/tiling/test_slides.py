@@ -152,3 +152,12 @@ def test_prefetch_reads_ahead_and_gives_the_same_map(svs: Path, fcn: fcconv.Full
     assert np.array_equal(ahead, plain)
     assert len(hits) == len(fcconv.tiling.plan_for(fcn, svs, mpp=0.5, tile=136))
     assert sum(hits) >= len(hits) - 2  # all but the first read (and a turn) were read ahead
+
+
+def test_a_slide_source_travels_as_its_path(svs: Path, fcn: fcconv.FullyConvolutional) -> None:
+    import pickle
+
+    source = fcconv.tiling._map._prepare(fcn, tiffslide.TiffSlide(svs), 512, "CHW", None, 0).source
+    data = pickle.dumps(source)
+    assert len(data) < 2000  # the path and the level, not the pixels nor the open file
+    assert np.array_equal(pickle.loads(data).read((10, 20), (50, 90)), source.read((10, 20), (50, 90)))

@@ -49,6 +49,20 @@ def test_slide_options_through_the_command(svs: Path, tmp_path: Path) -> None:
     assert np.isnan(got[:, :, -1]).all() and np.isfinite(got[:, :, 0]).all()
 
 
+def test_dtype_runs_the_model_in_float64(svs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "map64.zarr"
+    result = _run("heatmap", *MODEL, str(svs), "-o", str(out), "--mpp", "2.0", "--dtype", "float64",
+                  "--no-prefetch", "--tile", "256", "-q")
+    assert result.exit_code == 0, (result.output, result.exception)
+    node = zarr.open(str(out), mode="r")
+    got = np.asarray(node if hasattr(node, "shape") else node["0"])
+    fcn = fcconv.convolutionalize(seeded_rgb_net().double(), (3, 16, 16))
+    expected = fcconv.tiled_map(fcn, svs, mpp=2.0, tile=256, progress=False,
+                                transform=PixelScale(1 / 255, None, None, torch.float64))
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got, expected)
+
+
 @pytest.mark.parametrize(("args", "start"), [
     (("--mpp", "0.1"), "mpp 0.1 (level 0: 0.5 mpp) is finer than the slide's level 0"),
     (("--mask", "nowhere.png"), "mask 'nowhere.png' is neither 'otsu' nor an image file"),

@@ -11,7 +11,8 @@ __all__ = ["slide_options"]
 
 
 def slide_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Add ``--mpp``, ``--magnification``, ``--mask``, ``--scores`` and ``--class`` to a command."""
+    """Add ``--mpp``, ``--magnification``, ``--mask``, ``--scores``, ``--prefetch``, ``--dtype`` and
+    ``--class`` to a command."""
     options = [
         click.option("--mpp", type=click.FloatRange(min=0, min_open=True), metavar="UM",
                      help="With -o X.zarr and a slide: micrometres per pixel to read at (the coarsest "
@@ -26,6 +27,10 @@ def slide_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="With -o X.zarr: store logits or softmax probabilities."),
         click.option("--prefetch/--no-prefetch", default=True, show_default=True,
                      help="With -o X.zarr: read the next blocks while the model runs (local runs)."),
+        click.option("--dtype", "model_dtype",
+                     type=click.Choice(["float32", "float64", "float16", "bfloat16"]),
+                     help="With -o X.zarr: run the model in this dtype (float16/bfloat16: on CUDA; "
+                          "bfloat16 maps are stored as float32)."),
         click.option("--class", "show_class", metavar="NAME|INDEX",
                      help="With --preview: draw this class's probability instead of the winners."),
     ]

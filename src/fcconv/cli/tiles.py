@@ -100,12 +100,12 @@ def run(fcn: Any, image: Path, output: Path, *, tile: int, level: int, mean: Seq
         workers: int | None, scheduler: str | None, overwrite: bool, quiet: bool,
         mpp: float | None = None, magnification: float | None = None, mask: str | None = None,
         score_kind: str = "logits", show_class: str | None = None, class_names: Sequence[str] | None = None,
-        prefetch: bool = False) -> None:
+        prefetch: bool = False, model_dtype: str | None = None) -> None:
     """Write the map of ``fcn`` over ``image`` to the zarr store ``output``, resuming a killed run.
 
     ``mpp``, ``magnification``, ``mask``, ``class_names``: as for :func:`fcconv.tiled_map` (slides,
     issue 17); ``score_kind``: its ``scores``; ``show_class``: the class the preview draws; ``prefetch``:
-    read ahead (local runs).
+    read ahead (local runs); ``model_dtype``: the dtype the model runs in.
     """
     from fcconv.tiling import plan_for, tiled_map, write_preview
     from fcconv.tiling._source import open_source
@@ -114,6 +114,8 @@ def run(fcn: Any, image: Path, output: Path, *, tile: int, level: int, mean: Seq
         raise click.UsageError("Give --workers (a local cluster) or --scheduler (a running one), not both.")
     if not image.exists():
         fail(f"Image {str(image)!r} not found. Check the path.")
+    if model_dtype is not None:  # the model was loaded by the command: converting it changes no user's module
+        fcn = fcn.to(getattr(torch, model_dtype))
     resolution: dict[str, Any] = {"mpp": mpp, "magnification": magnification}
     layout = _layout(fcn, image, level, **resolution)
     stored = open_source(image, layout=layout, level=level, ndim=2, channels=fcn.input_shape[0],

@@ -11,7 +11,7 @@ $(BIN)/python:
 
 # Stamps re-run the install when pyproject.toml changes.
 $(VENV)/.installed-cli: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e ".[cli,models,tiles,onnx]"
+	$(BIN)/python -m pip install --quiet -e ".[cli,models,tiles,onnx,slides]"
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python

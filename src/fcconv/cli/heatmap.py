@@ -21,6 +21,7 @@ from fcconv._io import IMAGE_SUFFIXES, atomic_output, image_format
 from fcconv._shapes import format_shape
 from fcconv.cli._app import InputShape, NumberList, OutputPath, fail, step
 from fcconv.cli._loading import as_fcn_source, import_attribute, load_model
+from fcconv.cli._slides import slide_options
 from fcconv.cli.tiles import MapOutput, is_map_output
 from fcconv.errors import FcconvError
 from fcconv.models.modules import HEAD_IMPLS
@@ -80,6 +81,13 @@ _TILES_ONLY = {
     "scheduler": "a picture is computed in this process: give -o X.zarr to run tiles on a dask cluster",
     "overwrite": "a picture is always replaced",
     "wait": "a picture is written by this process alone: --wait waits for another run writing a map",
+    "mpp": "a picture is read at its own size: give -o X.zarr to read a slide at a resolution",
+    "magnification": "a picture is read at its own size: give -o X.zarr to read a slide at a resolution",
+    "mask": "a picture computes every cell: give -o X.zarr to skip background",
+    "score_kind": "a picture shows the winning class and its probability",
+    "prefetch": "a picture is read in one piece",
+    "model_dtype": "a picture runs the model in its own dtype",
+    "show_class": "--class draws the --preview of -o X.zarr",
     "layout": "Pillow reads pictures as they are stored",
     "plane": "Pillow reads the first image of the file: give -o X.zarr to map a plane of a TIFF stack",
 }
@@ -311,7 +319,7 @@ Examples:
 @click.option("--kwargs", default="", metavar="'K=V, ...'", help="Keyword arguments for the factory.")
 @click.option("--mean", type=NumberList(), help="Per-channel mean subtracted from pixels in [0, 1].")
 @click.option("--std", type=NumberList(), help="Per-channel standard deviation pixels are divided by.")
-@click.option("--labels", metavar="FILE|REF",
+@click.option("--labels", "--class-names", "labels", metavar="FILE|REF",
               help="Class names: a text file, one per line, or package.module:NAMES.")
 @click.option("--hide", metavar="NAME,...", default="",
               help="Classes not to colour, e.g. --hide background.")
@@ -343,12 +351,13 @@ Examples:
 @click.option("--cam", is_flag=True,
               help="Draw the exact class activation map (the head at each position of the last feature "
                    "map, whose mean is the model's output) instead of the map of windows.")
+@slide_options
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 def command(model: str, image: Path, output: Path, input_shape: tuple[int, ...] | None, factory: str | None,
             kwargs: str, mean: tuple[float, ...] | None, std: tuple[float, ...] | None, labels: str | None,
             hide: str, scale: float, alpha: float, head_impl: str, top: int, device: str, tile: int,
             preview: Path | None, level: int, workers: int | None, scheduler: str | None, overwrite: bool,
-            layout: str | None, plane: str | None, wait: bool, cam: bool, quiet: bool) -> None:
+            layout: str | None, plane: str | None, wait: bool, cam: bool, quiet: bool, **slides: Any) -> None:
     """Draw the dense class map of the classifier MODEL over IMAGE into OUTPUT.
 
     MODEL follows the loading rules of every command (torchvision:NAME, package.module:factory, a
@@ -383,7 +392,8 @@ def command(model: str, image: Path, output: Path, input_shape: tuple[int, ...] 
         return run(fcn.to(torch.device(device)), image, output, tile=tile, level=level, mean=mean, std=std,
                    preview=preview, labels=names, hidden=_hidden(hide, names), workers=workers,
                    scheduler=scheduler, overwrite=overwrite, quiet=quiet, layout=layout,
-                   plane=parse_plane(plane), wait=wait)
+                   plane=parse_plane(plane), wait=wait, class_names=None if labels is None else names,
+                   **slides)
     pixels = load_image(image, input_shape[0], scale=scale)
     x = _normalize(pixels, mean, std).unsqueeze(0)
     target = torch.device(device)

@@ -159,8 +159,16 @@ def _stopped(output: Path, name: str, code: int) -> None:
 def run(fcn: Any, image: Path, output: Path, *, tile: int, level: int, mean: Sequence[float] | None,
         std: Sequence[float] | None, preview: Path | None, labels: Sequence[str], hidden: Collection[int],
         workers: int | None, scheduler: str | None, overwrite: bool, quiet: bool, layout: str | None = None,
-        plane: Any = None, wait: bool = False) -> None:
-    """Write the map of ``fcn`` over ``image`` to the zarr store ``output``, resuming a killed run."""
+        plane: Any = None, wait: bool = False, mpp: float | None = None, magnification: float | None = None,
+        mask: str | None = None, score_kind: str = "logits", show_class: str | None = None,
+        class_names: Sequence[str] | None = None, prefetch: bool = False, model_dtype: str | None = None
+        ) -> None:
+    """Write the map of ``fcn`` over ``image`` to the zarr store ``output``, resuming a killed run.
+
+    ``mpp``, ``magnification``, ``mask``, ``class_names``: as for :func:`fcconv.tiled_map` (slides);
+    ``score_kind``: its ``scores``; ``show_class``: the class the preview draws; ``prefetch``: read
+    ahead (local runs); ``model_dtype``: the dtype the model runs in.
+    """
     from fcconv.tiling import plan_for, tiled_map, write_preview
     from fcconv.tiling._source import open_source
 
@@ -168,10 +176,14 @@ def run(fcn: Any, image: Path, output: Path, *, tile: int, level: int, mean: Seq
         raise click.UsageError("Give --workers (a local cluster) or --scheduler (a running one), not both.")
     if not image.exists():
         fail(f"Image {str(image)!r} not found. Check the path.")
-    source = open_source(image, layout=layout, level=level, ndim=2, channels=fcn.input_shape[0], plane=plane)
+    if model_dtype is not None:  # the model was loaded by the command: converting it changes no user's module
+        fcn = fcn.to(getattr(torch, model_dtype))
+    resolution: dict[str, Any] = {"mpp": mpp, "magnification": magnification}
+    source = open_source(image, layout=layout, level=level, ndim=2, channels=fcn.input_shape[0], plane=plane,
+                         **resolution)
     dtype = next(iter(fcn.parameters())).dtype
     transform = PixelScale(_pixel_scale(source.dtype), mean, std, dtype)
-    plan = plan_for(fcn, image, tile=tile, layout=layout, level=level, plane=plane)
+    plan = plan_for(fcn, image, tile=tile, layout=layout, level=level, plane=plane, **resolution)
     if not quiet:
         where = f"level {level}" + "".join(f", plane {i}" for _, i in source.planes)
         click.echo(f"Image {plan.image[1]}x{plan.image[0]} ({source.layout}, {where}): a "
@@ -182,7 +194,8 @@ def run(fcn: Any, image: Path, output: Path, *, tile: int, level: int, mean: Seq
         with _sigterm_stops(), _log_to_stderr():
             scores = tiled_map(fcn, image, tile=tile, out=output, layout=layout, transform=transform,
                                level=level, client=client, overwrite=overwrite, wait=wait, progress=not quiet,
-                               plane=plane)
+                               plane=plane, mask=mask, scores=score_kind, class_names=class_names,
+                               prefetch=prefetch, **resolution)
     except Stopped as stop:
         _stopped(output, stop.name, 128 + signal.SIGTERM)
     except KeyboardInterrupt:
@@ -197,5 +210,6 @@ def run(fcn: Any, image: Path, output: Path, *, tile: int, level: int, mean: Seq
     if preview is not None:
         with step(f"Drawing {preview}", quiet=quiet):
             write_preview(scores, image, preview, fcn=fcn, layout=layout, level=level, labels=labels,
-                          hide=hidden, plane=plane)
+                          hide=hidden, plane=plane, show_class=show_class,
+                          probabilities=score_kind == "probabilities", mpp=mpp, magnification=magnification)
         click.echo(f"Wrote {preview}")

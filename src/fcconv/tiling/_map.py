@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -17,7 +18,9 @@ from fcconv._deps import need_tiles as require
 from fcconv._io import check_output_store
 from fcconv._shapes import format_shape
 from fcconv.errors import FcconvError
+from fcconv.tiling import _mask, _ome
 from fcconv.tiling._plan import Tile, TilePlan, field_of, plan_tiles
+from fcconv.tiling._prefetch import Prefetching
 from fcconv.tiling._source import Plane, Source, open_source
 from fcconv.tiling._store import finished, mark_complete, open_output, release_output
 from fcconv.tiling._tasks import compute_tile, model_identity, model_placement, tile_to_zarr
@@ -38,7 +41,8 @@ class _Job:
 
 
 def _prepare(fcn: Any, image: Any, tile: int | Sequence[int], layout: str | None, transform: Transform | None,
-             level: int, plane: Plane = None) -> _Job:
+             level: int, plane: Plane = None, mpp: float | None = None, magnification: float | None = None
+             ) -> _Job:
     from fcconv import FullyConvolutional
 
     if not isinstance(fcn, FullyConvolutional):
@@ -50,7 +54,7 @@ def _prepare(fcn: Any, image: Any, tile: int | Sequence[int], layout: str | None
         raise FcconvError(
             f"transform must be a callable on (1, C, h, w) tensors; got {type(transform).__name__}.")
     source = open_source(image, layout=layout, level=level, ndim=fcn.ndim, channels=fcn.input_shape[0],
-                         plane=plane)
+                         plane=plane, mpp=mpp, magnification=magnification)
     spatial = source.shape[1:]
     if any(s < m for s, m in zip(spatial, fcn.min_size)):
         raise FcconvError(
@@ -69,13 +73,14 @@ def _prepare(fcn: Any, image: Any, tile: int | Sequence[int], layout: str | None
 
 
 def plan_for(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048, layout: str | None = None,
-             level: int = 0, plane: Plane = None) -> TilePlan:
+             level: int = 0, plane: Plane = None, mpp: float | None = None, magnification: float | None = None
+             ) -> TilePlan:
     """The tiles :func:`tiled_map` would run (cells per tile, blocks read, recompute factor).
 
     Example:
         >>> plan_for(fcn, "slide.tif", tile=2048).recompute_factor()
     """
-    return _prepare(fcn, image, tile, layout, None, level, plane).plan
+    return _prepare(fcn, image, tile, layout, None, level, plane, mpp, magnification).plan
 
 
 def _delayed_inputs(job: _Job) -> tuple[Any, Any]:
@@ -89,14 +94,15 @@ def _delayed_inputs(job: _Job) -> tuple[Any, Any]:
 
 
 def dask_map(fcn: Any, array: Any, *, tile: int | Sequence[int] = 2048, layout: str | None = None,
-             transform: Transform | None = None, level: int = 0, plane: Plane = None) -> Any:
+             transform: Transform | None = None, level: int = 0, plane: Plane = None,
+             mpp: float | None = None, magnification: float | None = None) -> Any:
     """The map of ``fcn`` over ``array`` as a lazy ``dask.array.Array`` ``(classes, *grid)``.
 
     Each chunk is one tile of :func:`tiled_map`: computed from its own block of the image, equal to
     the same cells of ``fcn(image[None])[0]``. Nothing runs until you compute or store it.
 
     Args:
-        fcn, array, tile, layout, transform, level, plane: as for :func:`tiled_map`.
+        fcn, array, tile, layout, transform, level, plane, mpp, magnification: as for :func:`tiled_map`.
 
     Example:
         >>> scores = fcconv.dask_map(fcn, dask.array.from_zarr("slide.zarr"), tile=2048)
@@ -104,7 +110,7 @@ def dask_map(fcn: Any, array: Any, *, tile: int | Sequence[int] = 2048, layout: 
     """
     da = require("dask.array")
     dask = require("dask")
-    job = _prepare(fcn, array, tile, layout, transform, level, plane)
+    job = _prepare(fcn, array, tile, layout, transform, level, plane, mpp, magnification)
     model, source = _delayed_inputs(job)
     blocks = np.empty(job.plan.tiles_per_dim, dtype=object)
     for t in job.plan:
@@ -129,7 +135,9 @@ def _run_local(job: _Job, tiles: list[Tile], out: str | None, bar: Any) -> Itera
 
     model, source = _delayed_inputs(job)
     workers = _local_workers()
-    keys = {f"fcconv-tile-{'-'.join(map(str, t.index))}": t for t in tiles}
+    # dask's threads start independent tasks in descending key order: these keys run the tiles in
+    # plan order, so a prefetching source reads the next ones ahead.
+    keys = {f"fcconv-tile-{10**9 - rank:010d}": t for rank, t in enumerate(tiles)}
 
     class _Progress(Callback):
         def _posttask(self, key: Any, *_: Any) -> None:
@@ -139,14 +147,15 @@ def _run_local(job: _Job, tiles: list[Tile], out: str | None, bar: Any) -> Itera
     names = list(keys)
     batch = 4 * workers
     for first in range(0, len(names), batch):
+        part = names[first:first + batch]
         tasks = [
             dask.delayed(tile_to_zarr if out else compute_tile, pure=False)(
                 model, source, keys[key], job.transform, *((out,) if out else ()), dask_key_name=key)
-            for key in names[first:first + batch]
+            for key in part
         ]
         with _Progress():
             results = dask.compute(*tasks, scheduler="threads", num_workers=workers)
-        yield from zip((keys[key] for key in names[first:first + batch]), results)
+        yield from zip((keys[key] for key in part), results)
         del tasks, results
 
 
@@ -168,9 +177,8 @@ def _run_client(job: _Job, tiles: list[Tile], out: str | None, client: Any, bar:
         client.cancel(list(futures))
 
 
-def _geometry(job: _Job, level: int) -> dict[str, Any]:
+def _geometry(fcn: Any, job: _Job, level: int) -> dict[str, Any]:
     """The group's ``geometry`` attribute: where each cell of the map lies in the image read."""
-    fcn: Any = job.fcn
     ndim = int(fcn.ndim)
     try:
         crop = fcn.window_of((0,) * ndim, job.source.shape[1:])
@@ -184,7 +192,10 @@ def _geometry(job: _Job, level: int) -> dict[str, Any]:
 def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
               out: str | os.PathLike[str] | None = None, layout: str | None = None,
               transform: Transform | None = None, level: int = 0, client: Any = None,
-              overwrite: bool = False, wait: bool = False, progress: bool = True, plane: Plane = None) -> Any:
+              overwrite: bool = False, wait: bool = False, progress: bool = True, plane: Plane = None,
+              mpp: float | None = None, magnification: float | None = None, mask: Any = None,
+              scores: str = "logits", class_names: Sequence[str] | str | os.PathLike[str] | None = None,
+              prefetch: bool = False) -> Any:
     """The map of ``fcn`` over ``image``, computed tile by tile: equal to ``fcn(image[None])[0]``.
 
     Tiles start on the model's stride and read a halo that covers the receptive field of the
@@ -193,7 +204,8 @@ def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
 
     Args:
         fcn: a :class:`~fcconv.FullyConvolutional` whose cells are local (no global pooling).
-        image: a numpy array or memmap, a zarr array or a path to one, a TIFF path, or a dask array.
+        image: a numpy array or memmap, a zarr array or a path to one, a TIFF path, a dask array,
+            or a slide: a ``TiffSlide``/``OpenSlide`` object or a path they read (with ``mpp``).
         tile: the largest input block one task reads, halo included (an int or one per dim).
         out: ``None`` to return numpy; a path ``"scores.zarr"`` to write the map as a zarr group
             (the map is its array ``"0"``, one shard per tile) and return that array. Running
@@ -214,6 +226,17 @@ def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
             channels and the model's spatial dims), the plane to map: an index along its one stack
             axis (``plane=2``), or one per stack axis (``plane={"T": 0, "Z": 2}``). A stack without
             ``plane`` is refused.
+        mpp, magnification: for slides, the resolution to read (micrometres per pixel, or an
+            objective power such as 20): the coarsest level at least as fine, area-averaged to it
+            when no level matches (see ``docs/slides.md``).
+        mask: compute only cells whose window touches tissue: ``"otsu"``, a boolean array (any
+            resolution), an image file or a callable on a thumbnail. Tiles without tissue are never
+            read; their cells are NaN (in memory too) and 0 in ``out/valid``.
+        scores: ``"logits"`` (the model's outputs) or ``"probabilities"`` (softmax over classes).
+        class_names: one name per class (or a file with one a line), for the OME-Zarr channel
+            labels and ``fcconv.classes`` of ``out``.
+        prefetch: on this machine (no ``client``), read the next tiles' blocks in a background
+            thread while the model runs.
 
     Returns:
         ``(classes, *grid)``: numpy, or the zarr array ``out/0``.
@@ -227,42 +250,70 @@ def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
     Example:
         >>> scores = fcconv.tiled_map(fcn, "slide.tif", tile=2048, out="scores.zarr")
     """
-    job = _prepare(fcn, image, tile, layout, transform, level, plane)
+    job = _prepare(fcn, image, tile, layout, transform, level, plane, mpp, magnification)
+    job = dataclasses.replace(job, fcn=_ome.with_scores(job.fcn, scores))  # logits or probabilities
+    names = _ome.read_class_names(class_names, job.classes)
+    plan = job.plan
+    tissue = None if mask is None else _mask.tissue_cells(mask, job.source, fcn, plan.grid)
     if out is None:
-        result = np.empty((job.classes, *job.plan.grid), dtype=job.dtype)
-        _run(job, list(job.plan), None, client, progress, result)
-        return result
+        result = np.empty((job.classes, *plan.grid), dtype=job.dtype)
+        todo = list(plan) if tissue is None else _mask.tiles_touching(list(plan), tissue)
+        _run(_prefetching(job, todo, prefetch and client is None), todo, None, client, progress, result)
+        return result if tissue is None else _mask.finish(result, None, list(plan), tissue)
     if not isinstance(out, (str, os.PathLike)):
         raise FcconvError(f"out must be None or a path to a zarr store; got {type(out).__name__}.")
     from dask.base import tokenize
 
     check_output_store(out)
-    plan = job.plan
     identity = {"image": job.source.identity, "image_shape": job.source.shape, "layout": layout,
                 "level": level, "model": model_identity(job.fcn), "tile": plan.tile,
                 "cells_per_tile": plan.cells_per_tile,
                 "transform": None if transform is None else tokenize(transform)}
+    if tissue is not None:
+        identity["mask"] = _mask.mask_token(tissue)
     path = str(Path(out).expanduser().absolute())
     stored = open_output(path, shape=(job.classes, *plan.grid), chunks=(job.classes, *plan.cells_per_tile),
                          dtype=job.dtype, identity=identity, overwrite=overwrite,
-                         geometry=_geometry(job, level), wait=wait)
+                         geometry=_geometry(fcn, job, level), wait=wait)
     try:
         done = finished(stored, path, (t.index for t in plan))
         todo = [t for t in plan if t.index not in done]
+        if tissue is not None:  # tiles without tissue are never read nor written
+            todo = _mask.tiles_touching(todo, tissue)
         if todo:
             mark_complete(path, False)
-        _run(job, todo, path, client, progress, None)
+        _run(_prefetching(job, todo, prefetch and client is None), todo, path, client, progress, None)
         if len(finished(stored, path, (t.index for t in todo))) != len(todo):
             raise FcconvError(f"Some chunks of {path!r} did not reach the disk intact; run the same command "
                               "again to recompute them.")
+        if tissue is not None:
+            _mask.finish(None, path, list(plan), tissue)
+        _ome.finish(path, fcn, job.source, class_names=names, scores=scores, tissue=tissue)
         mark_complete(path, True)
     finally:
         release_output(path)
     return require("zarr").open_group(path, mode="r")["0"]
 
 
+def _prefetching(job: _Job, todo: list[Tile], prefetch: bool) -> _Job:
+    """The job reading the next tiles' blocks in a background thread while the model runs."""
+    if not prefetch or not todo:
+        return job
+    ahead = Prefetching(job.source, ((t.read_start, t.read_stop) for t in todo))
+    return dataclasses.replace(job, source=cast(Source, ahead))
+
+
 def _run(job: _Job, todo: list[Tile], path: str | None, client: Any, progress: bool,
          result: np.ndarray | None) -> None:
+    try:
+        _run_all(job, todo, path, client, progress, result)
+    finally:
+        if isinstance(job.source, Prefetching):
+            job.source.close()
+
+
+def _run_all(job: _Job, todo: list[Tile], path: str | None, client: Any, progress: bool,
+             result: np.ndarray | None) -> None:
     with tqdm(total=len(job.plan), initial=len(job.plan) - len(todo), unit="tile", desc="tiled map",
               disable=not progress) as bar:
         runs = _run_client(job, todo, path, client, bar) if client is not None else _run_local(

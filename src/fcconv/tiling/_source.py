@@ -199,7 +199,7 @@ def _from_path(path: Path, level: int) -> tuple[str, Any, str]:
 
 
 def open_source(image: Any, *, layout: str | None = None, level: int = 0, ndim: int, channels: int,
-                plane: Plane = None) -> Source:
+                plane: Plane = None, mpp: float | None = None, magnification: float | None = None) -> Source:
     """Wrap ``image`` as a :class:`Source`, checking its dtype, rank, axes, channels and layout.
 
     Args:
@@ -210,6 +210,10 @@ def open_source(image: Any, *, layout: str | None = None, level: int = 0, ndim: 
         ndim, channels: the model's spatial dims and input channels.
         plane: for a stack (a z-stack, a time series: axes beyond the channels and spatial ones),
             the plane to read: an index along its one stack axis, or ``{axis: index}``.
+        mpp, magnification: for slides, the resolution to read.
+
+    Slides (``TiffSlide``/``OpenSlide`` objects, paths with ``mpp``/``magnification``) are read
+    by :mod:`fcconv.tiling._slide`, always as RGB channels last (``layout`` does not apply).
 
     Raises:
         FcconvError: on an unknown type or file, a missing level, pixels that are not real numbers,
@@ -220,6 +224,14 @@ def open_source(image: Any, *, layout: str | None = None, level: int = 0, ndim: 
             f"layout must be one of {', '.join(LAYOUTS)} or None (from the file); got {layout!r}.")
     if isinstance(level, bool) or not isinstance(level, int) or level < 0:
         raise FcconvError(f"level must be an int >= 0; got {level!r}.")
+    from fcconv.tiling import _slide  # slides: their own reader (hook of issue 17)
+
+    if _slide.is_slide(image, mpp, magnification):
+        return _slide.slide_source(image, level=level, mpp=mpp, magnification=magnification,
+                                   channels=channels)
+    if mpp is not None or magnification is not None:
+        raise FcconvError(f"mpp and magnification apply to slides; this image is a {type(image).__name__}. "
+                          "Pass level= instead, or the slide's path or TiffSlide/OpenSlide object.")
     path: str | None = None
     if isinstance(image, (str, os.PathLike)):
         kind, array, identity = _from_path(Path(image).expanduser(), level)

@@ -214,8 +214,9 @@ def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
 
         check_output_store(out)
 
-        identity = {"image": job.source.identity, "image_shape": job.source.shape, "layout": layout,
-                    "level": level, "model": model_identity(job.fcn), "tile": plan.tile,
+        identity = {"image": job.source.identity, "image_shape": job.source.shape,
+                    "layout": job.source.layout, "level": level, "model": model_identity(job.fcn),
+                    "tile": plan.tile,
                     "cells_per_tile": plan.cells_per_tile,
                     "transform": None if transform is None else tokenize(transform)}
         result = open_output(out, shape=shape, chunks=chunks, dtype=job.dtype, identity=identity,

@@ -78,7 +78,8 @@ def test_a_resampled_level_is_area_averaged_and_the_same_in_any_block(svs: Path,
     assert whole[0, 0, 0] == np.rint(weights @ level[..., 0] @ weights)
     scores = fcconv.tiled_map(fcn, svs, mpp=0.75, tile=150, transform=to_unit, progress=False)
     assert_same_map(scores, _untiled(fcn, whole))
-    assert _slide.slide_geometry(fcconv.tiling._map._prepare(fcn, svs, 150, "CHW", None, 0, mpp=0.75).source) == {
+    source = fcconv.tiling._map._prepare(fcn, svs, 150, "CHW", None, 0, mpp=0.75).source
+    assert _slide.slide_geometry(source) == {
         "level": 0, "downsample": 1.5, "mpp": [0.75, 0.75], "resampling": "area", "level_downsample": 1.0,
         "factor": 1.5, "reader": "tiffslide", "objective_power": 20.0}
 

@@ -58,6 +58,10 @@ def test_a_z_stack_is_refused_then_mapped_one_plane(tmp_path: Path, digits_fcn: 
         plan_for(digits_fcn, path, plane=5)
     with pytest.raises(FcconvError, match=r"^plane names axes T; the image .* has the stack axes Z"):
         fcconv.dask_map(digits_fcn, path, plane={"T": 0})
+    plain = _tiff(tmp_path / "plain.tif", planes, photometric="minisblack")  # no axes written: QYX
+    with pytest.raises(FcconvError, match=r"\(axes QYX, shape \(5, 40, 47\)\) is a stack of 5 planes along "
+                                          r"axis Q"):
+        fcconv.tiled_map(digits_fcn, plain, progress=False)
 
 
 def test_time_and_z_need_one_index_each(tmp_path: Path, digits_fcn: fcconv.FullyConvolutional,

@@ -324,14 +324,14 @@ Examples:
 @click.option("--hide", metavar="NAME,...", default="",
               help="Classes not to colour, e.g. --hide background.")
 @click.option("--scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-              help="Resize the image by this factor first.")
+              help="With a picture -o: resize the image by this factor first.")
 @click.option("--alpha", type=click.FloatRange(0, 1), default=0.6, show_default=True,
-              help="Opacity of the overlay at confidence 1 (a quarter of it at confidence 0).")
+              help="With a picture -o: opacity of the overlay at confidence 1 (a quarter of it at 0).")
 @click.option("--head-impl", "--head", "head_impl", type=click.Choice(HEAD_IMPLS), default="auto",
               show_default=True,
               help="How the convs of the converted head compute (same result; --head is the old name).")
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Classes in the summary.")
+              help="With a picture -o: classes in the summary.")
 @click.option("--device", default="cpu", show_default=True, help="Where to run the model, e.g. cuda.")
 @click.option("--tile", type=click.IntRange(min=1), default=2048, show_default=True,
               help="With -o X.zarr: the largest block one task reads, halo included.")

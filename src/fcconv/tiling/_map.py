@@ -265,8 +265,9 @@ def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
     from dask.base import tokenize
 
     check_output_store(out)
-    identity = {"image": job.source.identity, "image_shape": job.source.shape, "layout": layout,
-                "level": level, "model": model_identity(job.fcn), "tile": plan.tile,
+    identity = {"image": job.source.identity, "image_shape": job.source.shape,
+                "layout": job.source.layout, "level": level, "model": model_identity(job.fcn),
+                "tile": plan.tile,
                 "cells_per_tile": plan.cells_per_tile,
                 "transform": None if transform is None else tokenize(transform)}
     if tissue is not None:

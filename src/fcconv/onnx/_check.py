@@ -35,6 +35,9 @@ class SizeCheck:
         float64_max_rel: the verdict: the float64 graph run by ``onnx.reference`` against the float64
             reference, relative to its largest output (at most :data:`fcconv.certify.FLOAT64_RTOL`);
             None where it was not run (``certify="float32"``, or a size with nothing to compare with).
+        verified_by: what the output at this size was compared with, where it is not the original
+            at the same input (a larger size of a convolutionalized file); None otherwise.
+        unverified: why the output at this size could not be compared with anything; None when it was.
     """
 
     input_shape: tuple[int, ...]
@@ -44,10 +47,19 @@ class SizeCheck:
     bound_ratio: float | None
     deep: bool | None
     float64_max_rel: float | None = None
+    verified_by: str | None = None
+    unverified: str | None = None
 
     def __str__(self) -> str:
+        shapes = f"input {format_shape(self.input_shape)} -> {format_shape(self.output_shape)}"
+        if self.unverified is not None:
+            return f"{shapes}: ran, map NOT verified: {self.unverified}"
         if self.max_abs != self.max_abs:  # NaN: a size with nothing to compare with
-            return f"input {format_shape(self.input_shape)} -> {format_shape(self.output_shape)}: ran"
+            return f"{shapes}: ran"
+        if self.verified_by is not None:
+            float64 = ("" if self.float64_max_rel is None else
+                       f"; float64 rel {self.float64_max_rel:.2g}")
+            return f"{shapes}: {self.verified_by}: max abs difference {self.max_abs:.3g}{float64}"
         float64 = "" if self.float64_max_rel is None else f"; float64 rel {self.float64_max_rel:.2g}"
         if self.bound_ratio is None:
             bound = "no rounding bound derived"
@@ -95,7 +107,14 @@ class OnnxReport:
         lines.append(f"  checked in onnxruntime at {len(self.checks)} size(s):")
         lines += [f"    {c}" for c in self.checks]
         lines.append(self._float64_line())
+        lines += [f"  UNVERIFIED at input {format_shape(c.input_shape)}: {c.unverified}"
+                  for c in self.unverified]
         return "\n".join(lines)
+
+    @property
+    def unverified(self) -> tuple[SizeCheck, ...]:
+        """The sizes run whose output could not be compared with any reference."""
+        return tuple(c for c in self.checks if c.unverified is not None)
 
     @property
     def float64_max_rel(self) -> float | None:

@@ -87,6 +87,7 @@ def run_reference(proto: Any, x: np.ndarray, what: str) -> np.ndarray:
     names = {init.name for init in proto.graph.initializer}
     name: str = next(i.name for i in proto.graph.input if i.name not in names)
     try:
+        proto = _opset_13(proto)
         evaluator: Any = ReferenceEvaluator(proto)  # typed as returning a dict with intermediate=True
         return np.asarray(evaluator.run(None, {name: x})[0])
     except Exception as error:
@@ -95,6 +96,16 @@ def run_reference(proto: Any, x: np.ndarray, what: str) -> np.ndarray:
             f"onnx.reference could not run {what} in float64 on an input {format_shape(x.shape)}: {text}. "
             "Pass certify='float32' (--certify float32) to skip the float64 verdict."
         ) from None
+
+
+def _opset_13(proto: Any) -> Any:
+    """``proto`` at opset 13 at least: ``onnx.reference`` runs Softmax, LogSoftmax and Hardmax of opsets
+    before 13 with the semantics of 13 (over one axis, not the flattened dims from it); onnx's version
+    converter rewrites them exactly (Flatten, the op, Reshape)."""
+    import onnx
+
+    opset = next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)
+    return proto if opset >= 13 else onnx.version_converter.convert_version(proto, 13)
 
 
 def float64_rel(expected: np.ndarray, got: np.ndarray) -> float:

@@ -33,6 +33,7 @@ from onnx import helper, numpy_helper
 
 from fcconv._shapes import check_input_shape, format_shape
 from fcconv.errors import FcconvError, NotEquivalentError
+from fcconv.onnx._cells import check_larger_size
 from fcconv.onnx._check import OnnxReport, SizeCheck
 from fcconv.onnx._float64 import check_certify, run_reference, to_float64, verdict
 from fcconv.onnx._runtime import check_output, load, op_counts, run, save, session, symbolic_dims
@@ -58,6 +59,7 @@ class _Surgery:
         self.producers = {o: n for n in self.graph.node for o in n.output}
         self.layout: dict[str, tuple[int, ...]] = {}  # value -> the (C, H, W) its features come from
         self.done: dict[str, int] = {}
+        self.opset = _opset(model)
 
     def const(self, name: str) -> np.ndarray | None:
         """The value of an initializer, a Constant, or an Identity of one (deduplicated weights)."""
@@ -215,13 +217,33 @@ def _binary(s: _Surgery, node: Any) -> None:
     s.layout[node.output[0]] = layout
 
 
+def _opset(model: Any) -> int:
+    """The version of the default ONNX domain the model imports."""
+    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
 def _softmax(s: _Surgery, node: Any) -> None:
-    axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), -1)
+    """Softmax / LogSoftmax / Hardmax over the features -> over the channels of each cell.
+
+    From opset 13 that is ``axis=1``. Before 13 these ops flatten every dim from ``axis`` on, so
+    ``axis=1`` would normalise over ``C x h x w`` at once: the channels are moved last
+    (``Transpose``), normalised with ``axis=3`` (only the last dim) and moved back.
+    """
+    axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"),
+                -1 if s.opset >= 13 else 1)
     if axis not in (1, -1):
         raise s.fail(node, f"it runs over axis {axis}, not the features")
-    s.replace(node, helper.make_node(node.op_type, list(node.input), list(node.output), axis=1),
-              f"{node.op_type} over channels")
-    s.layout[node.output[0]] = s.layout[node.input[0]]
+    out, source = node.output[0], node.input[0]
+    if s.opset >= 13:
+        s.replace(node, helper.make_node(node.op_type, list(node.input), [out], axis=1),
+                  f"{node.op_type} over channels")
+    else:
+        last, back = f"{out}_channels_last", f"{out}_normalised"
+        s.graph.node.append(helper.make_node("Transpose", [node.input[0]], [last], perm=[0, 2, 3, 1]))
+        s.graph.node.append(helper.make_node(node.op_type, [last], [back], axis=3))
+        s.replace(node, helper.make_node("Transpose", [back], [out], perm=[0, 3, 1, 2]),
+                  f"{node.op_type} over channels (opset {s.opset}: Transpose, axis 3, Transpose)")
+    s.layout[out] = s.layout[source]
 
 
 def _convert_head(s: _Surgery, start: int) -> None:
@@ -236,7 +258,7 @@ def _convert_head(s: _Surgery, start: int) -> None:
                 s.layout[out] = s.layout[node.input[0]]
         elif op in _BINARY:
             _binary(s, node)
-        elif op in ("Softmax", "LogSoftmax"):
+        elif op in ("Softmax", "LogSoftmax", "Hardmax"):
             _softmax(s, node)
         elif op in _FLATTENS:
             s.layout[node.output[0]] = s.layout[node.input[0]]
@@ -277,6 +299,7 @@ def convolutionalize_model(model: Any, input_shape: Sequence[int]) -> tuple[Any,
     _convert_head(s, start)
     _make_dynamic(s)
     ir_model = ir.serde.deserialize_model(s.model)
+    ir_model.graph.sort()  # nodes added beside the one they replace (Transposes around a Softmax)
     ir.passes.common.RemoveUnusedNodesPass()(ir_model)
     ir.passes.common.IdentityEliminationPass()(ir_model)
     out = ir.serde.serialize_model(ir_model)
@@ -289,10 +312,12 @@ def convolutionalize(src: str | Path, dst: str | Path, input_shape: Sequence[int
     """Turn the ONNX classifier ``src`` into a fully convolutional one that gives score maps, into ``dst``.
 
     See the module docstring for what changes. The result is run in onnxruntime at the training
-    size, where it must give the original file's scores, and at a larger non-square size, where it
-    must run and give a map of several cells. The verdict is float64: both files are cast to float64
-    and run with ``onnx.reference`` at the training size, where they must agree to
-    :data:`fcconv.certify.FLOAT64_RTOL` (the surgery computes the file's function there).
+    size, where it must give the original file's scores, and at a larger non-square size, where its
+    map is checked against an independent reference (see :mod:`fcconv.onnx._cells`): where the graph
+    pads nothing, each cell against the original file on its crop; otherwise against
+    :func:`fcconv.convolutionalize` of the file's onnx2torch translation; where neither runs, the report
+    says the size is unverified (``report.unverified``). The verdict is float64: the files are cast to
+    float64 and run with ``onnx.reference``, and must agree to :data:`fcconv.certify.FLOAT64_RTOL`.
 
     Args:
         src: the ONNX file to read (never written).
@@ -326,18 +351,15 @@ def convolutionalize(src: str | Path, dst: str | Path, input_shape: Sequence[int
     checks = [_same_scores(run(session(Path(src)), x), run(sess, x), x)]
     if float64:
         checks[0] = _certify_float64(original, model, x, checks[0])
-    big = (1, shape[0], shape[1] + shape[1] // 2 + 1, shape[2] + shape[2] // 4 + 3)
     try:
-        y = run(sess, torch.randn(big, generator=torch.Generator().manual_seed(1)))
+        checks.append(check_larger_size(original, model, sess, shape, float64))
     except FcconvError as error:
+        if isinstance(error, NotEquivalentError):
+            raise
         raise FcconvError(
             f"The convolutionalized model runs at the training size {format_shape(shape[1:])} but not at "
-            f"{format_shape(big[2:])}: its body holds a shape fixed at export. {error}"
+            f"larger sizes: its body holds a shape fixed at export. {error}"
         ) from None
-    if y.dim() != 4 or y.shape[2] * y.shape[3] < 2:
-        raise NotEquivalentError(f"At input {format_shape(big)} the result gives {format_shape(y.shape)}, "
-                                 "not a map of several cells.")
-    checks.append(SizeCheck(big, tuple(y.shape), float("nan"), float("nan"), None, None))
     save(model, dst)
     return OnnxReport(str(dst), tuple(checks), op_counts(model), symbolic_dims(model), done)
 

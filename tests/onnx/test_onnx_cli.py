@@ -133,3 +133,16 @@ def test_missing_extra_is_one_line(tmp_path: Path) -> None:
         "Error: fcconv.onnx needs the package 'onnxscript', which is not installed. "
         "Install the extra: pip install 'fcconv[onnx]'.")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("shape", ["1,9,8", "3,8,8", "1,8", "1,8,8,8"])
+def test_a_wrong_input_names_the_input_the_file_takes(tmp_path: Path, shape: str) -> None:
+    src = tmp_path / "src.onnx"
+    _plain_export(src)
+    result = run("onnx", "convolutionalize", str(src), "--input", shape, "-o", str(tmp_path / "fcn.onnx"))
+    if shape.count(",") == 2:
+        one_line_error(result, "The model's input 'input.1' is (1, 1, 8, 8); the input shape")
+        assert "Give its per-sample training shape (1,8,8)" in result.stderr
+    else:
+        one_line_error(result, "fcconv.onnx.convolutionalize handles images (C, H, W)")
+    assert "onnxruntime" not in result.stderr and not (tmp_path / "fcn.onnx").exists()

@@ -97,12 +97,8 @@ class _Surgery:
 def _inferred_shapes(model: Any, shape: tuple[int, ...]) -> dict[str, tuple[int, ...] | None]:
     """Every value's shape for one input of ``(1, *shape)``, by ONNX shape inference."""
     fixed = copy.deepcopy(model)
+    _check_input(fixed.graph.input[0], shape)
     dims = fixed.graph.input[0].type.tensor_type.shape.dim
-    if len(dims) != len(shape) + 1:
-        raise FcconvError(
-            f"The model's input has rank {len(dims)}; input_shape {format_shape(shape)} asks for rank "
-            f"{len(shape) + 1}. Pass the per-sample shape (C, H, W) of its input."
-        )
     for dim, size in zip(dims, (1, *shape)):
         dim.Clear()
         dim.dim_value = size
@@ -116,6 +112,20 @@ def _inferred_shapes(model: Any, shape: tuple[int, ...]) -> dict[str, tuple[int,
         else:
             out.setdefault(info.name, None)
     return out
+
+
+def _check_input(graph_input: Any, shape: tuple[int, ...]) -> None:
+    """Refuse an input shape the graph's input does not accept, naming the one it declares."""
+    dims = graph_input.type.tensor_type.shape.dim
+    declared = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+    text = "(" + ", ".join(str(d) for d in declared) + ")"
+    wanted = (1, *shape)
+    if len(dims) != len(wanted) or any(isinstance(d, int) and d != w for d, w in zip(declared[1:], wanted[1:])):
+        per_sample = ",".join(str(d) for d in declared[1:])
+        raise FcconvError(
+            f"The model's input {graph_input.name!r} is {text}; the input shape {format_shape(shape)} does not "
+            f"fit it. Give its per-sample training shape ({per_sample})."
+        )
 
 
 def _flatten_point(s: _Surgery) -> int:
@@ -291,7 +301,7 @@ def convolutionalize_model(model: Any, input_shape: Sequence[int]) -> tuple[Any,
     """:func:`convolutionalize` on a ``ModelProto`` in memory: the new model and what was replaced."""
     shape = check_input_shape(input_shape)
     if len(shape) != 3:
-        raise FcconvError(f"fcconv.onnx.convolutionalize handles images (C, H, W); got input_shape "
+        raise FcconvError(f"fcconv.onnx.convolutionalize handles images (C, H, W); got the input shape "
                           f"{format_shape(shape)}.")
     s = _Surgery(copy.deepcopy(model), shape)
     start = _flatten_point(s)

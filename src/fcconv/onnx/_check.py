@@ -38,6 +38,7 @@ class SizeCheck:
         verified_by: what the output at this size was compared with, where it is not the original
             at the same input (a larger size of a convolutionalized file); None otherwise.
         unverified: why the output at this size could not be compared with anything; None when it was.
+        output: the graph output compared, where a file has several; None for the first (only) one.
     """
 
     input_shape: tuple[int, ...]
@@ -49,9 +50,12 @@ class SizeCheck:
     float64_max_rel: float | None = None
     verified_by: str | None = None
     unverified: str | None = None
+    output: str | None = None
 
     def __str__(self) -> str:
         shapes = f"input {format_shape(self.input_shape)} -> {format_shape(self.output_shape)}"
+        if self.output is not None:
+            shapes = f"output {self.output!r}: {shapes}"
         if self.unverified is not None:
             return f"{shapes}: ran, map NOT verified: {self.unverified}"
         if self.max_abs != self.max_abs:  # NaN: a size with nothing to compare with
@@ -79,6 +83,7 @@ class OnnxReport:
         op_counts: how many nodes of each op type the graph holds.
         dynamic: the symbolic input dims, e.g. ``{0: "batch", 2: "height", 3: "width"}``.
         rewritten: what the pass replaced, e.g. ``{"Gemm -> Conv": 3}``.
+        left: the nodes a pass left, named, with the reason, e.g. ``{"MatMul 'mm'": "its weight ..."}``.
     """
 
     path: str
@@ -86,6 +91,7 @@ class OnnxReport:
     op_counts: dict[str, int]
     dynamic: dict[int, str] = field(default_factory=dict)
     rewritten: dict[str, int] = field(default_factory=dict)
+    left: dict[str, str] = field(default_factory=dict)
 
     @property
     def conv_only(self) -> bool:
@@ -104,6 +110,7 @@ class OnnxReport:
                  f"  conv-only (no Gemm, no MatMul): {'yes' if self.conv_only else 'no'}"]
         if self.rewritten:
             lines.append("  rewritten: " + ", ".join(f"{k} {v}" for k, v in self.rewritten.items()))
+        lines += [f"  LEFT {node}: {why}" for node, why in self.left.items()]
         lines.append(f"  checked in onnxruntime at {len(self.checks)} size(s):")
         lines += [f"    {c}" for c in self.checks]
         lines.append(self._float64_line())

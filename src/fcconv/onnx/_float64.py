@@ -17,7 +17,8 @@ from fcconv._shapes import format_shape
 from fcconv.certify import FLOAT64_RTOL
 from fcconv.errors import FcconvError, NotEquivalentError
 
-__all__ = ["CERTIFY", "check_certify", "float64_rel", "run_reference", "to_float64", "verdict"]
+__all__ = ["CERTIFY", "check_certify", "float64_rel", "run_reference", "run_reference_outputs", "to_float64",
+           "verdict"]
 
 #: The values of the ``certify`` argument: ``"float64"`` (the verdict, default) or ``"float32"``
 #: (onnxruntime at float32 only, for models too big for ``onnx.reference``).
@@ -82,6 +83,11 @@ def run_reference(proto: Any, x: np.ndarray, what: str) -> np.ndarray:
     Raises:
         FcconvError: when the evaluator fails (an op it does not implement, ...).
     """
+    return run_reference_outputs(proto, x, what)[0]
+
+
+def run_reference_outputs(proto: Any, x: np.ndarray, what: str) -> list[np.ndarray]:
+    """:func:`run_reference`, every output in the graph's order."""
     from onnx.reference import ReferenceEvaluator
 
     names = {init.name for init in proto.graph.initializer}
@@ -89,7 +95,7 @@ def run_reference(proto: Any, x: np.ndarray, what: str) -> np.ndarray:
     try:
         proto = _opset_13(proto)
         evaluator: Any = ReferenceEvaluator(proto)  # typed as returning a dict with intermediate=True
-        return np.asarray(evaluator.run(None, {name: x})[0])
+        return [np.asarray(y) for y in evaluator.run(None, {name: x})]
     except Exception as error:
         text = " ".join(str(error).split())[:300] or type(error).__name__
         raise FcconvError(

@@ -37,6 +37,7 @@ from fcconv.onnx._cells import check_larger_size
 from fcconv.onnx._check import OnnxReport, SizeCheck
 from fcconv.onnx._float64 import check_certify, run_reference, to_float64, verdict
 from fcconv.onnx._runtime import check_output, load, op_counts, run, save, session, symbolic_dims
+from fcconv.onnx.rewrite import require_tensor_outputs
 
 __all__ = ["convolutionalize", "convolutionalize_model"]
 
@@ -120,11 +121,12 @@ def _check_input(graph_input: Any, shape: tuple[int, ...]) -> None:
     declared = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
     text = "(" + ", ".join(str(d) for d in declared) + ")"
     wanted = (1, *shape)
-    if len(dims) != len(wanted) or any(isinstance(d, int) and d != w for d, w in zip(declared[1:], wanted[1:])):
+    fixed = [(d, w) for d, w in zip(declared[1:], wanted[1:]) if isinstance(d, int)]
+    if len(dims) != len(wanted) or any(d != w for d, w in fixed):
         per_sample = ",".join(str(d) for d in declared[1:])
         raise FcconvError(
-            f"The model's input {graph_input.name!r} is {text}; the input shape {format_shape(shape)} does not "
-            f"fit it. Give its per-sample training shape ({per_sample})."
+            f"The model's input {graph_input.name!r} is {text}; the input shape {format_shape(shape)} does "
+            f"not fit it. Give its per-sample training shape ({per_sample})."
         )
 
 
@@ -303,6 +305,7 @@ def convolutionalize_model(model: Any, input_shape: Sequence[int]) -> tuple[Any,
     if len(shape) != 3:
         raise FcconvError(f"fcconv.onnx.convolutionalize handles images (C, H, W); got the input shape "
                           f"{format_shape(shape)}.")
+    require_tensor_outputs(model)
     s = _Surgery(copy.deepcopy(model), shape)
     start = _flatten_point(s)
     _enter_head(s, s.graph.node[start])

@@ -93,7 +93,7 @@ def run_reference_outputs(proto: Any, x: np.ndarray, what: str) -> list[np.ndarr
     names = {init.name for init in proto.graph.initializer}
     name: str = next(i.name for i in proto.graph.input if i.name not in names)
     try:
-        proto = _opset_13(proto)
+        proto = _for_reference(proto)
         evaluator: Any = ReferenceEvaluator(proto)  # typed as returning a dict with intermediate=True
         return [np.asarray(y) for y in evaluator.run(None, {name: x})]
     except Exception as error:
@@ -104,14 +104,18 @@ def run_reference_outputs(proto: Any, x: np.ndarray, what: str) -> list[np.ndarr
         ) from None
 
 
-def _opset_13(proto: Any) -> Any:
-    """``proto`` at opset 13 at least: ``onnx.reference`` runs Softmax, LogSoftmax and Hardmax of opsets
-    before 13 with the semantics of 13 (over one axis, not the flattened dims from it); onnx's version
-    converter rewrites them exactly (Flatten, the op, Reshape)."""
+def _for_reference(proto: Any) -> Any:
+    """``proto`` at opset 14 at least, where ``onnx.reference`` follows the ONNX spec.
+
+    Before opset 13 it runs Softmax, LogSoftmax and Hardmax with the semantics of 13 (over one axis, not
+    the flattened dims from it), and BatchNormalization of opsets 9 to 13 on batch statistics (its
+    ``momentum`` read as training mode). onnx's version converter rewrites both exactly (Flatten, the
+    op, Reshape; BatchNormalization-14 with ``training_mode=0``).
+    """
     import onnx
 
-    opset = next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)
-    return proto if opset >= 13 else onnx.version_converter.convert_version(proto, 13)
+    opset = next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), 14)
+    return proto if opset >= 14 else onnx.version_converter.convert_version(proto, 14)
 
 
 def float64_rel(expected: np.ndarray, got: np.ndarray) -> float:

@@ -36,6 +36,14 @@ from fcconv.errors import FcconvError, NotEquivalentError
 from fcconv.onnx._cells import check_larger_size
 from fcconv.onnx._check import OnnxReport, SizeCheck
 from fcconv.onnx._float64 import check_certify, run_reference, to_float64, verdict
+from fcconv.onnx._head import (
+    GLOBAL_POOLS,
+    check_per_cell,
+    flatten_point,
+    pool_behind,
+    spatial_axes,
+    to_channels_first,
+)
 from fcconv.onnx._runtime import check_output, load, op_counts, run, save, session, symbolic_dims
 from fcconv.onnx.rewrite import require_tensor_outputs
 
@@ -45,7 +53,6 @@ _ELEMENTWISE = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "Elu", "Selu", "
                 "Erf", "Gelu", "Identity", "Dropout", "Softplus", "Mish", "Cast", "BatchNormalization"}
 _BINARY = {"Add", "Sub", "Mul", "Div"}
 _FLATTENS = {"Flatten", "Reshape", "Squeeze"}
-_GLOBAL_POOLS = {"GlobalAveragePool": "AveragePool", "GlobalMaxPool": "MaxPool", "ReduceMean": "AveragePool"}
 
 
 class _Surgery:
@@ -130,58 +137,41 @@ def _check_input(graph_input: Any, shape: tuple[int, ...]) -> None:
         )
 
 
-def _flatten_point(s: _Surgery) -> int:
-    for i, node in enumerate(s.graph.node):
-        if not node.input or node.op_type in ("Shape", "Constant"):
-            continue
-        src, dst = s.shapes.get(node.input[0]), s.shapes.get(node.output[0])
-        if src is not None and dst is not None and len(src) == 4 and len(dst) == 2:
-            return i
-    raise FcconvError(
-        "Found no node that flattens a feature map (N, C, H, W) into rows (N, F): the model has no "
-        "classifier head to convolutionalize (it may be fully convolutional already)."
-    )
-
-
-def _spatial_axes(s: _Surgery, node: Any) -> bool:
-    axes = None
-    for attr in node.attribute:
-        if attr.name == "axes":
-            axes = list(helper.get_attribute_value(attr))
-    if axes is None and len(node.input) > 1:
-        value = s.const(node.input[1])
-        axes = None if value is None else [int(a) for a in value.reshape(-1)]
-    return axes is not None and sorted(a % 4 for a in axes) == [2, 3]
-
-
 def _slide_pool(s: _Surgery, node: Any) -> None:
     """A global pool becomes a stride-1 pool over the training feature size."""
     source = s.shapes[node.input[0]]
     assert source is not None
     kernel = list(source[2:])
-    new = helper.make_node(_GLOBAL_POOLS[node.op_type], [node.input[0]], [node.output[0]],
+    new = helper.make_node(GLOBAL_POOLS[node.op_type], [node.input[0]], [node.output[0]],
                            kernel_shape=kernel, strides=[1, 1])
     s.replace(node, new, f"{node.op_type} -> {new.op_type} {kernel[0]}x{kernel[1]}")
 
 
 def _enter_head(s: _Surgery, node: Any) -> None:
-    """Turn the flatten point (and a global pool feeding it) into maps."""
+    """Turn the flatten point (and a global pool behind it, through per-cell ops) into maps."""
     x = node.input[0]
     source = s.shapes[x]
     assert source is not None
-    if node.op_type == "ReduceMean" and _spatial_axes(s, node):
+    if node.op_type == "ReduceMean" and spatial_axes(s, node):
         _slide_pool(s, node)
         s.layout[node.output[0]] = (source[1], 1, 1)
         return
     if node.op_type not in _FLATTENS:
         raise s.fail(node, f"it turns the map {format_shape(source)} into rows and is not a flatten")
-    pool = s.producers.get(x)
-    if source[2:] == (1, 1) and pool is not None and pool.op_type in _GLOBAL_POOLS and (
-            pool.op_type != "ReduceMean" or _spatial_axes(s, pool)):
+    found = pool_behind(s, x) if source[2:] == (1, 1) or source[1:3] == (1, 1) else None
+    perm = None
+    if found is not None:
+        pool, between = found
+        perm = to_channels_first(check_per_cell(s, pool, between)[x])
         _slide_pool(s, pool)
-    s.layout[x] = (source[1], *source[2:])
+    channels = source[1] if perm is None else source[perm[1]]
+    s.layout[x] = (channels, *source[2:]) if perm is None else (channels, 1, 1)
     s.layout[node.output[0]] = s.layout[x]
-    s.replace(node, helper.make_node("Identity", [x], [node.output[0]]), f"{node.op_type} -> Identity")
+    if perm is None:
+        s.replace(node, helper.make_node("Identity", [x], [node.output[0]]), f"{node.op_type} -> Identity")
+    else:
+        s.replace(node, helper.make_node("Transpose", [x], [node.output[0]], perm=perm),
+                  f"{node.op_type} -> Transpose to channels first")
 
 
 def _linear(s: _Surgery, node: Any) -> None:
@@ -307,7 +297,7 @@ def convolutionalize_model(model: Any, input_shape: Sequence[int]) -> tuple[Any,
                           f"{format_shape(shape)}.")
     require_tensor_outputs(model)
     s = _Surgery(copy.deepcopy(model), shape)
-    start = _flatten_point(s)
+    start = flatten_point(s)
     _enter_head(s, s.graph.node[start])
     _convert_head(s, start)
     _make_dynamic(s)

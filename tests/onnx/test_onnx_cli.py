@@ -146,3 +146,29 @@ def test_a_wrong_input_names_the_input_the_file_takes(tmp_path: Path, shape: str
     else:
         one_line_error(result, "fcconv.onnx.convolutionalize handles images (C, H, W)")
     assert "onnxruntime" not in result.stderr and not (tmp_path / "fcn.onnx").exists()
+
+
+def test_linear_to_conv_refuses_a_node_left_unless_allow_partial(tmp_path: Path) -> None:
+    from test_onnx_rewrite import hand_made
+
+    hand_made(tmp_path / "src.onnx")
+    out = str(tmp_path / "dst.onnx")
+    one_line_error(run("onnx", "linear-to-conv", str(tmp_path / "src.onnx"), "-o", out),
+                   "2 Gemm/MatMul node(s) of")
+    assert not (tmp_path / "dst.onnx").exists()
+    result = run("onnx", "linear-to-conv", str(tmp_path / "src.onnx"), "-o", out, "--allow-partial")
+    assert result.exit_code == 0, result.output
+    assert "LEFT MatMul 'data_matmul': its weight B is computed, not a constant" in result.output
+
+
+def test_convolutionalize_prints_an_unverified_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from test_onnx_checks import _export, _padded
+
+    monkeypatch.setitem(sys.modules, "onnx2torch", None)
+    _export(_padded(), tmp_path / "src.onnx", 13)
+    result = run("onnx", "convolutionalize", str(tmp_path / "src.onnx"), "--input", "3,8,8", "-o",
+                 str(tmp_path / "fcn.onnx"))
+    assert result.exit_code == 0, result.output
+    assert "UNVERIFIED at input (1, 3, 13, 13): node" in result.output

@@ -114,3 +114,26 @@ def test_a_node_mixing_cells_between_pool_and_flatten_is_named(tmp_path: Path) -
     with pytest.raises(fcconv.FcconvError, match=r"Cannot convolutionalize node '.*mix/Conv' \(Conv\): it "
                        "sits between the global pool and the flatten and does not compute each cell"):
         fonnx.convolutionalize(tmp_path / "src.onnx", tmp_path / "fcn.onnx", SHAPE)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "opset"), [("mobilenetv3_small_050", 11), ("convnext_atto", 17)])
+def test_timm_heads(tmp_path: Path, name: str, opset: int) -> None:
+    """timm's conv_head (mobilenetv3, with SE blocks in the body) and LayerNorm head (convnext)."""
+    timm = pytest.importorskip("timm")
+    pytest.importorskip("onnx2torch")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    shape = (3, 96, 96)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(1, *shape),), str(tmp_path / "src.onnx"), dynamo=False,
+                          opset_version=opset)
+    report = fonnx.convolutionalize(tmp_path / "src.onnx", tmp_path / "fcn.onnx", shape)
+    assert report.conv_only and not report.unverified
+    assert "onnx2torch translation" in str(report.checks[1].verified_by)
+    rel = report.float64_max_rel
+    assert rel is not None and rel <= 1e-12
+    fcn = fcconv.convolutionalize(model, shape)
+    check = check_size(fcn, session(tmp_path / "fcn.onnx"), torch.randn(1, 3, 136, 168), name)
+    assert check.output_shape == (1, 1000, *fcn.grid_shape((136, 168))) and check.max_rel < 1e-5

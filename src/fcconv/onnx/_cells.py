@@ -153,6 +153,25 @@ def _crops(original: Any, x: torch.Tensor, shape: tuple[int, ...], stride: tuple
     return np.asarray(cells).transpose(2, 0, 1)
 
 
+def _for_onnx2torch(proto: Any) -> Any:
+    """``proto`` with Identity nodes removed and Constant nodes lifted to initializers: onnx2torch reads
+    Conv and Gemm weights from initializers only (exporters share weights through Identity)."""
+    import onnx_ir as ir
+    import onnx_ir.passes.common as passes
+
+    model = ir.serde.deserialize_model(proto)
+    passes.LiftConstantsToInitializersPass()(model)
+    passes.IdentityEliminationPass()(model)
+    return ir.serde.serialize_model(model)
+
+
+def _opaque_modules() -> tuple[type, ...]:
+    """onnx2torch's elementwise modules with control flow on values (integer division): kept whole."""
+    from onnx2torch.node_converters.binary_math_operations import OnnxBinaryMathOperation
+
+    return (OnnxBinaryMathOperation,)
+
+
 def _translated(original: Any, x: torch.Tensor, shape: tuple[int, ...],
                 float64: bool) -> tuple[np.ndarray | None, str]:
     """``fcconv.convolutionalize`` of onnx2torch's translation of ``original``, run on ``x``."""
@@ -162,12 +181,14 @@ def _translated(original: Any, x: torch.Tensor, shape: tuple[int, ...],
         return None, "onnx2torch is not installed to translate it (pip install onnx2torch)"
     from fcconv import convolutionalize
 
-    try:
-        module = convert(original).eval()
-        fcn = convolutionalize(module, shape)
-        dtype = torch.float64 if float64 else torch.float32
-        with torch.no_grad():
-            return fcn.to(dtype)(x.to(dtype)).numpy(), ""
-    except Exception as error:  # any failure of the translation: the size stays unverified, said so
-        text = " ".join(str(error).split())[:200] or type(error).__name__
-        return None, f"its onnx2torch translation could not be convolutionalized ({text})"
+    errors = []
+    for leaves in ((), _opaque_modules()):  # traced through, then with the elementwise modules kept whole
+        try:
+            module = convert(_for_onnx2torch(original)).eval()
+            fcn = convolutionalize(module, shape, leaf_modules=leaves)
+            dtype = torch.float64 if float64 else torch.float32
+            with torch.no_grad():
+                return fcn.to(dtype)(x.to(dtype)).numpy(), ""
+        except Exception as error:  # any failure of the translation: the size stays unverified, said so
+            errors.append(" ".join(str(error).split())[:200] or type(error).__name__)
+    return None, f"its onnx2torch translation could not be convolutionalized ({errors[0]})"

@@ -141,3 +141,32 @@ def test_a_size_nothing_can_check_is_reported_unverified(tmp_path: Path,
     assert "map NOT verified: node" in text and "pads its input, and onnx2torch is not installed" in text
     assert "UNVERIFIED at input (1, 3, 13, 13)" in text
     assert np.isnan(report.checks[1].max_abs)
+
+
+class _ChannelsLast(nn.Module):
+    """A Keras-like net: (N, H, W, C) in, Transpose to channels first (as tf2onnx writes), unpadded convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _unpadded(nn.Softmax(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_channels_last_input_finds_its_spatial_dims_from_the_graph(tmp_path: Path, opset: int) -> None:
+    model = _ChannelsLast().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(1, 8, 8, 3),), str(tmp_path / "src.onnx"), dynamo=False,
+                          opset_version=opset)
+    report = fonnx.convolutionalize(tmp_path / "src.onnx", tmp_path / "fcn.onnx", (8, 8, 3))
+    assert report.dynamic == {0: "batch", 1: "height", 2: "width"}
+    assert "on its crop (stride 2x2)" in str(report.checks[1].verified_by)
+    assert report.checks[1].input_shape == (1, 3, 10, 12)  # reported channels first
+    x = torch.randn(1, 13, 12, 3)
+    y = run(session(tmp_path / "fcn.onnx"), x)
+    assert y.shape == (1, 3, 3, 3)
+    with torch.no_grad():
+        assert torch.allclose(y[0, :, 1, 2], model(x[:, 2:10, 4:12])[0], atol=1e-6)

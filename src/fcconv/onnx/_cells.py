@@ -54,34 +54,40 @@ def is_local(model: Any) -> str | None:
     return None
 
 
-def _grid(sess: Any, channels: int, size: tuple[int, int]) -> tuple[int, ...]:
-    y = run(sess, torch.zeros(1, channels, *size))
+def to_file(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``x (N, C, H, W)`` in the layout of the file's input: ``(N, H, W, C)`` when it is channels last."""
+    return x.permute(0, 2, 3, 1) if channels_last else x
+
+
+def _grid(sess: Any, channels: int, size: tuple[int, int], channels_last: bool = False) -> tuple[int, ...]:
+    y = run(sess, to_file(torch.zeros(1, channels, *size), channels_last))
     return tuple(y.shape[2:])
 
 
-def _first_growth(sess: Any, shape: tuple[int, ...], axis: int, cells: int) -> int:
+def _first_growth(sess: Any, shape: tuple[int, ...], axis: int, cells: int, last: bool) -> int:
     """The smallest growth of the input along ``axis`` that gives at least ``cells`` cells there."""
     lo, hi = 1, 4 * shape[1 + axis]
-    if _grid(sess, shape[0], _grown(shape, axis, hi))[axis] < cells:
+    if _grid(sess, shape[0], _grown(shape, axis, hi), last)[axis] < cells:
         raise NotEquivalentError(f"Growing the input by {hi} pixels along axis {axis + 2} gives fewer than "
                                  f"{cells} cells: the result does not give a map of several cells.")
     while lo < hi:  # the grid grows with the size
         mid = (lo + hi) // 2
-        if _grid(sess, shape[0], _grown(shape, axis, mid))[axis] >= cells:
+        if _grid(sess, shape[0], _grown(shape, axis, mid), last)[axis] >= cells:
             hi = mid
         else:
             lo = mid + 1
     return lo
 
 
-def stride_of(sess: Any, shape: tuple[int, ...]) -> tuple[int, int]:
+def stride_of(sess: Any, shape: tuple[int, ...], channels_last: bool = False) -> tuple[int, int]:
     """The pixels between cells: per axis, the growth of the input between the 2nd and the 3rd cell.
 
     Raises:
         FcconvError: if the model does not run at a size (a shape frozen in its body).
         NotEquivalentError: if no growth up to four training sizes adds two cells.
     """
-    sy, sx = (_first_growth(sess, shape, axis, 3) - _first_growth(sess, shape, axis, 2) for axis in (0, 1))
+    sy, sx = (_first_growth(sess, shape, axis, 3, channels_last)
+              - _first_growth(sess, shape, axis, 2, channels_last) for axis in (0, 1))
     return sy, sx
 
 
@@ -91,8 +97,11 @@ def _grown(shape: tuple[int, ...], axis: int, by: int) -> tuple[int, int]:
     return size[0], size[1]
 
 
-def check_larger_size(original: Any, fcn: Any, sess: Any, shape: tuple[int, ...], float64: bool) -> SizeCheck:
+def check_larger_size(original: Any, fcn: Any, sess: Any, shape: tuple[int, ...], float64: bool,
+                      channels_last: bool = False) -> SizeCheck:
     """Run ``fcn`` at a larger non-square size and check its map against an independent reference.
+
+    ``shape`` is ``(C, H, W)``; a ``channels_last`` file is fed ``(N, H, W, C)``.
 
     Raises:
         NotEquivalentError: if the map has fewer cells than the crops the stride places, or (in float64)
@@ -102,23 +111,23 @@ def check_larger_size(original: Any, fcn: Any, sess: Any, shape: tuple[int, ...]
     if local is not None:
         big = (1, shape[0], shape[1] + shape[1] // 2 + 1, shape[2] + shape[2] // 4 + 3)
         x = torch.randn(big, generator=torch.Generator().manual_seed(1))
-        got = _run(fcn, x, float64, "the convolutionalized file")
-        expected, why = _translated(original, x, shape, float64)
+        got = _run(fcn, to_file(x, channels_last), float64, "the convolutionalized file")
+        expected, why = _translated(original, to_file(x, channels_last), shape, float64)
         if expected is None:
             return SizeCheck(big, tuple(got.shape), float("nan"), float("nan"), None, None,
                              unverified=f"{local}, and {why}")
         by = "against fcconv.convolutionalize of the onnx2torch translation of the original file"
     else:
-        sy, sx = stride_of(sess, shape)
+        sy, sx = stride_of(sess, shape, channels_last)
         big = (1, shape[0], shape[1] + sy, shape[2] + 2 * sx)
         x = torch.randn(big, generator=torch.Generator().manual_seed(1))
-        got = _run(fcn, x, float64, "the convolutionalized file")
+        got = _run(fcn, to_file(x, channels_last), float64, "the convolutionalized file")
         if got.ndim != 4 or tuple(got.shape[2:]) != (2, 3):
             raise NotEquivalentError(
                 f"At input {format_shape(big)} the result gives {format_shape(got.shape)}; its stride "
                 f"({sy}, {sx}) over the window {format_shape(shape[1:])} places (2, 3) cells."
             )
-        expected = _crops(original, x, shape, (sy, sx), (2, 3), float64).reshape(got.shape)
+        expected = _crops(original, x, shape, (sy, sx), float64, channels_last).reshape(got.shape)
         by = f"each cell against the original file on its crop (stride {sy}x{sx})"
     if expected.shape != got.shape:
         raise NotEquivalentError(f"At input {format_shape(big)} the result gives {format_shape(got.shape)} "
@@ -137,17 +146,18 @@ def _run(model: Any, x: torch.Tensor, float64: bool, what: str) -> np.ndarray:
     return run(session(model), x).numpy()
 
 
-def _crops(original: Any, x: torch.Tensor, shape: tuple[int, ...], stride: tuple[int, int],
-           grid: tuple[int, ...], float64: bool) -> np.ndarray:
+def _crops(original: Any, x: torch.Tensor, shape: tuple[int, ...], stride: tuple[int, int], float64: bool,
+           channels_last: bool, grid: tuple[int, int] = (2, 3)) -> np.ndarray:
     """The original file's scores on every cell's crop, as a ``(M, *grid)`` array."""
     if float64:
         proto = to_float64(original)
-        one = lambda crop: run_reference(proto, crop.double().numpy(), "the original file")  # noqa: E731
+        one = lambda crop: run_reference(proto, to_file(crop, channels_last).double().numpy(),  # noqa: E731
+                                         "the original file")
     else:
         from fcconv.onnx._runtime import session
 
         sess = session(original)
-        one = lambda crop: run(sess, crop).numpy()  # noqa: E731
+        one = lambda crop: run(sess, to_file(crop, channels_last)).numpy()  # noqa: E731
     cells = [[one(x[:, :, i * stride[0]:i * stride[0] + shape[1], j * stride[1]:j * stride[1] + shape[2]])
               .reshape(-1) for j in range(grid[1])] for i in range(grid[0])]
     return np.asarray(cells).transpose(2, 0, 1)

@@ -272,10 +272,22 @@ def _convert_head(s: _Surgery, start: int) -> None:
             raise s.fail(node, "this op type cannot slide over a larger map")
 
 
+def channels_last(model: Any) -> bool:
+    """True when the image input is ``(N, H, W, C)``: every node reading it is ``Transpose(0, 3, 1, 2)``
+    (as tf2onnx writes Keras models), so the spatial dims are found from the graph, not their position."""
+    name = model.graph.input[0].name
+    users = [n for n in model.graph.node if name in n.input]
+    perms = [[list(a.ints) for a in n.attribute if a.name == "perm"]
+             for n in users if n.op_type == "Transpose"]
+    return bool(users) and len(perms) == len(users) and all(p == [[0, 3, 1, 2]] for p in perms)
+
+
 def _make_dynamic(s: _Surgery) -> None:
     """Symbolic batch, height and width in; score maps out; stale intermediate shapes dropped."""
     graph_input = s.graph.input[0]
-    for dim, name in zip(graph_input.type.tensor_type.shape.dim, ("batch", None, "height", "width")):
+    last = channels_last(s.model)
+    names = ("batch", "height", "width", None) if last else ("batch", None, "height", "width")
+    for dim, name in zip(graph_input.type.tensor_type.shape.dim, names):
         if name is not None:
             dim.Clear()
             dim.dim_param = name
@@ -355,7 +367,9 @@ def convolutionalize(src: str | Path, dst: str | Path, input_shape: Sequence[int
     if float64:
         checks[0] = _certify_float64(original, model, x, checks[0])
     try:
-        checks.append(check_larger_size(original, model, sess, shape, float64))
+        last = channels_last(original)
+        chw = (shape[2], shape[0], shape[1]) if last else shape
+        checks.append(check_larger_size(original, model, sess, chw, float64, last))
     except FcconvError as error:
         if isinstance(error, NotEquivalentError):
             raise

@@ -7,13 +7,18 @@ Before: ``features -> GlobalAveragePool -> Flatten -> Gemm(512 -> 1000)`` (input
 After: ``features -> AveragePool(7x7, stride 1) -> Identity -> Conv(512 -> 1000, 1x1)`` (inputs
 ``batch x 3 x height x width``, outputs ``batch x 1000 x h x w``).
 
-* The flatten point is the first node that turns a feature map ``(N, C, H, W)`` into rows ``(N, F)``
-  (Flatten, Reshape, Squeeze, or a ReduceMean without keepdims). It becomes an Identity.
-* A global pool feeding it (GlobalAveragePool, GlobalMaxPool, ReduceMean over H and W) becomes a
-  stride-1 AveragePool / MaxPool over the training feature size.
+* The flatten point is the node that turns a feature map ``(N, C, H, W)`` into rows ``(N, F)``
+  (Flatten, Reshape, Squeeze, or a ReduceMean without keepdims) whose rows never come back to a map
+  (a squeeze-and-excitation gate does; see :mod:`fcconv.onnx._head`). It becomes an Identity.
+* A global pool behind it (GlobalAveragePool, GlobalMaxPool, ReduceMean over H and W), through nodes
+  that compute each cell on their own (1x1 Convs, norms, activations, Transposes), becomes a stride-1
+  AveragePool / MaxPool over the training feature size.
 * The first Gemm / MatMul after it becomes a Conv whose kernel covers the map ``(C, H, W)`` (the
   flatten order of NCHW is the kernel's); later ones become 1x1 Convs; per-feature constants of
-  Add / Sub / Mul / Div become ``(M, 1, 1)``; Softmax over the features runs over the channels.
+  Add / Sub / Mul / Div become ``(M, 1, 1)``; Softmax / LogSoftmax / Hardmax over the features run
+  over the channels (before opset 13 through Transposes, as those opsets flatten from ``axis`` on).
+* A channels-last input (read only by ``Transpose(0, 3, 1, 2)``) keeps its layout; its height and
+  width become symbolic at their positions.
 * Anything else in the head is refused, naming the node and its op type.
 """
 
@@ -337,7 +342,8 @@ def convolutionalize(src: str | Path, dst: str | Path, input_shape: Sequence[int
     Args:
         src: the ONNX file to read (never written).
         dst: the file to write, atomically; written only when the checks pass.
-        input_shape: the per-sample training shape ``(C, H, W)``.
+        input_shape: the per-sample training shape ``(C, H, W)`` (``(H, W, C)`` for a channels-last
+            file: the file's own order).
         certify: ``"float64"`` (the verdict above) or ``"float32"`` (onnxruntime only), for models
             too big to run in ``onnx.reference``.
 

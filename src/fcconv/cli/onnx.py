@@ -40,7 +40,7 @@ def command() -> None:
 @command.command("convolutionalize")
 @click.argument("src", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--input", "-i", "input_shape", type=InputShape(), required=True,
-              help="Per-sample training input shape C,H,W of SRC.")
+              help="Per-sample training input shape C,H,W of SRC (H,W,C for a channels-last file).")
 @click.option("-o", "--output", "output", type=OutputPath(), required=True, help="The file to write (.onnx).")
 @click.option("--certify", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
               help="float64: the verdict, the file run in float64 with onnx.reference; "

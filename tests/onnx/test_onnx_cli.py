@@ -92,8 +92,9 @@ def test_onnx_convolutionalize_and_linear_to_conv(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "rewritten: Flatten -> Identity 1, Gemm -> Conv 4x4 1" in result.output
     assert "input (1, 1, 8, 8) -> (1, 3, 1, 1): max abs difference" in result.output
-    assert "input (1, 1, 13, 13) -> (1, 3, 6, 6): ran" in result.output
-    assert "float64 verdict (onnx.reference, 1 size(s)): same function" in result.output
+    assert ("input (1, 1, 9, 10) -> (1, 3, 2, 3): each cell against the original file on its crop "
+            "(stride 1x1)" in result.output)
+    assert "float64 verdict (onnx.reference, 2 size(s)): same function" in result.output
     result = run("onnx", "linear-to-conv", str(src), "-o", str(tmp_path / "lc.onnx"))
     assert result.exit_code == 0, result.output
     assert "rewritten: Gemm -> Conv 1" in result.output
@@ -132,3 +133,42 @@ def test_missing_extra_is_one_line(tmp_path: Path) -> None:
         "Error: fcconv.onnx needs the package 'onnxscript', which is not installed. "
         "Install the extra: pip install 'fcconv[onnx]'.")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("shape", ["1,9,8", "3,8,8", "1,8", "1,8,8,8"])
+def test_a_wrong_input_names_the_input_the_file_takes(tmp_path: Path, shape: str) -> None:
+    src = tmp_path / "src.onnx"
+    _plain_export(src)
+    result = run("onnx", "convolutionalize", str(src), "--input", shape, "-o", str(tmp_path / "fcn.onnx"))
+    if shape.count(",") == 2:
+        one_line_error(result, "The model's input 'input.1' is (1, 1, 8, 8); the input shape")
+        assert "Give its per-sample training shape (1,8,8)" in result.stderr
+    else:
+        one_line_error(result, "fcconv.onnx.convolutionalize handles images (C, H, W)")
+    assert "onnxruntime" not in result.stderr and not (tmp_path / "fcn.onnx").exists()
+
+
+def test_linear_to_conv_refuses_a_node_left_unless_allow_partial(tmp_path: Path) -> None:
+    from test_onnx_rewrite import hand_made
+
+    hand_made(tmp_path / "src.onnx")
+    out = str(tmp_path / "dst.onnx")
+    one_line_error(run("onnx", "linear-to-conv", str(tmp_path / "src.onnx"), "-o", out),
+                   "2 Gemm/MatMul node(s) of")
+    assert not (tmp_path / "dst.onnx").exists()
+    result = run("onnx", "linear-to-conv", str(tmp_path / "src.onnx"), "-o", out, "--allow-partial")
+    assert result.exit_code == 0, result.output
+    assert "LEFT MatMul 'data_matmul': its weight B is computed, not a constant" in result.output
+
+
+def test_convolutionalize_prints_an_unverified_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from test_onnx_checks import _export, _padded
+
+    monkeypatch.setitem(sys.modules, "onnx2torch", None)
+    _export(_padded(), tmp_path / "src.onnx", 13)
+    result = run("onnx", "convolutionalize", str(tmp_path / "src.onnx"), "--input", "3,8,8", "-o",
+                 str(tmp_path / "fcn.onnx"))
+    assert result.exit_code == 0, result.output
+    assert "UNVERIFIED at input (1, 3, 13, 13): node" in result.output

@@ -60,8 +60,16 @@ def test_hand_made_gemms(tmp_path: Path) -> None:
     src, dst = tmp_path / "src.onnx", tmp_path / "dst.onnx"
     hand_made(src)
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
-    report = fonnx.linear_to_conv(src, dst)
+    with pytest.raises(fcconv.FcconvError, match=r"2 Gemm/MatMul node\(s\) of '.*src.onnx' could not be "
+                       r"rewritten \(Gemm 'scaled': transA or alpha is set;"
+                       r" MatMul 'data_matmul': its weight B"):
+        fonnx.linear_to_conv(src, dst)
+    assert not dst.exists()
+    report = fonnx.linear_to_conv(src, dst, allow_partial=True)
     assert report.rewritten == {"Gemm -> Conv": 2}
+    assert report.left == {"Gemm 'scaled'": "transA or alpha is set",
+                           "MatMul 'data_matmul'": "its weight B is computed, not a constant"}
+    assert "LEFT MatMul 'data_matmul': its weight B is computed" in str(report)
     left = ops(dst)
     assert left.count("Conv") == 2 and left.count("Gemm") == 1  # alpha=2: computed weights, left alone
     assert left.count("MatMul") == 1  # no constant weight
@@ -110,3 +118,96 @@ def test_not_onnx_is_refused_and_nothing_written(tmp_path: Path) -> None:
     with pytest.raises(fcconv.FcconvError,
                        match="Cannot write the ONNX model to '.*out.onnx': folder '.*nowhere' does not"):
         fonnx.linear_to_conv(tmp_path / "src.onnx", tmp_path / "nowhere" / "out.onnx")
+
+
+@pytest.mark.parametrize("opset", [11, 12, 13, 17])
+@pytest.mark.parametrize("shape", [(6,), (5, 6), (2, 5, 6)], ids=["rank2", "rank3", "rank4"])
+def test_rewrites_keep_the_files_opset(tmp_path: Path, opset: int, shape: tuple[int, ...]) -> None:
+    model = _Mlp().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(2, *shape),), str(tmp_path / "mlp.onnx"), dynamo=False,
+                          input_names=["x"], dynamic_axes={"x": {0: "n"}}, opset_version=opset)
+    report = fonnx.linear_to_conv(tmp_path / "mlp.onnx", tmp_path / "conv.onnx")
+    assert report.conv_only and not report.left
+    out = onnx.load(str(tmp_path / "conv.onnx"))
+    assert [o.version for o in out.opset_import if o.domain == ""] == [opset]
+    onnx.checker.check_model(out, full_check=True)
+    x = torch.randn(3, *shape)
+    with torch.no_grad():
+        assert torch.allclose(run(session(out), x), model(x), atol=1e-5)
+
+
+def _shared(path: Path) -> None:
+    """Two Gemms sharing one weight through Identity and a zero bias through Identity (vgg11's exporter),
+    a MatMul whose float16 weight is reached through Cast, and two outputs."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Identity", ["b0"], ["b0_dedup"]),
+             helper.make_node("Identity", ["w"], ["w_dedup"]),
+             helper.make_node("Cast", ["w16"], ["w_cast"], to=TensorProto.FLOAT),
+             helper.make_node("Gemm", ["x", "w", "b0"], ["h"], name="first", transB=1),
+             helper.make_node("Gemm", ["h", "w_dedup", "b0_dedup"], ["y"], name="second", transB=1),
+             helper.make_node("MatMul", ["h", "w_cast"], ["z"], name="cast_weight")]
+    graph = helper.make_graph(
+        nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 3])],
+        [_init("w", rng.standard_normal((4, 4))), _init("b0", np.zeros(4)),
+         numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float16), "w16")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+
+
+def test_constants_through_identity_and_cast_and_every_output(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    _shared(tmp_path / "src.onnx")
+    report = fonnx.linear_to_conv(tmp_path / "src.onnx", tmp_path / "dst.onnx")
+    assert report.conv_only and report.rewritten == {"Gemm -> Conv": 2, "MatMul -> Conv": 1}
+    assert [c.output for c in report.checks] == ["y", "z"]
+    assert all(c.float64_max_rel is not None and c.float64_max_rel <= 1e-12 for c in report.checks)
+    from fcconv.onnx import rewrite as rewrite_module
+
+    real = rewrite_module.linear_to_conv_model
+
+    def second_output_wrong(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
+        out, done = real(proto)
+        out.graph.node.append(helper.make_node("Neg", ["z"], ["z_wrong"]))
+        out.graph.output[1].name = "z_wrong"
+        return out, done
+
+    monkeypatch.setattr(rewrite_module, "linear_to_conv_model", second_output_wrong)
+    with pytest.raises(fcconv.NotEquivalentError, match=r"In float64 the rewritten model \(output 'z'\)"):
+        fonnx.linear_to_conv(tmp_path / "src.onnx", tmp_path / "wrong.onnx")
+
+
+def test_an_unknown_rank_is_left_and_named(tmp_path: Path) -> None:
+    """Squeeze without axes of (n, 1, 8): the rank depends on n, so shape inference cannot give it."""
+    graph = helper.make_graph(
+        [helper.make_node("Squeeze", ["x"], ["s"]),
+         helper.make_node("MatMul", ["s", "w"], ["y"], name="dense")],
+        "norank", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m"])], [_init("w", np.ones((8, 2)))])
+    src = tmp_path / "src.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(src))
+    with pytest.raises(fcconv.FcconvError, match=r"1 Gemm/MatMul node\(s\) of .* \(MatMul 'dense': the rank "
+                       "of its input A is not inferred"):
+        fonnx.linear_to_conv(src, tmp_path / "dst.onnx")
+    report = fonnx.linear_to_conv(src, tmp_path / "dst.onnx", allow_partial=True)
+    assert list(report.left) == ["MatMul 'dense'"] and not report.conv_only
+
+
+def test_a_zipmap_output_is_refused_clearly(tmp_path: Path) -> None:
+    """skl2onnx's default: probabilities as a sequence of maps (ZipMap)."""
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["scores"], transB=1),
+             helper.make_node("Softmax", ["scores"], ["probs"], axis=1),
+             helper.make_node("ZipMap", ["probs"], ["output_probability"], domain="ai.onnx.ml",
+                              classlabels_int64s=[0, 1, 2])]
+    maps = helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, []))
+    seq = helper.make_value_info("output_probability", helper.make_sequence_type_proto(maps))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])
+    graph = helper.make_graph(nodes, "zipmap", [x], [seq], [_init("w", np.ones((3, 4)))])
+    opsets = [helper.make_opsetid("", 13), helper.make_opsetid("ai.onnx.ml", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    onnx.save(model, str(tmp_path / "src.onnx"))
+    with pytest.raises(fcconv.FcconvError, match=r"The model's output 'output_probability' is a sequence of "
+                       r"maps \(ZipMap\); fcconv.onnx rewrites and checks graphs whose outputs are tensors"):
+        fonnx.linear_to_conv(tmp_path / "src.onnx", tmp_path / "dst.onnx")

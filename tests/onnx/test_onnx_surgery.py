@@ -115,8 +115,8 @@ def _head_with(op: str, path: Path) -> None:
 
 
 def test_an_op_the_surgery_cannot_handle_is_named(tmp_path: Path) -> None:
-    _head_with("Hardmax", tmp_path / "src.onnx")
-    with pytest.raises(fcconv.FcconvError, match=r"Cannot convolutionalize node 'odd_one' \(Hardmax\)"):
+    _head_with("Round", tmp_path / "src.onnx")
+    with pytest.raises(fcconv.FcconvError, match=r"Cannot convolutionalize node 'odd_one' \(Round\)"):
         fonnx.convolutionalize(tmp_path / "src.onnx", tmp_path / "dst.onnx", (2, 3, 3))
     assert not (tmp_path / "dst.onnx").exists()
     _head_with("Relu", tmp_path / "ok.onnx")
@@ -135,7 +135,7 @@ def test_a_body_with_a_frozen_shape_is_refused(tmp_path: Path) -> None:
     graph = helper.make_graph(nodes, "frozen", [x], [y], [frozen, w])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     onnx.save(model, str(tmp_path / "src.onnx"))
-    with pytest.raises(fcconv.FcconvError, match=r"training size \(3, 3\) but not at \(5, 6\): its"):
+    with pytest.raises(fcconv.FcconvError, match=r"training size \(3, 3\) but not at larger sizes: its"):
         fonnx.convolutionalize(tmp_path / "src.onnx", tmp_path / "dst.onnx", (2, 3, 3))
     assert not (tmp_path / "dst.onnx").exists()
 

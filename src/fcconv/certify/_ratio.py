@@ -9,7 +9,10 @@ others), and the ratio is
     ----------------------------------------------------------------
     max over all samples and elements of |reference - ref64| / scale
 
-about 1 for a correct conversion, far above for a wrong one. The max-norm, not an RMS: an error in one
+about 1 for a correct conversion, far above for a wrong one. The denominator is at least the working
+precision's unit roundoff (``finfo.eps / 2``, relative to the same scale): on a few outputs the
+reference can land within a fraction of an ulp of the float64 function by luck, and a candidate a
+couple of ulps away is then no worse than float32 itself. The max-norm, not an RMS: an error in one
 output (one class, one border cell of a map) is diluted by ``sqrt(n)`` in an RMS over ``n`` outputs,
 and both maxima pool every element compared, so the denominator is not one lucky rounding.
 docs/certificates.md gives measured values and how :data:`ERROR_RATIO_MAX` was chosen.
@@ -45,8 +48,9 @@ class RatioMeasure:
     Attributes:
         reference_error: largest ``|reference - ref64|`` relative to its sample's largest ``|ref64|``.
         candidate_error: largest ``|candidate - ref64|``, relative the same way.
-        ratio: ``candidate_error / reference_error``; None when ``reference_error`` is 0 (the
-            reference is exact in the working precision: integer-valued toy nets, float64 modules).
+        ratio: ``candidate_error / max(reference_error, unit roundoff)``; None when
+            ``reference_error`` is 0 (the reference is exact in the working precision:
+            integer-valued toy nets, float64 modules).
     """
 
     reference_error: float
@@ -101,4 +105,6 @@ def error_ratio(refs: Sequence[Tensor], cands: Sequence[Tensor], refs64: Sequenc
                     for v, r in zip(values, refs64)), default=0.0)
 
     ref_err, cand_err = largest(refs), largest(cands)
-    return RatioMeasure(ref_err, cand_err, cand_err / ref_err if ref_err > 0 else None)
+    working = [t.dtype for t in refs if t.is_floating_point()]
+    floor = torch.finfo(working[0]).eps / 2 if working else 0.0
+    return RatioMeasure(ref_err, cand_err, cand_err / max(ref_err, floor) if ref_err > 0 else None)

@@ -40,7 +40,7 @@ def command() -> None:
 @command.command("convolutionalize")
 @click.argument("src", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--input", "-i", "input_shape", type=InputShape(), required=True,
-              help="Per-sample training input shape C,H,W of SRC.")
+              help="Per-sample training input shape C,H,W of SRC (H,W,C for a channels-last file).")
 @click.option("-o", "--output", "output", type=OutputPath(), required=True, help="The file to write (.onnx).")
 @click.option("--certify", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
               help="float64: the verdict, the file run in float64 with onnx.reference; "
@@ -70,9 +70,15 @@ def convolutionalize(src: Path, input_shape: tuple[int, ...], output: Path, cert
 @click.option("--certify", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
               help="float64: the verdict, the file run in float64 with onnx.reference; "
                    "float32: onnxruntime only (for models too big for onnx.reference).")
+@click.option("--allow-partial", is_flag=True,
+              help="Write OUTPUT even when a Gemm / MatMul is left (each is named with the reason); "
+                   "without it a file with one left is refused.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
-def linear_to_conv(src: Path, output: Path, certify: str, quiet: bool) -> None:
+def linear_to_conv(src: Path, output: Path, certify: str, allow_partial: bool, quiet: bool) -> None:
     """Turn every Gemm / MatMul(+Add) with constant weights in SRC into a 1x1 Conv.
+
+    Every output of SRC is compared. A node left (a computed weight, a rank shape inference cannot
+    give) is named with the reason; the command then fails unless --allow-partial.
 
     \b
     Example:
@@ -83,6 +89,6 @@ def linear_to_conv(src: Path, output: Path, certify: str, quiet: bool) -> None:
     if _same_file(src, output):
         fail(f"-o {str(output)!r} is the input file; fcconv never overwrites its input. Choose another path.")
     with step(f"Rewriting {src}", quiet=quiet):
-        report = fcconv.onnx.linear_to_conv(src, output, certify=certify)
+        report = fcconv.onnx.linear_to_conv(src, output, certify=certify, allow_partial=allow_partial)
     if not quiet:
         click.echo(str(report))

@@ -38,6 +38,10 @@ class SizeCheck:
         error_ratio: the float32 verdict: onnxruntime's largest deviation from the float64 reference
             over the float32 reference's own (see :func:`fcconv.certify.error_ratio`), about 1 for a
             correct file; None where no float64 reference ran or the reference is exact.
+        verified_by: what the output at this size was compared with, where it is not the original
+            at the same input (a larger size of a convolutionalized file); None otherwise.
+        unverified: why the output at this size could not be compared with anything; None when it was.
+        output: the graph output compared, where a file has several; None for the first (only) one.
     """
 
     input_shape: tuple[int, ...]
@@ -48,10 +52,22 @@ class SizeCheck:
     deep: bool | None
     float64_max_rel: float | None = None
     error_ratio: float | None = None
+    verified_by: str | None = None
+    unverified: str | None = None
+    output: str | None = None
 
     def __str__(self) -> str:
+        shapes = f"input {format_shape(self.input_shape)} -> {format_shape(self.output_shape)}"
+        if self.output is not None:
+            shapes = f"output {self.output!r}: {shapes}"
+        if self.unverified is not None:
+            return f"{shapes}: ran, map NOT verified: {self.unverified}"
         if self.max_abs != self.max_abs:  # NaN: a size with nothing to compare with
-            return f"input {format_shape(self.input_shape)} -> {format_shape(self.output_shape)}: ran"
+            return f"{shapes}: ran"
+        if self.verified_by is not None:
+            float64 = ("" if self.float64_max_rel is None else
+                       f"; float64 rel {self.float64_max_rel:.2g}")
+            return f"{shapes}: {self.verified_by}: max abs difference {self.max_abs:.3g}{float64}"
         float64 = "" if self.float64_max_rel is None else f"; float64 rel {self.float64_max_rel:.2g}"
         if self.bound_ratio is None:
             bound = "no rounding bound derived"
@@ -72,6 +88,7 @@ class OnnxReport:
         op_counts: how many nodes of each op type the graph holds.
         dynamic: the symbolic input dims, e.g. ``{0: "batch", 2: "height", 3: "width"}``.
         rewritten: what the pass replaced, e.g. ``{"Gemm -> Conv": 3}``.
+        left: the nodes a pass left, named, with the reason, e.g. ``{"MatMul 'mm'": "its weight ..."}``.
     """
 
     path: str
@@ -79,6 +96,7 @@ class OnnxReport:
     op_counts: dict[str, int]
     dynamic: dict[int, str] = field(default_factory=dict)
     rewritten: dict[str, int] = field(default_factory=dict)
+    left: dict[str, str] = field(default_factory=dict)
 
     @property
     def conv_only(self) -> bool:
@@ -97,11 +115,19 @@ class OnnxReport:
                  f"  conv-only (no Gemm, no MatMul): {'yes' if self.conv_only else 'no'}"]
         if self.rewritten:
             lines.append("  rewritten: " + ", ".join(f"{k} {v}" for k, v in self.rewritten.items()))
+        lines += [f"  LEFT {node}: {why}" for node, why in self.left.items()]
         lines.append(f"  checked in onnxruntime at {len(self.checks)} size(s):")
         lines += [f"    {c}" for c in self.checks]
         lines.append(self._float64_line())
         lines.append(self._ratio_line())
+        lines += [f"  UNVERIFIED at input {format_shape(c.input_shape)}: {c.unverified}"
+                  for c in self.unverified]
         return "\n".join(lines)
+
+    @property
+    def unverified(self) -> tuple[SizeCheck, ...]:
+        """The sizes run whose output could not be compared with any reference."""
+        return tuple(c for c in self.checks if c.unverified is not None)
 
     @property
     def float64_max_rel(self) -> float | None:

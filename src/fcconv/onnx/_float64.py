@@ -17,7 +17,8 @@ from fcconv._shapes import format_shape
 from fcconv.certify import FLOAT64_RTOL
 from fcconv.errors import FcconvError, NotEquivalentError
 
-__all__ = ["CERTIFY", "check_certify", "float64_rel", "run_reference", "to_float64", "verdict"]
+__all__ = ["CERTIFY", "check_certify", "float64_rel", "run_reference", "run_reference_outputs", "to_float64",
+           "verdict"]
 
 #: The values of the ``certify`` argument: ``"float64"`` (the verdict, default) or ``"float32"``
 #: (onnxruntime at float32 only, for models too big for ``onnx.reference``).
@@ -82,19 +83,39 @@ def run_reference(proto: Any, x: np.ndarray, what: str) -> np.ndarray:
     Raises:
         FcconvError: when the evaluator fails (an op it does not implement, ...).
     """
+    return run_reference_outputs(proto, x, what)[0]
+
+
+def run_reference_outputs(proto: Any, x: np.ndarray, what: str) -> list[np.ndarray]:
+    """:func:`run_reference`, every output in the graph's order."""
     from onnx.reference import ReferenceEvaluator
 
     names = {init.name for init in proto.graph.initializer}
     name: str = next(i.name for i in proto.graph.input if i.name not in names)
     try:
+        proto = _for_reference(proto)
         evaluator: Any = ReferenceEvaluator(proto)  # typed as returning a dict with intermediate=True
-        return np.asarray(evaluator.run(None, {name: x})[0])
+        return [np.asarray(y) for y in evaluator.run(None, {name: x})]
     except Exception as error:
         text = " ".join(str(error).split())[:300] or type(error).__name__
         raise FcconvError(
             f"onnx.reference could not run {what} in float64 on an input {format_shape(x.shape)}: {text}. "
             "Pass certify='float32' (--certify float32) to skip the float64 verdict."
         ) from None
+
+
+def _for_reference(proto: Any) -> Any:
+    """``proto`` at opset 14 at least, where ``onnx.reference`` follows the ONNX spec.
+
+    Before opset 13 it runs Softmax, LogSoftmax and Hardmax with the semantics of 13 (over one axis, not
+    the flattened dims from it), and BatchNormalization of opsets 9 to 13 on batch statistics (its
+    ``momentum`` read as training mode). onnx's version converter rewrites both exactly (Flatten, the
+    op, Reshape; BatchNormalization-14 with ``training_mode=0``).
+    """
+    import onnx
+
+    opset = next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), 14)
+    return proto if opset >= 14 else onnx.version_converter.convert_version(proto, 14)
 
 
 def float64_rel(expected: np.ndarray, got: np.ndarray) -> float:

@@ -15,7 +15,7 @@ from fcconv._deps import need_onnx as require
 from fcconv._io import atomic_output, check_output_path
 from fcconv.errors import FcconvError
 
-__all__ = ["LINEAR_OPS", "check_output", "load", "op_counts", "require", "run", "save", "session",
+__all__ = ["LINEAR_OPS", "check_output", "load", "op_counts", "require", "run", "run_all", "save", "session",
            "symbolic_dims"]
 
 #: The op types a conv-only graph must not hold.
@@ -97,15 +97,20 @@ def run(sess: Any, x: Tensor) -> Tensor:
     Raises:
         FcconvError: when onnxruntime fails (a shape frozen at export, an unsupported op, ...).
     """
+    return run_all(sess, x)[0]
+
+
+def run_all(sess: Any, x: Tensor) -> list[Tensor]:
+    """:func:`run`, every output (tensors) in the graph's order."""
     name = sess.get_inputs()[0].name
     feed: Mapping[str, np.ndarray] = {name: x.detach().cpu().numpy()}
     try:
-        out = sess.run(None, feed)[0]
+        outs = sess.run(None, feed)
     except Exception as error:
         raise FcconvError(
             f"onnxruntime failed on an input of shape {tuple(x.shape)}: {_first_line(error)}"
         ) from None
-    return torch.from_numpy(np.ascontiguousarray(out))
+    return [torch.from_numpy(np.ascontiguousarray(out)) for out in outs]
 
 
 def _first_line(error: BaseException) -> str:

@@ -5,7 +5,13 @@ Rewrite rules of the onnxscript rewriter (a pattern, a check, a replacement), th
 rows of the input become the batch of a ``1x1`` image.
 
 Before: ``x (N, K) -> Gemm(W, b, transB=1) -> (N, M)``.
-After: ``x -> Unsqueeze(2, 3) -> Conv(W[:, :, None, None], b) -> Squeeze(2, 3) -> (N, M)``.
+After: ``x -> Reshape(0, -1, 1, 1) -> Conv(W[:, :, None, None], b) -> Reshape(0, -1) -> (N, M)``.
+
+A MatMul over ``x (d0, ..., K)`` of rank 3 to 5 moves ``K`` to the channels (``Transpose``) and runs a
+1-, 2- or 3-d Conv with a kernel of ones. Every op written exists with the same form from opset 7 on,
+so the file keeps its opset. Weights and biases are constants however they are reached (initializers,
+Constant nodes, through Identity or Cast); a node left (a computed weight, an input rank shape
+inference cannot give, ``transA``/``alpha`` set) is named with the reason (:func:`left_nodes`).
 """
 
 from __future__ import annotations
@@ -22,23 +28,40 @@ from onnxscript import rewriter
 from onnxscript.rewriter import pattern
 
 from fcconv._shapes import format_shape
-from fcconv.errors import NotEquivalentError
+from fcconv.errors import FcconvError, NotEquivalentError
 from fcconv.onnx._check import OnnxReport, SizeCheck, check_ratio, ratio_of
-from fcconv.onnx._float64 import check_certify, run_reference, to_float64, verdict
-from fcconv.onnx._runtime import check_output, load, op_counts, run, save, session, symbolic_dims
+from fcconv.onnx._float64 import check_certify, run_reference_outputs, to_float64, verdict
+from fcconv.onnx._runtime import (
+    LINEAR_OPS,
+    check_output,
+    load,
+    op_counts,
+    run_all,
+    save,
+    session,
+    symbolic_dims,
+)
 
-__all__ = ["linear_to_conv", "linear_to_conv_model", "rules"]
+__all__ = ["left_nodes", "linear_to_conv", "linear_to_conv_model", "require_tensor_outputs", "rules"]
 
 
 def _constant(value: Any) -> np.ndarray | None:
-    """The value of an initializer or a Constant node's output, else None."""
+    """The value of an initializer or a Constant node's output, through Identity and Cast; else None."""
     if value is None:
         return None
     if value.const_value is not None:
         return np.asarray(value.const_value.numpy())
     node = value.producer()
-    if node is not None and node.op_type == "Constant" and "value" in node.attributes:
+    if node is None:
+        return None
+    if node.op_type == "Constant" and "value" in node.attributes:
         return np.asarray(node.attributes["value"].as_tensor().numpy())
+    if node.op_type == "Identity":
+        return _constant(node.inputs[0])
+    if node.op_type == "Cast" and "to" in node.attributes:
+        source = _constant(node.inputs[0])
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(node.attributes["to"].as_int())
+        return None if source is None else source.astype(dtype)
     return None
 
 
@@ -55,12 +78,25 @@ _names = itertools.count()
 def _pointwise(op: Any, x2d: Any, weight: np.ndarray, bias: np.ndarray | None, name: str) -> Any:
     """``x2d (R, K) -> (R, M)`` as a 1x1 Conv over ``(R, K, 1, 1)``; ``weight`` is ``(M, K)``."""
     name = f"{name}_{next(_names)}"
-    axes = op.initializer(ir.tensor(np.array([2, 3], dtype=np.int64)), f"{name}_axes")
+    image = op.initializer(ir.tensor(np.array([0, -1, 1, 1], dtype=np.int64)), f"{name}_image")
+    rows = op.initializer(ir.tensor(np.array([0, -1], dtype=np.int64)), f"{name}_rows")
     kernel = op.initializer(ir.tensor(np.ascontiguousarray(weight[:, :, None, None])), f"{name}_kernel")
-    inputs = [op.Unsqueeze(x2d, axes), kernel]
+    inputs = [op.Reshape(x2d, image), kernel]
     if bias is not None:
         inputs.append(op.initializer(ir.tensor(np.ascontiguousarray(bias)), f"{name}_bias"))
-    return op.Squeeze(op.Conv(*inputs, kernel_shape=[1, 1]), axes)
+    return op.Reshape(op.Conv(*inputs, kernel_shape=[1, 1]), rows)
+
+
+def _channels_conv(op: Any, x: Any, rank: int, weight: np.ndarray, bias: np.ndarray | None, name: str) -> Any:
+    """``x (d0, ..., d_{r-2}, K) -> (d0, ..., M)``: ``K`` to the channels, a Conv of ones, and back."""
+    name = f"{name}_{next(_names)}"
+    ones = [1] * (rank - 2)
+    kernel = op.initializer(ir.tensor(np.ascontiguousarray(weight.reshape(*weight.shape, *ones))),
+                            f"{name}_kernel")
+    inputs = [op.Transpose(x, perm=[0, rank - 1, *range(1, rank - 1)]), kernel]
+    if bias is not None:
+        inputs.append(op.initializer(ir.tensor(np.ascontiguousarray(bias)), f"{name}_bias"))
+    return op.Transpose(op.Conv(*inputs, kernel_shape=ones), perm=[0, *range(2, rank), 1])
 
 
 def _bias_vector(bias: np.ndarray | None, m: int) -> np.ndarray | None | bool:
@@ -130,8 +166,8 @@ class MatMulAddToConv(pattern.RewriteRuleClassBase):
         x = v["x"]
         if weight is None or weight.ndim != 2:
             return result.fail("the weight is not a constant matrix")
-        if x.shape is None or len(x.shape) < 2:
-            return result.fail("the input's rank is unknown or below 2")
+        if x.shape is None or not 2 <= len(x.shape) <= 5:
+            return result.fail("the input's rank is not inferred, or not 2 to 5")
         if "b" in v:
             bias = _constant(v["b"])
             if bias is None or _bias_vector(bias, weight.shape[1]) is False:
@@ -148,11 +184,7 @@ class MatMulAddToConv(pattern.RewriteRuleClassBase):
         x, name = v["x"], v["out"].producer().name or "matmul"
         if len(x.shape) == 2:
             return _pointwise(op, x, weight.T, bias, name)
-        name = f"{name}_{next(_names)}"
-        rows = op.initializer(ir.tensor(np.array([-1, weight.shape[0]], dtype=np.int64)), f"{name}_rows")
-        cols = op.initializer(ir.tensor(np.array([weight.shape[1]], dtype=np.int64)), f"{name}_cols")
-        y = _pointwise(op, op.Reshape(x, rows), weight.T, bias, name)
-        return op.Reshape(y, op.Concat(op.Shape(x, start=0, end=-1), cols, axis=0))
+        return _channels_conv(op, x, len(x.shape), weight.T, bias, name)
 
 
 class MatMulToConv(MatMulAddToConv):
@@ -181,20 +213,64 @@ def rules() -> list[Any]:
 
 def linear_to_conv_model(proto: Any) -> tuple[Any, dict[str, int]]:
     """:func:`linear_to_conv` on a ``ModelProto`` in memory; the new model and what was rewritten."""
+    require_tensor_outputs(proto)
     before = op_counts(proto)
-    proto = onnx.shape_inference.infer_shapes(proto)  # the ranks the MatMul rules need
+    proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)  # the ranks the MatMul rules need
     out = rewriter.rewrite(proto, pattern_rewrite_rules=rules())
     after = op_counts(out)
     done = Counter({f"{op} -> Conv": before.get(op, 0) - after.get(op, 0) for op in ("Gemm", "MatMul")})
     return out, {k: v for k, v in done.items() if v > 0}
 
 
-def linear_to_conv(src: str | Path, dst: str | Path, *, certify: str = "float64") -> OnnxReport:
+def left_nodes(proto: Any) -> dict[str, str]:
+    """Every Gemm / MatMul of ``proto`` (a rewritten model), named, with why it was not rewritten."""
+    model = ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(proto, data_prop=True))
+    left = {}
+    for i, node in enumerate(model.graph):
+        if node.op_type in LINEAR_OPS:
+            left[f"{node.op_type} {node.name or f'#{i}'!r}"] = _why_left(node)
+    return left
+
+
+def _why_left(node: Any) -> str:
+    weight = _constant(node.inputs[1])
+    if weight is None:
+        return "its weight B is computed, not a constant"
+    if weight.ndim != 2:
+        return f"its weight B {format_shape(weight.shape)} is not a matrix"
+    if node.op_type == "Gemm":
+        if _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0:
+            return "transA or alpha is set"
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            if _attr(node, "beta", 1.0) != 1.0:
+                return "beta is set"
+            return "its bias C is not a constant vector over the columns"
+    x = node.inputs[0]
+    if x.shape is None or not 2 <= len(x.shape) <= 5:
+        return "the rank of its input A is not inferred by ONNX shape inference, or not 2 to 5"
+    return "no rule matched it (a bias that is not a constant vector?)"
+
+
+def require_tensor_outputs(proto: Any) -> None:
+    """Refuse a graph with an output that is not a tensor (a ZipMap's sequence of maps, a sequence)."""
+    for out in proto.graph.output:
+        kind = out.type.WhichOneof("value")
+        if kind != "tensor_type":
+            zipmap = any(n.op_type == "ZipMap" and out.name in n.output for n in proto.graph.node)
+            what = "a sequence of maps (ZipMap)" if zipmap else f"a {kind.replace('_type', '')}, not a tensor"
+            raise FcconvError(
+                f"The model's output {out.name!r} is {what}; fcconv.onnx rewrites and checks graphs whose "
+                "outputs are tensors. Export without it (skl2onnx: options={'zipmap': False}) or remove it."
+            )
+
+
+def linear_to_conv(src: str | Path, dst: str | Path, *, certify: str = "float64",
+                   allow_partial: bool = False) -> OnnxReport:
     """Rewrite every Gemm / MatMul(+Add) with constant weights in ``src`` as a 1x1 Conv, into ``dst``.
 
     The rewritten file is run in onnxruntime beside the original on one random input (symbolic
-    dims: batch 1, others 64) and the difference is reported. The verdict is float64: both files are
-    cast to float64 and run with ``onnx.reference`` on that input, where they must agree to
+    dims: batch 1, others 64) and every output is compared. The verdict is float64: both files are
+    cast to float64 and run with ``onnx.reference`` on that input, where every output must agree to
     :data:`fcconv.certify.FLOAT64_RTOL`.
 
     Args:
@@ -202,13 +278,15 @@ def linear_to_conv(src: str | Path, dst: str | Path, *, certify: str = "float64"
         dst: the file to write, atomically.
         certify: ``"float64"`` (the verdict above) or ``"float32"`` (onnxruntime only), for models
             too big to run in ``onnx.reference``.
+        allow_partial: write the file even when a Gemm / MatMul is left (named in ``report.left``).
 
     Returns:
-        An :class:`OnnxReport` with the op counts and what was rewritten.
+        An :class:`OnnxReport` with the op counts, what was rewritten and what was left, and why.
 
     Raises:
-        FcconvError: if ``src`` is not a valid ONNX model or the result does not run.
-        NotEquivalentError: if the outputs differ in shape or are not finite, or differ in float64.
+        FcconvError: if ``src`` is not a valid ONNX model, has an output that is not a tensor (ZipMap),
+            a Gemm / MatMul is left and not ``allow_partial``, or the result does not run.
+        NotEquivalentError: if an output differs in shape or is not finite, or differs in float64.
 
     Example:
         >>> report = fcconv.onnx.linear_to_conv("resnet18.onnx", "resnet18-conv.onnx")
@@ -219,14 +297,20 @@ def linear_to_conv(src: str | Path, dst: str | Path, *, certify: str = "float64"
     check_output(dst, src)
     proto = load(src)
     out, done = linear_to_conv_model(proto)
-    checks = (_check_against_file(proto, out, "the rewritten model", float64),)
+    left = left_nodes(out)
+    if left and not allow_partial:
+        reasons = "; ".join(f"{node}: {why}" for node, why in left.items())
+        raise FcconvError(f"{len(left)} Gemm/MatMul node(s) of {str(src)!r} could not be rewritten "
+                          f"({reasons}). Pass allow_partial=True (--allow-partial) to write the file with "
+                          "them left.")
+    checks = _check_against_file(proto, out, "the rewritten model", float64)
     save(out, dst)
-    return OnnxReport(str(dst), checks, op_counts(out), symbolic_dims(out), done)
+    return OnnxReport(str(dst), checks, op_counts(out), symbolic_dims(out), done, left)
 
 
-def _check_against_file(original: Any, rewritten: Any, what: str, float64: bool) -> SizeCheck:
-    """Run both models in onnxruntime on one random input and measure the difference; with
-    ``float64``, run both cast to float64 with ``onnx.reference`` and give the verdict.
+def _check_against_file(original: Any, rewritten: Any, what: str, float64: bool) -> tuple[SizeCheck, ...]:
+    """Run both models in onnxruntime on one random input and measure the difference of every output;
+    with ``float64``, run both cast to float64 with ``onnx.reference`` and give the verdict.
 
     No float32 rounding bound is derived here: onnxruntime is a black box to :func:`fcconv.compare`;
     with ``float64`` the float32 check is the error ratio against the original file's float64 run.
@@ -235,24 +319,31 @@ def _check_against_file(original: Any, rewritten: Any, what: str, float64: bool)
 
     shape = example_shape(original)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    expected = run(session(original), x)
-    got = run(session(rewritten), x)
-    if got.shape != expected.shape or not bool(torch.isfinite(got).all()):
-        raise NotEquivalentError(
-            f"{what} gives an output {format_shape(got.shape)} on {format_shape(shape)} where the original "
-            f"gives {format_shape(expected.shape)}, or non-finite values."
-        )
-    diff = float((got - expected).abs().max()) if got.numel() else 0.0
-    scale = float(expected.abs().max()) if got.numel() else 0.0
-    rel64 = ratio = None
+    names = [o.name for o in original.graph.output]
+    expected, got = run_all(session(original), x), run_all(session(rewritten), x)
     if float64:
         x64 = x.double().numpy()
-        expected64 = run_reference(to_float64(original), x64, "the original file")
-        got64 = run_reference(to_float64(rewritten), x64, what)
-        rel64 = verdict(expected64, got64, what, "the original file", tuple(shape))
-        ratio = check_ratio(ratio_of(expected, got, expected64), what, "the original file", tuple(shape))
-    return SizeCheck(tuple(shape), tuple(got.shape), diff, diff / scale if scale else diff, None, None, rel64,
-                     error_ratio=ratio)
+        want64 = run_reference_outputs(to_float64(original), x64, "the original file")
+        got64 = run_reference_outputs(to_float64(rewritten), x64, what)
+    checks = []
+    for i, (name, want, have) in enumerate(zip(names, expected, got)):
+        several = len(names) > 1
+        which = f"{what} (output {name!r})" if several else what
+        if have.shape != want.shape or not bool(torch.isfinite(have.double()).all()):
+            raise NotEquivalentError(
+                f"{which} gives {format_shape(have.shape)} on {format_shape(shape)} where the original "
+                f"gives {format_shape(want.shape)}, or non-finite values."
+            )
+        diff = float((have.double() - want.double()).abs().max()) if have.numel() else 0.0
+        scale = float(want.double().abs().max()) if have.numel() else 0.0
+        rel64 = ratio = None
+        if float64:
+            rel64 = verdict(want64[i], got64[i], which, "the original file", tuple(shape))
+            if want.is_floating_point() and have.is_floating_point():
+                ratio = check_ratio(ratio_of(want, have, want64[i]), which, "the original file", tuple(shape))
+        checks.append(SizeCheck(tuple(shape), tuple(have.shape), diff, diff / scale if scale else diff, None,
+                                None, rel64, error_ratio=ratio, output=name if several else None))
+    return tuple(checks)
 
 
 def example_shape(proto: Any, sizes: dict[str, int] | None = None) -> tuple[int, ...]:

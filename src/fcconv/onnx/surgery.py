@@ -7,13 +7,18 @@ Before: ``features -> GlobalAveragePool -> Flatten -> Gemm(512 -> 1000)`` (input
 After: ``features -> AveragePool(7x7, stride 1) -> Identity -> Conv(512 -> 1000, 1x1)`` (inputs
 ``batch x 3 x height x width``, outputs ``batch x 1000 x h x w``).
 
-* The flatten point is the first node that turns a feature map ``(N, C, H, W)`` into rows ``(N, F)``
-  (Flatten, Reshape, Squeeze, or a ReduceMean without keepdims). It becomes an Identity.
-* A global pool feeding it (GlobalAveragePool, GlobalMaxPool, ReduceMean over H and W) becomes a
-  stride-1 AveragePool / MaxPool over the training feature size.
+* The flatten point is the node that turns a feature map ``(N, C, H, W)`` into rows ``(N, F)``
+  (Flatten, Reshape, Squeeze, or a ReduceMean without keepdims) whose rows never come back to a map
+  (a squeeze-and-excitation gate does; see :mod:`fcconv.onnx._head`). It becomes an Identity.
+* A global pool behind it (GlobalAveragePool, GlobalMaxPool, ReduceMean over H and W), through nodes
+  that compute each cell on their own (1x1 Convs, norms, activations, Transposes), becomes a stride-1
+  AveragePool / MaxPool over the training feature size.
 * The first Gemm / MatMul after it becomes a Conv whose kernel covers the map ``(C, H, W)`` (the
   flatten order of NCHW is the kernel's); later ones become 1x1 Convs; per-feature constants of
-  Add / Sub / Mul / Div become ``(M, 1, 1)``; Softmax over the features runs over the channels.
+  Add / Sub / Mul / Div become ``(M, 1, 1)``; Softmax / LogSoftmax / Hardmax over the features run
+  over the channels (before opset 13 through Transposes, as those opsets flatten from ``axis`` on).
+* A channels-last input (read only by ``Transpose(0, 3, 1, 2)``) keeps its layout; its height and
+  width become symbolic at their positions.
 * Anything else in the head is refused, naming the node and its op type.
 """
 
@@ -33,9 +38,19 @@ from onnx import helper, numpy_helper
 
 from fcconv._shapes import check_input_shape, format_shape
 from fcconv.errors import FcconvError, NotEquivalentError
+from fcconv.onnx._cells import check_larger_size
 from fcconv.onnx._check import OnnxReport, SizeCheck, check_ratio, ratio_of
 from fcconv.onnx._float64 import check_certify, run_reference, to_float64, verdict
+from fcconv.onnx._head import (
+    GLOBAL_POOLS,
+    check_per_cell,
+    flatten_point,
+    pool_behind,
+    spatial_axes,
+    to_channels_first,
+)
 from fcconv.onnx._runtime import check_output, load, op_counts, run, save, session, symbolic_dims
+from fcconv.onnx.rewrite import require_tensor_outputs
 
 __all__ = ["convolutionalize", "convolutionalize_model"]
 
@@ -43,7 +58,6 @@ _ELEMENTWISE = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "Elu", "Selu", "
                 "Erf", "Gelu", "Identity", "Dropout", "Softplus", "Mish", "Cast", "BatchNormalization"}
 _BINARY = {"Add", "Sub", "Mul", "Div"}
 _FLATTENS = {"Flatten", "Reshape", "Squeeze"}
-_GLOBAL_POOLS = {"GlobalAveragePool": "AveragePool", "GlobalMaxPool": "MaxPool", "ReduceMean": "AveragePool"}
 
 
 class _Surgery:
@@ -58,6 +72,7 @@ class _Surgery:
         self.producers = {o: n for n in self.graph.node for o in n.output}
         self.layout: dict[str, tuple[int, ...]] = {}  # value -> the (C, H, W) its features come from
         self.done: dict[str, int] = {}
+        self.opset = _opset(model)
 
     def const(self, name: str) -> np.ndarray | None:
         """The value of an initializer, a Constant, or an Identity of one (deduplicated weights)."""
@@ -95,12 +110,8 @@ class _Surgery:
 def _inferred_shapes(model: Any, shape: tuple[int, ...]) -> dict[str, tuple[int, ...] | None]:
     """Every value's shape for one input of ``(1, *shape)``, by ONNX shape inference."""
     fixed = copy.deepcopy(model)
+    _check_input(fixed.graph.input[0], shape)
     dims = fixed.graph.input[0].type.tensor_type.shape.dim
-    if len(dims) != len(shape) + 1:
-        raise FcconvError(
-            f"The model's input has rank {len(dims)}; input_shape {format_shape(shape)} asks for rank "
-            f"{len(shape) + 1}. Pass the per-sample shape (C, H, W) of its input."
-        )
     for dim, size in zip(dims, (1, *shape)):
         dim.Clear()
         dim.dim_value = size
@@ -116,28 +127,19 @@ def _inferred_shapes(model: Any, shape: tuple[int, ...]) -> dict[str, tuple[int,
     return out
 
 
-def _flatten_point(s: _Surgery) -> int:
-    for i, node in enumerate(s.graph.node):
-        if not node.input or node.op_type in ("Shape", "Constant"):
-            continue
-        src, dst = s.shapes.get(node.input[0]), s.shapes.get(node.output[0])
-        if src is not None and dst is not None and len(src) == 4 and len(dst) == 2:
-            return i
-    raise FcconvError(
-        "Found no node that flattens a feature map (N, C, H, W) into rows (N, F): the model has no "
-        "classifier head to convolutionalize (it may be fully convolutional already)."
-    )
-
-
-def _spatial_axes(s: _Surgery, node: Any) -> bool:
-    axes = None
-    for attr in node.attribute:
-        if attr.name == "axes":
-            axes = list(helper.get_attribute_value(attr))
-    if axes is None and len(node.input) > 1:
-        value = s.const(node.input[1])
-        axes = None if value is None else [int(a) for a in value.reshape(-1)]
-    return axes is not None and sorted(a % 4 for a in axes) == [2, 3]
+def _check_input(graph_input: Any, shape: tuple[int, ...]) -> None:
+    """Refuse an input shape the graph's input does not accept, naming the one it declares."""
+    dims = graph_input.type.tensor_type.shape.dim
+    declared = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+    text = "(" + ", ".join(str(d) for d in declared) + ")"
+    wanted = (1, *shape)
+    fixed = [(d, w) for d, w in zip(declared[1:], wanted[1:]) if isinstance(d, int)]
+    if len(dims) != len(wanted) or any(d != w for d, w in fixed):
+        per_sample = ",".join(str(d) for d in declared[1:])
+        raise FcconvError(
+            f"The model's input {graph_input.name!r} is {text}; the input shape {format_shape(shape)} does "
+            f"not fit it. Give its per-sample training shape ({per_sample})."
+        )
 
 
 def _slide_pool(s: _Surgery, node: Any) -> None:
@@ -145,29 +147,36 @@ def _slide_pool(s: _Surgery, node: Any) -> None:
     source = s.shapes[node.input[0]]
     assert source is not None
     kernel = list(source[2:])
-    new = helper.make_node(_GLOBAL_POOLS[node.op_type], [node.input[0]], [node.output[0]],
+    new = helper.make_node(GLOBAL_POOLS[node.op_type], [node.input[0]], [node.output[0]],
                            kernel_shape=kernel, strides=[1, 1])
     s.replace(node, new, f"{node.op_type} -> {new.op_type} {kernel[0]}x{kernel[1]}")
 
 
 def _enter_head(s: _Surgery, node: Any) -> None:
-    """Turn the flatten point (and a global pool feeding it) into maps."""
+    """Turn the flatten point (and a global pool behind it, through per-cell ops) into maps."""
     x = node.input[0]
     source = s.shapes[x]
     assert source is not None
-    if node.op_type == "ReduceMean" and _spatial_axes(s, node):
+    if node.op_type == "ReduceMean" and spatial_axes(s, node):
         _slide_pool(s, node)
         s.layout[node.output[0]] = (source[1], 1, 1)
         return
     if node.op_type not in _FLATTENS:
         raise s.fail(node, f"it turns the map {format_shape(source)} into rows and is not a flatten")
-    pool = s.producers.get(x)
-    if source[2:] == (1, 1) and pool is not None and pool.op_type in _GLOBAL_POOLS and (
-            pool.op_type != "ReduceMean" or _spatial_axes(s, pool)):
+    found = pool_behind(s, x) if source[2:] == (1, 1) or source[1:3] == (1, 1) else None
+    perm = None
+    if found is not None:
+        pool, between = found
+        perm = to_channels_first(check_per_cell(s, pool, between)[x])
         _slide_pool(s, pool)
-    s.layout[x] = (source[1], *source[2:])
+    channels = source[1] if perm is None else source[perm[1]]
+    s.layout[x] = (channels, *source[2:]) if perm is None else (channels, 1, 1)
     s.layout[node.output[0]] = s.layout[x]
-    s.replace(node, helper.make_node("Identity", [x], [node.output[0]]), f"{node.op_type} -> Identity")
+    if perm is None:
+        s.replace(node, helper.make_node("Identity", [x], [node.output[0]]), f"{node.op_type} -> Identity")
+    else:
+        s.replace(node, helper.make_node("Transpose", [x], [node.output[0]], perm=perm),
+                  f"{node.op_type} -> Transpose to channels first")
 
 
 def _linear(s: _Surgery, node: Any) -> None:
@@ -215,13 +224,33 @@ def _binary(s: _Surgery, node: Any) -> None:
     s.layout[node.output[0]] = layout
 
 
+def _opset(model: Any) -> int:
+    """The version of the default ONNX domain the model imports."""
+    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
 def _softmax(s: _Surgery, node: Any) -> None:
-    axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), -1)
+    """Softmax / LogSoftmax / Hardmax over the features -> over the channels of each cell.
+
+    From opset 13 that is ``axis=1``. Before 13 these ops flatten every dim from ``axis`` on, so
+    ``axis=1`` would normalise over ``C x h x w`` at once: the channels are moved last
+    (``Transpose``), normalised with ``axis=3`` (only the last dim) and moved back.
+    """
+    axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"),
+                -1 if s.opset >= 13 else 1)
     if axis not in (1, -1):
         raise s.fail(node, f"it runs over axis {axis}, not the features")
-    s.replace(node, helper.make_node(node.op_type, list(node.input), list(node.output), axis=1),
-              f"{node.op_type} over channels")
-    s.layout[node.output[0]] = s.layout[node.input[0]]
+    out, source = node.output[0], node.input[0]
+    if s.opset >= 13:
+        s.replace(node, helper.make_node(node.op_type, list(node.input), [out], axis=1),
+                  f"{node.op_type} over channels")
+    else:
+        last, back = f"{out}_channels_last", f"{out}_normalised"
+        s.graph.node.append(helper.make_node("Transpose", [node.input[0]], [last], perm=[0, 2, 3, 1]))
+        s.graph.node.append(helper.make_node(node.op_type, [last], [back], axis=3))
+        s.replace(node, helper.make_node("Transpose", [back], [out], perm=[0, 3, 1, 2]),
+                  f"{node.op_type} over channels (opset {s.opset}: Transpose, axis 3, Transpose)")
+    s.layout[out] = s.layout[source]
 
 
 def _convert_head(s: _Surgery, start: int) -> None:
@@ -236,7 +265,7 @@ def _convert_head(s: _Surgery, start: int) -> None:
                 s.layout[out] = s.layout[node.input[0]]
         elif op in _BINARY:
             _binary(s, node)
-        elif op in ("Softmax", "LogSoftmax"):
+        elif op in ("Softmax", "LogSoftmax", "Hardmax"):
             _softmax(s, node)
         elif op in _FLATTENS:
             s.layout[node.output[0]] = s.layout[node.input[0]]
@@ -248,10 +277,22 @@ def _convert_head(s: _Surgery, start: int) -> None:
             raise s.fail(node, "this op type cannot slide over a larger map")
 
 
+def channels_last(model: Any) -> bool:
+    """True when the image input is ``(N, H, W, C)``: every node reading it is ``Transpose(0, 3, 1, 2)``
+    (as tf2onnx writes Keras models), so the spatial dims are found from the graph, not their position."""
+    name = model.graph.input[0].name
+    users = [n for n in model.graph.node if name in n.input]
+    perms = [[list(a.ints) for a in n.attribute if a.name == "perm"]
+             for n in users if n.op_type == "Transpose"]
+    return bool(users) and len(perms) == len(users) and all(p == [[0, 3, 1, 2]] for p in perms)
+
+
 def _make_dynamic(s: _Surgery) -> None:
     """Symbolic batch, height and width in; score maps out; stale intermediate shapes dropped."""
     graph_input = s.graph.input[0]
-    for dim, name in zip(graph_input.type.tensor_type.shape.dim, ("batch", None, "height", "width")):
+    last = channels_last(s.model)
+    names = ("batch", "height", "width", None) if last else ("batch", None, "height", "width")
+    for dim, name in zip(graph_input.type.tensor_type.shape.dim, names):
         if name is not None:
             dim.Clear()
             dim.dim_param = name
@@ -269,14 +310,16 @@ def convolutionalize_model(model: Any, input_shape: Sequence[int]) -> tuple[Any,
     """:func:`convolutionalize` on a ``ModelProto`` in memory: the new model and what was replaced."""
     shape = check_input_shape(input_shape)
     if len(shape) != 3:
-        raise FcconvError(f"fcconv.onnx.convolutionalize handles images (C, H, W); got input_shape "
+        raise FcconvError(f"fcconv.onnx.convolutionalize handles images (C, H, W); got the input shape "
                           f"{format_shape(shape)}.")
+    require_tensor_outputs(model)
     s = _Surgery(copy.deepcopy(model), shape)
-    start = _flatten_point(s)
+    start = flatten_point(s)
     _enter_head(s, s.graph.node[start])
     _convert_head(s, start)
     _make_dynamic(s)
     ir_model = ir.serde.deserialize_model(s.model)
+    ir_model.graph.sort()  # nodes added beside the one they replace (Transposes around a Softmax)
     ir.passes.common.RemoveUnusedNodesPass()(ir_model)
     ir.passes.common.IdentityEliminationPass()(ir_model)
     out = ir.serde.serialize_model(ir_model)
@@ -289,15 +332,18 @@ def convolutionalize(src: str | Path, dst: str | Path, input_shape: Sequence[int
     """Turn the ONNX classifier ``src`` into a fully convolutional one that gives score maps, into ``dst``.
 
     See the module docstring for what changes. The result is run in onnxruntime at the training
-    size, where it must give the original file's scores, and at a larger non-square size, where it
-    must run and give a map of several cells. The verdict is float64: both files are cast to float64
-    and run with ``onnx.reference`` at the training size, where they must agree to
-    :data:`fcconv.certify.FLOAT64_RTOL` (the surgery computes the file's function there).
+    size, where it must give the original file's scores, and at a larger non-square size, where its
+    map is checked against an independent reference (see :mod:`fcconv.onnx._cells`): where the graph
+    pads nothing, each cell against the original file on its crop; otherwise against
+    :func:`fcconv.convolutionalize` of the file's onnx2torch translation; where neither runs, the report
+    says the size is unverified (``report.unverified``). The verdict is float64: the files are cast to
+    float64 and run with ``onnx.reference``, and must agree to :data:`fcconv.certify.FLOAT64_RTOL`.
 
     Args:
         src: the ONNX file to read (never written).
         dst: the file to write, atomically; written only when the checks pass.
-        input_shape: the per-sample training shape ``(C, H, W)``.
+        input_shape: the per-sample training shape ``(C, H, W)`` (``(H, W, C)`` for a channels-last
+            file: the file's own order).
         certify: ``"float64"`` (the verdict above) or ``"float32"`` (onnxruntime only), for models
             too big to run in ``onnx.reference``.
 
@@ -326,18 +372,17 @@ def convolutionalize(src: str | Path, dst: str | Path, input_shape: Sequence[int
     checks = [_same_scores(run(session(Path(src)), x), run(sess, x), x)]
     if float64:
         checks[0] = _certify_float64(original, model, x, checks[0])
-    big = (1, shape[0], shape[1] + shape[1] // 2 + 1, shape[2] + shape[2] // 4 + 3)
     try:
-        y = run(sess, torch.randn(big, generator=torch.Generator().manual_seed(1)))
+        last = channels_last(original)
+        chw = (shape[2], shape[0], shape[1]) if last else shape
+        checks.append(check_larger_size(original, model, sess, chw, float64, last))
     except FcconvError as error:
+        if isinstance(error, NotEquivalentError):
+            raise
         raise FcconvError(
             f"The convolutionalized model runs at the training size {format_shape(shape[1:])} but not at "
-            f"{format_shape(big[2:])}: its body holds a shape fixed at export. {error}"
+            f"larger sizes: its body holds a shape fixed at export. {error}"
         ) from None
-    if y.dim() != 4 or y.shape[2] * y.shape[3] < 2:
-        raise NotEquivalentError(f"At input {format_shape(big)} the result gives {format_shape(y.shape)}, "
-                                 "not a map of several cells.")
-    checks.append(SizeCheck(big, tuple(y.shape), float("nan"), float("nan"), None, None))
     save(model, dst)
     return OnnxReport(str(dst), tuple(checks), op_counts(model), symbolic_dims(model), done)
 

@@ -113,6 +113,9 @@ class TilePlan:
         grid: the map's spatial size (``fcn.grid_shape(image)``).
         cells_per_tile: output cells one tile keeps, per dim (the last tile may keep fewer).
         tile: the largest input block a task may read, per dim, halo included.
+        method: ``"tiles"``.
+        reason: why the map is not streamed (None when streaming was not tried).
+        peak_bytes: None (not estimated for halo tiles).
     """
 
     stride: tuple[int, ...]
@@ -122,6 +125,9 @@ class TilePlan:
     grid: tuple[int, ...]
     cells_per_tile: tuple[int, ...]
     tile: tuple[int, ...]
+    method: str = "tiles"           # what runs it: halo tiles (see fcconv.tiling._strips for "stream")
+    reason: str | None = None       # why it is not streamed, when streaming was tried
+    peak_bytes: int | None = None   # not estimated for halo tiles
 
     @property
     def tiles_per_dim(self) -> tuple[int, ...]:

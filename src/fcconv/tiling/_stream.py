@@ -77,6 +77,7 @@ class GraphRows:
     result: fx.Node
     values: dict[fx.Node, Any]
     consumers: dict[fx.Node, list[Step]]
+    rows: dict[fx.Node, tuple[int, int]]  # per tensor node: its rows and the bytes of one row
 
     @property
     def result_step(self) -> Step:
@@ -217,7 +218,8 @@ def _fast(module: nn.Module, n: int) -> Callable[[Tensor], Tensor] | None:
             return None
         pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[n - 1]
         stride = module.stride if module.stride is not None else module.kernel_size
-        return lambda x: pool(x, module.kernel_size, stride, (0, *pads[1:]), module.dilation,
+        rest = (0, *pads[1:])
+        return lambda x: pool(x, module.kernel_size, stride, rest, module.dilation,
                               ceil_mode=module.ceil_mode)
     if isinstance(module, (nn.AvgPool2d, nn.AvgPool3d)) and type(module).forward in (
             nn.AvgPool2d.forward, nn.AvgPool3d.forward):
@@ -226,7 +228,8 @@ def _fast(module: nn.Module, n: int) -> Callable[[Tensor], Tensor] | None:
             return None
         avg = F.avg_pool2d if n == 2 else F.avg_pool3d
         stride = module.stride if module.stride is not None else module.kernel_size
-        return lambda x: avg(x, module.kernel_size, stride, (0, *pads[1:]), module.ceil_mode,
+        zero = (0, *pads[1:])
+        return lambda x: avg(x, module.kernel_size, stride, zero, module.ceil_mode,
                              module.count_include_pad, module.divisor_override)
     return None
 
@@ -303,7 +306,14 @@ def graph_rows(gm: fx.GraphModule, shape: tuple[int, ...]) -> GraphRows:
         for i in s.inputs:
             consumers[i].append(s)
     dim = axes[source][0]
-    return GraphRows(gm, source, dim, int(rec.values[source].shape[dim]), steps, result, values, consumers)
+    rows = {n: _row_bytes(rec.values[n], d) for n, (d, _) in axes.items()}
+    return GraphRows(gm, source, dim, int(rec.values[source].shape[dim]), steps, result, values, consumers,
+                     rows)
+
+
+def _row_bytes(value: Tensor, dim: int) -> tuple[int, int]:
+    size = int(value.shape[dim])
+    return size, value.numel() // max(1, size) * value.element_size()
 
 
 def _run_node(gm: fx.GraphModule, node: fx.Node, arguments: Any) -> Any:
@@ -397,6 +407,8 @@ class _Run:
             return _rows_of(step.fast(have.rows(first, end)), step, 0, stop - j0)
         a = 0 if first <= 0 else first // s * s
         e = size_in if done else end
+        if e <= a:  # the rows wanted so far read only the padding above the image: wait for one row
+            return None
         result = self._call(step, {source: have.rows(a, e)})
         return _rows_of(result, step, j0 - a // s, stop - j0)
 
@@ -463,9 +475,9 @@ def stream_block(plan: GraphRows, read: Callable[[int, int], Tensor], band: int,
         for step in plan.steps:
             run.advance(step)
         run.trim()
+        if stats is not None:
+            stats.peak_bytes = run.peak
         if result.hi > emitted:
             yield emitted, result.rows(emitted, result.hi)
             result.drop_before(result.hi)
             emitted = result.hi
-    if stats is not None:
-        stats.peak_bytes = run.peak

@@ -8,6 +8,7 @@ chunk with :func:`fcconv.tiled_map`, and ``--preview`` draws a small PNG of it.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,7 @@ def _layout(fcn: Any, image: Path, level: int) -> str:
     from fcconv.tiling import plan_for
 
     try:
-        plan_for(fcn, image, tile=10**9, layout="CHW", level=level)
+        plan_for(fcn, image, tile=10**9, layout="CHW", level=level, method="tiles")
         return "CHW"
     except FcconvError as error:
         if "layout='HWC'" not in str(error):
@@ -95,9 +96,23 @@ def _client(workers: int | None, scheduler: str | None) -> Any:
     return distributed.Client(cluster)
 
 
-def run(fcn: Any, image: Path, output: Path, *, tile: int, level: int, mean: Sequence[float] | None,
+def _describe(plan: Any, layout: str, level: int) -> str:
+    """One line: the image, the map, the method and its recompute factor."""
+    size = (f"Image {plan.image[1]}x{plan.image[0]} ({layout}, level {level}): a "
+            f"{plan.grid[0]}x{plan.grid[1]} map")
+    factor = f"recompute factor {plan.recompute_factor():.2f}"
+    if plan.method == "stream":
+        strips = len(plan.strips)
+        return (f"{size} streamed by rows in {strips} strip{'s' * (strips > 1)} of at most "
+                f"{plan.tile[-1]} px wide, {factor}, row buffers about {plan.peak_bytes / 2**20:.0f} MiB "
+                "per task.")
+    return f"{size} in {len(plan)} halo tiles of at most {max(plan.tile)} px, {factor}."
+
+
+def run(fcn: Any, image: Path, output: Path, *, tile: int | None, level: int, mean: Sequence[float] | None,
         std: Sequence[float] | None, preview: Path | None, labels: Sequence[str], hidden: Collection[int],
-        workers: int | None, scheduler: str | None, overwrite: bool, quiet: bool) -> None:
+        workers: int | None, scheduler: str | None, overwrite: bool, quiet: bool, method: str = "auto",
+        force: bool = False) -> None:
     """Write the map of ``fcn`` over ``image`` to the zarr store ``output``, resuming a killed run."""
     from fcconv.tiling import plan_for, tiled_map, write_preview
     from fcconv.tiling._source import open_source
@@ -110,15 +125,18 @@ def run(fcn: Any, image: Path, output: Path, *, tile: int, level: int, mean: Seq
     stored = open_source(image, layout=layout, level=level, ndim=2, channels=fcn.input_shape[0]).dtype
     dtype = next(iter(fcn.parameters())).dtype
     transform = PixelScale(_pixel_scale(stored), mean, std, dtype)
-    plan = plan_for(fcn, image, tile=tile, layout=layout, level=level)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the reason is printed below
+        plan = plan_for(fcn, image, tile=tile, layout=layout, level=level, method=method, force=force)
+    if plan.reason is not None:
+        click.echo(f"Streaming is not possible ({plan.reason}); using halo tiles.", err=True)
     if not quiet:
-        click.echo(f"Image {plan.image[1]}x{plan.image[0]} ({layout}, level {level}): a "
-                   f"{plan.grid[0]}x{plan.grid[1]} map in {len(plan)} tiles of at most {tile} px, recompute "
-                   f"factor {plan.recompute_factor():.2f}.")
+        click.echo(_describe(plan, layout, level))
     client = _client(workers, scheduler)
     try:
         scores = tiled_map(fcn, image, tile=tile, out=output, layout=layout, transform=transform, level=level,
-                           client=client, overwrite=overwrite, progress=not quiet)
+                           client=client, overwrite=overwrite, progress=not quiet, method=plan.method,
+                           force=force)
     except KeyboardInterrupt:
         fail(f"Interrupted. The finished tiles are kept in {str(output)!r}: run the same command again to "
              "resume.")

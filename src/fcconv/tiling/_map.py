@@ -18,7 +18,7 @@ from fcconv._deps import need_tiles as require
 from fcconv._shapes import format_shape
 from fcconv.errors import FcconvError
 from fcconv.tiling._method import choose_plan
-from fcconv.tiling._plan import Tile, TilePlan, field_of
+from fcconv.tiling._plan import Tile, TilePlan
 from fcconv.tiling._source import Source, open_source
 from fcconv.tiling._store import finished, open_output
 from fcconv.tiling._strips import StreamPlan, compute_segment, segment_to_zarr
@@ -58,8 +58,7 @@ def _prepare(fcn: Any, image: Any, tile: int | Sequence[int] | None, layout: str
             f"The image {format_shape(spatial)} is smaller than the model's window: every spatial size "
             f"must be at least {format_shape(fcn.min_size)} for one cell. Pass a larger image."
         )
-    plan = choose_plan(fcn, source.shape, field_of(fcn, source.shape), fcn.grid_shape(spatial), tile, method,
-                       force)
+    plan = choose_plan(fcn, source.shape, fcn.grid_shape(spatial), tile, method, force)
     dtype, _ = model_placement(fcn)
     classes = fcn.num_classes
     if classes is None:  # the map's channels, from the smallest input
@@ -104,7 +103,9 @@ def _unfinished(plan: TilePlan | StreamPlan, result: Any, path: str) -> list[Til
     left = []
     for s in segments:
         rows = [i[0] for i in plan.chunk_indices(s) if i not in done]
-        if rows:
+        if rows and plan.whole:  # a size-dependent model: only the whole image gives its map
+            left.append(s)
+        elif rows:
             strip = plan.strips.tile_at((0, *s.index[1:]))
             left.append(plan.segment(strip, rows[0] * plan.cells_per_tile[0], s.cell_stop[0]))
     return left

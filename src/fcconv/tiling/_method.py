@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from fcconv._shapes import format_shape
-from fcconv.errors import FcconvError
-from fcconv.tiling._plan import Field, TilePlan, plan_tiles
+from fcconv.errors import FcconvError, NotEquivalentError
+from fcconv.tiling._plan import Field, TilePlan, field_of, plan_tiles
 from fcconv.tiling._stream import NotStreamable
 from fcconv.tiling._strips import StreamPlan, plan_stream
 
@@ -25,14 +25,14 @@ MAX_FACTOR = 4.0
 GOOD_FACTOR = 2.0
 
 
-def choose_plan(fcn: Any, shape: Sequence[int], field: Field, grid: Sequence[int],
-                tile: int | Sequence[int] | None, method: str, force: bool) -> TilePlan | StreamPlan:
+def choose_plan(fcn: Any, shape: Sequence[int], grid: Sequence[int], tile: int | Sequence[int] | None,
+                method: str, force: bool) -> TilePlan | StreamPlan:
     """The plan of a map of ``fcn`` over an image of per-sample ``shape`` ``(C, *spatial)``.
 
     Args:
         fcn: the :class:`~fcconv.FullyConvolutional`.
         shape: the image's ``(C, *spatial)``.
-        field, grid: its receptive field and map size.
+        grid: the map's size.
         tile: streaming: the widest strip block (None: as wide as memory allows); halo tiles: the
             largest block (None: 2048).
         method: ``"auto"`` (stream if possible, else halo tiles, with a warning saying why),
@@ -42,19 +42,35 @@ def choose_plan(fcn: Any, shape: Sequence[int], field: Field, grid: Sequence[int
     Raises:
         FcconvError: on an unknown method, a model ``method="stream"`` cannot stream (naming the
             node), or halo tiles above the factor limit without ``force``.
+        NotEquivalentError: for models whose cells are not local.
+
+    A model whose geometry depends on the input size (TF "same" padding from ``x.size()``) is
+    streamed as one strip of the whole image, never cut: only the whole image computes its map.
     """
     if method not in METHODS:
         raise FcconvError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}.")
     spatial = tuple(shape[1:])
     reason = None
+    whole = False
+    try:
+        field: Field = field_of(fcn, shape)
+    except NotEquivalentError as error:
+        if method == "tiles" or "depends on the input size" not in str(error):
+            raise
+        field, whole = field_of(fcn, shape, size_dependent=True), True
     if method != "tiles":
         try:
-            return plan_stream(fcn.graph_module, int(shape[0]), field, spatial, grid, tile)
+            return plan_stream(fcn.graph_module, int(shape[0]), field, spatial, grid, None if whole else tile,
+                               whole=whole)
         except NotStreamable as error:
             if method == "stream":
                 raise FcconvError(f"Cannot stream this model: {error}. Use method='tiles' (--method tiles) "
                                   "for halo tiles.") from None
             reason = str(error)
+            if whole:
+                raise NotEquivalentError(f"Cannot map this model block by block: its geometry depends on the "
+                                         f"input size, and it cannot be streamed ({reason}). Run fcn(image) "
+                                         "on the whole image instead.") from None
             warnings.warn(f"fcconv: this model cannot be streamed ({reason}); using halo tiles instead.",
                           stacklevel=4)
     plan = plan_tiles(field, spatial, grid, DEFAULT_TILE if tile is None else tile)

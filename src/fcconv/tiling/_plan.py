@@ -38,7 +38,7 @@ class Field(Protocol):
     def extent(self) -> tuple[int, ...]: ...
 
 
-def field_of(fcn: Any, image_shape: Sequence[int]) -> Field:
+def field_of(fcn: Any, image_shape: Sequence[int], *, size_dependent: bool = False) -> Field:
     """The receptive field of ``fcn``'s cells, refusing models whose cells are not local.
 
     The one place tiling asks the geometry (``fcconv.models.receptive.analyze``).
@@ -46,6 +46,8 @@ def field_of(fcn: Any, image_shape: Sequence[int]) -> Field:
     Args:
         fcn: a :class:`~fcconv.FullyConvolutional`.
         image_shape: the per-sample image shape ``(C, *spatial)``.
+        size_dependent: accept a geometry that depends on the input size (TF "same" padding
+            computed from ``x.size()``): only a block of the whole image then computes the same map.
 
     Raises:
         NotEquivalentError: if a cell depends on more than a fixed window (a global pooling, a
@@ -60,7 +62,7 @@ def field_of(fcn: Any, image_shape: Sequence[int]) -> Field:
             "Each cell of a tiled map must depend only on a fixed window of the image; run "
             "fcn(image) on the whole image instead, or remove that layer."
         )
-    if analysis.size_dependent:
+    if analysis.size_dependent and not size_dependent:
         raise NotEquivalentError(
             "Cannot tile this model exactly: its geometry depends on the input size, so a tile would "
             "not compute what the whole image computes. Run fcn(image) on the whole image instead."

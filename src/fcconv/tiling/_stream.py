@@ -51,6 +51,7 @@ class Step:
         zipped: several inputs, row ``j`` from row ``j`` of each.
         inplace: the op writes into its (first) input, which must then be a copy.
         fast: the op with no row padding, for bands inside the image (each row computed once).
+        call: the op with its padding fixed at the block's size (for ops that pad from their input's).
     """
 
     node: fx.Node
@@ -63,6 +64,7 @@ class Step:
     zipped: bool = False
     inplace: bool = False
     fast: Callable[[Tensor], Tensor] | None = None
+    call: Callable[[Tensor], Tensor] | None = None
 
 
 @dataclass
@@ -234,6 +236,32 @@ def _fast(module: nn.Module, n: int) -> Callable[[Tensor], Tensor] | None:
     return None
 
 
+def _same_padded(module: Any, x: Any) -> Callable[[Tensor], Tensor] | None:
+    """timm's ``Conv2dSame``, ``MaxPool2dSame``, ``AvgPool2dSame`` with the TF-"same" padding of the
+    whole block ``x`` (they compute it from the size of what they are given, which a band is not)."""
+    from fcconv.models._descriptors import same_pads
+
+    name = type(module).__name__
+    n = x.dim() - 2
+    if name == "Conv2dSame" and isinstance(module, nn.Conv2d):
+        k, s, d = tuple(module.kernel_size), tuple(module.stride), tuple(module.dilation)
+        flat = [p for pair in reversed(same_pads(x, k, s, d)) for p in pair]
+        pad = module.padding if isinstance(module.padding, tuple) else 0
+        return lambda b: F.conv2d(F.pad(b, flat), module.weight, module.bias, module.stride, pad,
+                                  module.dilation, module.groups)
+    if name in ("MaxPool2dSame", "AvgPool2dSame"):
+        k = tuple(_ints(module.kernel_size, n) or ())
+        s = tuple(_ints(module.stride or module.kernel_size, n) or ())
+        d = tuple(_ints(getattr(module, "dilation", 1), n) or ())
+        flat = [p for pair in reversed(same_pads(x, k, s, d)) for p in pair]
+        if name == "MaxPool2dSame":
+            return lambda b: F.max_pool2d(F.pad(b, flat, value=-float("inf")), k, s, module.padding, d,
+                                          module.ceil_mode)
+        return lambda b: F.avg_pool2d(F.pad(b, flat), k, s, module.padding, module.ceil_mode,
+                                      module.count_include_pad)
+    return None
+
+
 def _exact_div(a: int, b: int, node: fx.Node, what: str) -> int:
     if b <= 0 or a % b:
         raise NotStreamable(f"node {node.name!r}: its {what} is not a whole number of its input's rows")
@@ -261,7 +289,13 @@ def _step(node: fx.Node, gm: fx.GraphModule, rec: Any, axes: dict[fx.Node, Any])
     if node.op == "call_module" and axes[source][0] == 2 and dim == 2:
         n = rec.values[node].dim() - 2
         fast = _fast(gm.get_submodule(str(node.target)), n)
-    return Step(node, dim, size, inputs, stride, pad, kernel, inplace=inplace, fast=fast)
+    call = None
+    if node in rec.sized and node.op == "call_module":
+        call = _same_padded(gm.get_submodule(str(node.target)), rec.values[source])
+        if call is None:
+            raise NotStreamable(f"node {node.name!r} ({_what(node, gm)}) pads from the size of what it is "
+                                "given, which a band of rows is not")
+    return Step(node, dim, size, inputs, stride, pad, kernel, inplace=inplace, fast=fast, call=call)
 
 
 def graph_rows(gm: fx.GraphModule, shape: tuple[int, ...]) -> GraphRows:
@@ -378,6 +412,8 @@ class _Run:
         node = step.node
         if step.inplace:
             bands = {k: v.clone() for k, v in bands.items()}
+        if step.call is not None:
+            return step.call(bands[step.inputs[0]])
 
         def value(n: fx.Node) -> Any:
             return bands[n] if n in bands else self.plan.values[n]

@@ -68,6 +68,7 @@ class StreamPlan:
     peak_bytes: int
     method: str = "stream"
     reason: str | None = None
+    whole: bool = False   # a size-dependent model: one strip, one segment, never cut
 
     @property
     def stride(self) -> tuple[int, ...]:
@@ -136,7 +137,7 @@ def _strip_plan(field: Field, image: tuple[int, ...], grid: tuple[int, ...], wid
 
 def plan_stream(gm: Any, channels: int, field: Field, image: Sequence[int], grid: Sequence[int],
                 tile: int | Sequence[int] | None = None, *, chunk_rows: int = CHUNK_ROWS,
-                segment_rows: int | None = None, budget: int = BUDGET) -> StreamPlan:
+                segment_rows: int | None = None, budget: int = BUDGET, whole: bool = False) -> StreamPlan:
     """Plan a streamed map: strips as wide as ``tile`` (or the memory ``budget``) allows.
 
     Args:
@@ -149,6 +150,7 @@ def plan_stream(gm: Any, channels: int, field: Field, image: Sequence[int], grid
         chunk_rows: map rows per zarr chunk.
         segment_rows: map rows per task (a multiple of ``chunk_rows``; None: the whole height).
         budget: bytes of row buffers a strip may hold when ``tile`` is None.
+        whole: one strip of the whole image in one segment (a size-dependent model).
 
     Raises:
         NotStreamable: where the executor cannot stream the graph (the message names the node).
@@ -159,9 +161,9 @@ def plan_stream(gm: Any, channels: int, field: Field, image: Sequence[int], grid
     band = field.stride[0] * ROWS_PER_STEP
     if tile is None:
         rows = cached_graph_rows(gm, (channels, *image))  # fake run: nothing allocated
-        whole = estimate_bytes(rows, band)
-        width = list(image[1:]) if whole <= budget else [
-            max(1, int(s * (budget / whole) ** (1 / max(1, n - 1)))) for s in image[1:]]
+        held = estimate_bytes(rows, band)
+        width = list(image[1:]) if held <= budget or whole else [
+            max(1, int(s * (budget / held) ** (1 / max(1, n - 1)))) for s in image[1:]]
         strips = _fitting_strips(field, image, grid, width)
     else:
         sizes = (tile,) * n if isinstance(tile, int) else tuple(tile)
@@ -173,12 +175,12 @@ def plan_stream(gm: Any, channels: int, field: Field, image: Sequence[int], grid
             plan_tiles(field, image, grid, sizes)  # the tile's own message, as halo tiles give it
             raise
     chunk = max(1, min(chunk_rows, grid[0]))
-    segment = grid[0] if segment_rows is None else max(chunk, segment_rows // chunk * chunk)
+    segment = grid[0] if segment_rows is None or whole else max(chunk, segment_rows // chunk * chunk)
     first = strips.tile_at((0,) * n)
     seg = StreamPlan(strips, chunk, segment, band, 0).segment(first, 0, min(grid[0], segment))
     shape = (channels, *(e - s for s, e in zip(seg.read_start, seg.read_stop)))
     peak = estimate_bytes(cached_graph_rows(gm, shape), band)
-    return StreamPlan(strips, chunk, segment, band, peak)
+    return StreamPlan(strips, chunk, segment, band, peak, whole=whole)
 
 
 def _fitting_strips(field: Field, image: tuple[int, ...], grid: tuple[int, ...], width: list[int]

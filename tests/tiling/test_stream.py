@@ -317,6 +317,7 @@ def test_timm_models_stream_exactly(name: str) -> None:
     assert_same_map(fcconv.tiled_map(fcn, image, progress=False, method="stream"), untiled(fcn, image))
 
 
+@pytest.mark.slow
 def test_cli_prints_the_method_and_factor_and_refuses_small_tiles(tmp_path: Path) -> None:
     from click.testing import CliRunner, Result
     from tiling_support import make_canvas

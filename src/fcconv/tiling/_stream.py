@@ -109,12 +109,17 @@ class RowBuffer:
                               "this is a bug in fcconv's row streaming, please report it.")
         return self.data.narrow(self.dim, start - self.lo, stop - start)
 
-    def drop_before(self, start: int) -> None:
-        """Forget the rows before ``start``."""
+    def drop_before(self, start: int) -> int:
+        """Forget the rows before ``start`` (their memory too: the rows kept are copied); returns the
+        bytes freed."""
         start = min(max(start, self.lo), self.hi)
-        if start > self.lo and self.data is not None:
-            self.data = self.data.narrow(self.dim, start - self.lo, self.hi - start)
-            self.lo = start
+        if start <= self.lo or self.data is None:
+            return 0
+        before = self.nbytes
+        kept = self.data.narrow(self.dim, start - self.lo, self.hi - start)
+        self.data = kept.clone() if self.hi > start else None
+        self.lo = start
+        return before - self.nbytes
 
     @property
     def nbytes(self) -> int:
@@ -394,7 +399,11 @@ class _Run:
         for s in plan.steps:
             self.buffers[s.node] = RowBuffer(s.dim)
             self.sizes[s.node] = s.size
-        self.peak = 0
+        self.peak = self.total = 0
+        self.last_use: dict[fx.Node, int] = {}
+        for index, s in enumerate(plan.steps):
+            for i in s.inputs:
+                self.last_use[i] = index
 
     def complete(self, node: fx.Node) -> bool:
         return self.buffers[node].hi >= self.sizes[node]
@@ -463,11 +472,19 @@ class _Run:
                 need = min(need, 0 if first <= 0 else first // c.stride * c.stride)
         return need
 
-    def trim(self) -> None:
-        self.peak = max(self.peak, sum(b.nbytes for b in self.buffers.values()))
-        for node, buffer in self.buffers.items():
-            if node is not self.plan.result:
-                buffer.drop_before(self.needed(node))
+    def step(self, index: int, step: Step) -> None:
+        """Run one step, then forget the rows of its inputs that no later consumer reads."""
+        out = self.buffers[step.node]
+        before = out.nbytes
+        self.advance(step)
+        self.total += out.nbytes - before
+        self.peak = max(self.peak, self.total)
+        for i in step.inputs:
+            if self.last_use[i] == index:
+                self.total -= self.buffers[i].drop_before(self.needed(i))
+
+    def emit(self, start: int) -> None:
+        self.total -= self.buffers[self.plan.result].drop_before(start)
 
 
 def _rows_of(result: Tensor, step: Step, start: int, n: int) -> Tensor:
@@ -504,16 +521,17 @@ def stream_block(plan: GraphRows, read: Callable[[int, int], Tensor], band: int,
     result = run.buffers[plan.result]
     emitted = 0
     while not run.complete(plan.result):
+        pushed = source.nbytes
         if source.hi < plan.source_size:
             source.push(read(source.hi, min(plan.source_size, source.hi + band)))
+            run.total += source.nbytes - pushed
         elif result.hi == emitted:
             raise NotStreamable("the stream stalled before the last row; this is a bug in fcconv")
-        for step in plan.steps:
-            run.advance(step)
-        run.trim()
+        for index, step in enumerate(plan.steps):
+            run.step(index, step)
         if stats is not None:
             stats.peak_bytes = run.peak
         if result.hi > emitted:
             yield emitted, result.rows(emitted, result.hi)
-            result.drop_before(result.hi)
+            run.emit(result.hi)
             emitted = result.hi

@@ -32,21 +32,30 @@ CHUNK_ROWS = 64         # map rows per zarr chunk (the unit a killed run resumes
 
 
 def estimate_bytes(plan: GraphRows, band: int) -> int:
-    """The most bytes the row buffers of one streamed block hold, estimated from the plan.
+    """The most bytes the row buffers of one streamed block hold at once, estimated from the plan.
 
-    Each node holds the rows one step makes (``band`` over its stride) plus the rows its
-    consumers keep for their next window; a band call adds its input and output once.
+    One step reads ``band`` input rows; each node makes about ``band`` over its stride rows, held
+    until its last consumer has run, and keeps between steps the rows its consumers' next windows
+    read again (kernel - 1, plus the stride's alignment). The executor runs the steps in order, so
+    the peak is the largest sum of what is held after one of them.
     """
     stride = {plan.source: 1}
-    for s in plan.steps:
+    last_use: dict[Any, int] = {}
+    for index, s in enumerate(plan.steps):
         stride[s.node] = stride[s.inputs[0]] * s.stride
-    total = transient = 0
+        for i in s.inputs:
+            last_use[i] = index
+    made, kept = {}, 0
     for node, (size, row_bytes) in plan.rows.items():
-        keep = max((c.kernel + c.stride for c in plan.consumers.get(node, ()) if not c.zipped), default=1)
-        held = min(size, -(-band // stride[node]) + keep) * row_bytes
-        total += held
-        transient = max(transient, held)
-    return int(total + 2 * transient)
+        keep = max((c.kernel + c.stride - 2 for c in plan.consumers.get(node, ()) if not c.zipped), default=0)
+        made[node] = min(size, -(-band // stride[node])) * row_bytes
+        kept += min(size, max(0, keep)) * row_bytes
+    held = peak = kept + made[plan.source]
+    for index, s in enumerate(plan.steps):
+        held += made[s.node]
+        peak = max(peak, held)
+        held -= sum(made[i] for i in s.inputs if last_use[i] == index)
+    return int(peak)
 
 
 @dataclass(frozen=True)

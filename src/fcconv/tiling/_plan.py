@@ -55,7 +55,9 @@ def field_of(fcn: Any, image_shape: Sequence[int], *, size_dependent: bool = Fal
     """
     from fcconv.models.receptive import analyze
 
-    analysis = analyze(fcn.graph_module, tuple(image_shape))  # fake tensors: nothing allocated
+    cached = getattr(fcn, "analysis", None)  # FullyConvolutional caches its analyses per size
+    shape = tuple(image_shape)
+    analysis = cached(shape[1:]) if callable(cached) else analyze(fcn.graph_module, shape)
     if not analysis.local or analysis.field is None:
         raise NotEquivalentError(
             f"Cannot tile this model exactly: {analysis.why_not_local or 'its receptive field is unknown'}. "

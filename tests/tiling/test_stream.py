@@ -339,3 +339,20 @@ def test_cli_prints_the_method_and_factor_and_refuses_small_tiles(tmp_path: Path
     assert refused.exit_code == 1 and refused.stderr.startswith("Error: tile (12, 12) makes each pixel")
     forced = run("-o", str(tmp_path / "t.zarr"), "--method", "tiles", "--tile", "12", "--force")
     assert forced.exit_code == 0 and "halo tiles of at most 12 px, recompute factor" in forced.output
+
+
+def test_segments_of_a_strip_each_start_with_a_vertical_halo(padded_fcn: fcconv.FullyConvolutional) -> None:
+    from fcconv.tiling._source import open_source
+    from fcconv.tiling._strips import compute_segment, split_for
+
+    image = np.random.default_rng(8).random((2, 1100, 40))
+    plan = split_for(plan_for(padded_fcn, image), workers=2)
+    assert isinstance(plan, StreamPlan) and len(plan) > 1 and plan.segment_rows % plan.cells_per_tile[0] == 0
+    source = open_source(image, layout="CHW", level=0, ndim=2, channels=2)
+    got = np.full((3, *plan.grid), np.nan)
+    for s in plan.segments():
+        assert s.read_start[0] % plan.stride[0] == 0
+        got[:, s.cell_start[0]:s.cell_stop[0], s.cell_start[1]:s.cell_stop[1]] = compute_segment(
+            padded_fcn, source, s, None, chunk_rows=plan.cells_per_tile[0], band=plan.band)
+    assert_same_map(got, untiled(padded_fcn, image))
+    assert plan.recompute_factor() > 1.0

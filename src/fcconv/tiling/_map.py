@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -21,7 +22,7 @@ from fcconv.tiling._method import choose_plan
 from fcconv.tiling._plan import Tile, TilePlan
 from fcconv.tiling._source import Source, open_source
 from fcconv.tiling._store import finished, open_output
-from fcconv.tiling._strips import StreamPlan, compute_segment, segment_to_zarr
+from fcconv.tiling._strips import StreamPlan, compute_segment, segment_to_zarr, split_for
 from fcconv.tiling._tasks import compute_tile, model_identity, model_placement, tile_to_zarr
 
 __all__ = ["dask_map", "plan_for", "tiled_map"]
@@ -246,6 +247,9 @@ def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] | None = None,
         >>> scores = fcconv.tiled_map(fcn, "slide.tif", layout="HWC", tile=2048, out="scores.zarr")
     """
     job = _prepare(fcn, image, tile, layout, transform, level, method, force)
+    if isinstance(job.plan, StreamPlan) and client is not None:  # segments: tasks for every worker
+        workers = len(client.scheduler_info().get("workers", {})) or 1
+        job = dataclasses.replace(job, plan=split_for(job.plan, workers))
     plan = job.plan
     shape, chunks = (job.classes, *plan.grid), (job.classes, *plan.cells_per_tile)
     path: str | None = None

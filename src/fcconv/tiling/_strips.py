@@ -9,6 +9,7 @@ strips in the other dims, about ``(strip + halo) / strip``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -190,6 +191,17 @@ def plan_stream(gm: Any, channels: int, field: Field, image: Sequence[int], grid
     shape = (channels, *(e - s for s, e in zip(seg.read_start, seg.read_stop)))
     peak = estimate_bytes(cached_graph_rows(gm, shape), band)
     return StreamPlan(strips, chunk, segment, band, peak, whole=whole)
+
+
+def split_for(plan: StreamPlan, workers: int) -> StreamPlan:
+    """``plan`` with each strip cut in segments so that ``workers`` have about two tasks each; a
+    segment keeps at least four chunk rows (each recomputes one vertical halo)."""
+    if plan.whole or len(plan) >= 2 * workers:
+        return plan
+    per_strip = -(-2 * workers // len(plan.strips))
+    rows = max(4 * plan.chunk_rows, -(-plan.grid[0] // per_strip))
+    rows = -(-rows // plan.chunk_rows) * plan.chunk_rows
+    return dataclasses.replace(plan, segment_rows=min(plan.segment_rows, rows))
 
 
 def _fitting_strips(field: Field, image: tuple[int, ...], grid: tuple[int, ...], width: list[int]

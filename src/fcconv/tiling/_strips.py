@@ -9,7 +9,9 @@ strips in the other dims, about ``(strip + halo) / strip``.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -271,12 +273,31 @@ def stream_segment(fcn: Any, source: Source, segment: Tile, transform: Any, chun
                 take = min(have, chunk_rows - row % chunk_rows)
                 block = torch.cat(pending, 1)
                 yield (row, *segment.cell_start[1:]), _numpy(block[:, :take])
+                _release_free_memory()
                 pending, have, row = [block[:, take:]], have - take, row + take
             if row >= segment.cell_stop[0]:
                 return
     if row < segment.cell_stop[0]:
         raise NotEquivalentError(f"The stream of segment {segment.index} ended at map row {row}, before "
                                  f"{segment.cell_stop[0]}; this is a bug in fcconv, please report it.")
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None elsewhere."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _release_free_memory() -> None:
+    """Give the heap's free memory back to the system after each chunk row: the bands' tensors of
+    many sizes otherwise leave glibc's heap fragmented, and the resident memory grows with the
+    image's height (measured: 192 MB -> 280 MB above the model for 4x the height on resnet50)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _numpy(values: Tensor) -> np.ndarray:

@@ -356,3 +356,18 @@ def test_segments_of_a_strip_each_start_with_a_vertical_halo(padded_fcn: fcconv.
             padded_fcn, source, s, None, chunk_rows=plan.cells_per_tile[0], band=plan.band)
     assert_same_map(got, untiled(padded_fcn, image))
     assert plan.recompute_factor() > 1.0
+
+
+def test_1d_and_3d_classifiers_stream_through_tiled_map() -> None:
+    torch.manual_seed(2)
+    one = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool1d(2, ceil_mode=True),
+                        nn.Flatten(), nn.Linear(3 * 8, 2)).double().eval()
+    fcn = fcconv.convolutionalize(one, (2, 16))
+    image = np.random.default_rng(0).random((2, 301))
+    assert plan_for(fcn, image).method == "stream"
+    assert_same_map(fcconv.tiled_map(fcn, image, progress=False), untiled(fcn, image))
+    three = nn.Sequential(nn.Conv3d(1, 2, 3, padding=1), nn.ReLU(), nn.AvgPool3d(2),
+                          nn.Flatten(), nn.Linear(2 * 2 * 2 * 2, 2)).double().eval()
+    fcn = fcconv.convolutionalize(three, (1, 4, 4, 4))
+    image = np.random.default_rng(1).random((1, 23, 9, 11))
+    assert_same_map(fcconv.tiled_map(fcn, image, tile=(8, 8, 8), progress=False), untiled(fcn, image))

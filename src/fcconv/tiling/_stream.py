@@ -427,7 +427,11 @@ class _Run:
         def value(n: fx.Node) -> Any:
             return bands[n] if n in bands else self.plan.values[n]
 
-        result = _run_node(self.plan.gm, node, fx.node.map_arg((node.args, node.kwargs), value))
+        try:
+            result = _run_node(self.plan.gm, node, fx.node.map_arg((node.args, node.kwargs), value))
+        except RuntimeError as error:  # e.g. a reshape to sizes read from the whole block
+            raise NotStreamable(f"node {node.name!r} ({_what(node, self.plan.gm)}) fails on a band of rows "
+                                f"({error}); map this model with method='tiles' (--method tiles)") from None
         if not isinstance(result, Tensor):
             raise NotStreamable(f"node {node.name!r} did not return a tensor on a band of rows")
         return result

@@ -39,13 +39,13 @@ def test_the_store_is_the_contracts_group(tmp_path: Path,
         digits_fcn: fcconv.FullyConvolutional) -> None:
     image = np.random.default_rng(0).random((1, 70, 90))
     out = tmp_path / "m.zarr"
-    stored = fcconv.tiled_map(digits_fcn, image, tile=30, out=out, progress=False)
+    stored = fcconv.tiled_map(digits_fcn, image, tile=30, out=out, progress=False, method="tiles")
     attributes = dict(zarr.open_group(str(out), mode="r").attrs)["fcconv"]
     assert attributes["version"] == 1 and attributes["complete"] is True
     assert attributes["geometry"] == {"stride": [2, 2], "window": [12, 12], "window_offset": [0, 0],
                                       "image_shape": [1, 70, 90], "level": 0, "downsample": 1.0, "mpp": None}
     assert attributes["identity"]["tile"] == [30, 30]
-    plan = fcconv.tiling.plan_for(digits_fcn, image, tile=30)
+    plan = fcconv.tiling.plan_for(digits_fcn, image, tile=30, method="tiles")
     opened = fcconv.tiling.open_map(out)
     assert opened.shards == opened.chunks == (11, *plan.cells_per_tile)  # 11 classes: one inner chunk
     assert len(_shards(out)) == len(plan) == len(list((out / ".fcconv" / "chunks").glob("c.*")))

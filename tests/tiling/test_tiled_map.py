@@ -128,4 +128,8 @@ class _SamePadding(nn.Module):
 def test_size_dependent_model_is_refused() -> None:
     fcn = fcconv.convolutionalize(_SamePadding().eval(), (1, 12, 12))
     with pytest.raises(NotEquivalentError, match="^Cannot tile this model exactly: its geometry depends on"):
-        fcconv.tiled_map(fcn, np.zeros((1, 40, 41)), tile=20, progress=False)
+        fcconv.tiled_map(fcn, np.zeros((1, 40, 41)), tile=20, progress=False, method="tiles")
+    # Streamed, it is one strip of the whole image: exact (issue 15).
+    image = np.random.default_rng(0).random((1, 40, 41))
+    fcn = fcn.double()
+    assert_same_map(fcconv.tiled_map(fcn, image, tile=20, progress=False), untiled(fcn, image))

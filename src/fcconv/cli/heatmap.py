@@ -75,6 +75,8 @@ _PICTURE_ONLY = {
 }
 _TILES_ONLY = {
     "tile": "a picture is computed in one pass over the whole image",
+    "method": "a picture is computed in one pass over the whole image",
+    "force": "a picture is computed in one pass over the whole image",
     "preview": "the picture -o writes is the preview",
     "level": "Pillow reads the first image of the file: give -o X.zarr to read a pyramid level",
     "workers": "a picture is computed in this process: give -o X.zarr to run tiles on a dask cluster",
@@ -333,8 +335,14 @@ Examples:
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True,
               help="With a picture -o: classes in the summary.")
 @click.option("--device", default="cpu", show_default=True, help="Where to run the model, e.g. cuda.")
-@click.option("--tile", type=click.IntRange(min=1), default=2048, show_default=True,
-              help="With -o X.zarr: the largest block one task reads, halo included.")
+@click.option("--tile", type=click.IntRange(min=1),
+              help="With -o X.zarr: streaming: the widest strip, halo included (default: as wide as "
+                   "about 1.5 GB of row buffers allows); halo tiles: the largest block (default 2048).")
+@click.option("--method", type=click.Choice(["auto", "stream", "tiles"]), default="auto", show_default=True,
+              help="With -o X.zarr: stream rows (each activation computed about once), halo tiles, or "
+                   "auto: stream where the model allows it.")
+@click.option("--force", is_flag=True,
+              help="With -o X.zarr: run halo tiles whose recompute factor exceeds 4.")
 @click.option("--preview", type=OutputPath(), help="With -o X.zarr: a small PNG of the map over the image.")
 @click.option("--level", type=click.IntRange(min=0), default=0, help="With -o X.zarr: the pyramid level.")
 @click.option("--workers", type=click.IntRange(min=1), help="With -o X.zarr: run on a local dask cluster.")
@@ -355,9 +363,10 @@ Examples:
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 def command(model: str, image: Path, output: Path, input_shape: tuple[int, ...] | None, factory: str | None,
             kwargs: str, mean: tuple[float, ...] | None, std: tuple[float, ...] | None, labels: str | None,
-            hide: str, scale: float, alpha: float, head_impl: str, top: int, device: str, tile: int,
-            preview: Path | None, level: int, workers: int | None, scheduler: str | None, overwrite: bool,
-            layout: str | None, plane: str | None, wait: bool, cam: bool, quiet: bool, **slides: Any) -> None:
+            hide: str, scale: float, alpha: float, head_impl: str, top: int, device: str, tile: int | None,
+            method: str, force: bool, preview: Path | None, level: int, workers: int | None,
+            scheduler: str | None, overwrite: bool, layout: str | None, plane: str | None, wait: bool,
+            cam: bool, quiet: bool, **slides: Any) -> None:
     """Draw the dense class map of the classifier MODEL over IMAGE into OUTPUT.
 
     MODEL follows the loading rules of every command (torchvision:NAME, package.module:factory, a
@@ -389,7 +398,8 @@ def command(model: str, image: Path, output: Path, input_shape: tuple[int, ...] 
 
         fcn = loaded.module if converted else _convert(loaded.module, input_shape, head_impl, quiet)
         names = _labels(labels, int(fcn.num_classes))  # type: ignore[arg-type]
-        return run(fcn.to(torch.device(device)), image, output, tile=tile, level=level, mean=mean, std=std,
+        return run(fcn.to(torch.device(device)), image, output, tile=tile, method=method, force=force,
+                   level=level, mean=mean, std=std,
                    preview=preview, labels=names, hidden=_hidden(hide, names), workers=workers,
                    scheduler=scheduler, overwrite=overwrite, quiet=quiet, layout=layout,
                    plane=parse_plane(plane), wait=wait, class_names=None if labels is None else names,

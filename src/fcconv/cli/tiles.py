@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import warnings
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -156,18 +157,30 @@ def _stopped(output: Path, name: str, code: int) -> None:
     raise click.exceptions.Exit(code)
 
 
-def run(fcn: Any, image: Path, output: Path, *, tile: int, level: int, mean: Sequence[float] | None,
+def _describe(plan: Any, where: str) -> str:
+    """One line: the image, the map, the method and its recompute factor."""
+    size = f"Image {plan.image[1]}x{plan.image[0]} ({where}): a {plan.grid[0]}x{plan.grid[1]} map"
+    factor = f"recompute factor {plan.recompute_factor():.2f}"
+    if plan.method == "stream":
+        strips = len(plan.strips)
+        return (f"{size} streamed by rows in {strips} strip{'s' * (strips > 1)} of at most "
+                f"{plan.tile[-1]} px wide, {factor}, row buffers about {plan.peak_bytes / 2**20:.0f} MiB "
+                "per task.")
+    return f"{size} in {len(plan)} halo tiles of at most {max(plan.tile)} px, {factor}."
+
+
+def run(fcn: Any, image: Path, output: Path, *, tile: int | None, level: int, mean: Sequence[float] | None,
         std: Sequence[float] | None, preview: Path | None, labels: Sequence[str], hidden: Collection[int],
         workers: int | None, scheduler: str | None, overwrite: bool, quiet: bool, layout: str | None = None,
         plane: Any = None, wait: bool = False, mpp: float | None = None, magnification: float | None = None,
         mask: str | None = None, score_kind: str = "logits", show_class: str | None = None,
-        class_names: Sequence[str] | None = None, prefetch: bool = False, model_dtype: str | None = None
-        ) -> None:
+        class_names: Sequence[str] | None = None, prefetch: bool = False, model_dtype: str | None = None,
+        method: str = "auto", force: bool = False) -> None:
     """Write the map of ``fcn`` over ``image`` to the zarr store ``output``, resuming a killed run.
 
-    ``mpp``, ``magnification``, ``mask``, ``class_names``: as for :func:`fcconv.tiled_map` (slides);
-    ``score_kind``: its ``scores``; ``show_class``: the class the preview draws; ``prefetch``: read
-    ahead (local runs); ``model_dtype``: the dtype the model runs in.
+    ``mpp``, ``magnification``, ``mask``, ``class_names``, ``method``, ``force``: as for
+    :func:`fcconv.tiled_map`; ``score_kind``: its ``scores``; ``show_class``: the class the preview
+    draws; ``prefetch``: read ahead (local runs); ``model_dtype``: the dtype the model runs in.
     """
     from fcconv.tiling import plan_for, tiled_map, write_preview
     from fcconv.tiling._source import open_source
@@ -183,19 +196,24 @@ def run(fcn: Any, image: Path, output: Path, *, tile: int, level: int, mean: Seq
                          **resolution)
     dtype = next(iter(fcn.parameters())).dtype
     transform = PixelScale(_pixel_scale(source.dtype), mean, std, dtype)
-    plan = plan_for(fcn, image, tile=tile, layout=layout, level=level, plane=plane, **resolution)
+    if mask is not None and method == "auto":  # as tiled_map: a mask skips whole halo tiles
+        method = "tiles"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the reason is printed below
+        plan = plan_for(fcn, image, tile=tile, layout=layout, level=level, plane=plane, method=method,
+                        force=force, **resolution)
+    if plan.reason is not None:
+        click.echo(f"Streaming is not possible ({plan.reason}); using halo tiles.", err=True)
     if not quiet:
-        where = f"level {level}" + "".join(f", plane {i}" for _, i in source.planes)
-        click.echo(f"Image {plan.image[1]}x{plan.image[0]} ({source.layout}, {where}): a "
-                   f"{plan.grid[0]}x{plan.grid[1]} map in {len(plan)} tiles of at most {tile} px, recompute "
-                   f"factor {plan.recompute_factor():.2f}.")
+        where = f"{source.layout}, level {level}" + "".join(f", plane {i}" for _, i in source.planes)
+        click.echo(_describe(plan, where))
     client = _client(workers, scheduler)
     try:
         with _sigterm_stops(), _log_to_stderr():
             scores = tiled_map(fcn, image, tile=tile, out=output, layout=layout, transform=transform,
                                level=level, client=client, overwrite=overwrite, wait=wait, progress=not quiet,
                                plane=plane, mask=mask, scores=score_kind, class_names=class_names,
-                               prefetch=prefetch, **resolution)
+                               prefetch=prefetch, method=plan.method, force=force, **resolution)
     except Stopped as stop:
         _stopped(output, stop.name, 128 + signal.SIGTERM)
     except KeyboardInterrupt:

@@ -189,7 +189,7 @@ def _translated(original: Any, x: torch.Tensor, shape: tuple[int, ...],
         from onnx2torch import convert
     except ImportError:
         return None, "onnx2torch is not installed to translate it (pip install onnx2torch)"
-    from fcconv import convolutionalize
+    from fcconv.models import convolutionalize
 
     errors = []
     for leaves in ((), _opaque_modules()):  # traced through, then with the elementwise modules kept whole

@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fcconv import FullyConvolutional, NotEquivalentError, compare
 from fcconv._shapes import format_shape
-from fcconv.certify import ERROR_RATIO_MAX, FLOAT64_RTOL, error_ratio
-from fcconv.errors import FcconvError
+from fcconv.certify import ERROR_RATIO_MAX, FLOAT64_RTOL, compare, error_ratio
+from fcconv.errors import FcconvError, NotEquivalentError
+from fcconv.models.fcn import FullyConvolutional
 from fcconv.onnx._runtime import run
 
 __all__ = ["OnnxReport", "SizeCheck", "check_ratio", "check_sizes_for", "check_size", "ratio_of"]

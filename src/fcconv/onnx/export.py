@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fcconv import FullyConvolutional
 from fcconv._shapes import check_input_shape, format_shape
 from fcconv.errors import FcconvError, NotEquivalentError
+from fcconv.models.fcn import FullyConvolutional
 from fcconv.models.modules import UnfoldConv1d, UnfoldConv2d, UnfoldConv3d
 from fcconv.onnx._check import OnnxReport, SizeCheck, check_ratio, check_size, check_sizes_for
 from fcconv.onnx._float64 import check_certify, run_reference, verdict

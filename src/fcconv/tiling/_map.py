@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -19,10 +20,12 @@ from fcconv._io import check_output_store
 from fcconv._shapes import format_shape
 from fcconv.errors import FcconvError
 from fcconv.tiling import _mask, _ome
-from fcconv.tiling._plan import Tile, TilePlan, field_of, plan_tiles
+from fcconv.tiling._method import choose_plan
+from fcconv.tiling._plan import Tile, TilePlan
 from fcconv.tiling._prefetch import Prefetching
 from fcconv.tiling._source import Plane, Source, open_source
 from fcconv.tiling._store import finished, mark_complete, open_output, release_output
+from fcconv.tiling._strips import StreamPlan, compute_segment, segment_to_zarr, split_for
 from fcconv.tiling._tasks import compute_tile, model_identity, model_placement, tile_to_zarr
 
 __all__ = ["dask_map", "plan_for", "tiled_map"]
@@ -34,16 +37,16 @@ Transform = Callable[[Tensor], Tensor]
 class _Job:
     fcn: nn.Module
     source: Source
-    plan: TilePlan
+    plan: TilePlan | StreamPlan
     transform: Transform | None
     classes: int
     dtype: np.dtype
 
 
-def _prepare(fcn: Any, image: Any, tile: int | Sequence[int], layout: str | None, transform: Transform | None,
-             level: int, plane: Plane = None, mpp: float | None = None, magnification: float | None = None
-             ) -> _Job:
-    from fcconv import FullyConvolutional
+def _prepare(fcn: Any, image: Any, tile: int | Sequence[int] | None, layout: str | None,
+             transform: Transform | None, level: int, plane: Plane = None, mpp: float | None = None,
+             magnification: float | None = None, method: str = "auto", force: bool = False) -> _Job:
+    from fcconv.models.fcn import FullyConvolutional
 
     if not isinstance(fcn, FullyConvolutional):
         raise FcconvError(
@@ -61,7 +64,7 @@ def _prepare(fcn: Any, image: Any, tile: int | Sequence[int], layout: str | None
             f"The image {format_shape(spatial)} is smaller than the model's window: every spatial size "
             f"must be at least {format_shape(fcn.min_size)} for one cell. Pass a larger image."
         )
-    plan = plan_tiles(field_of(fcn, source.shape), spatial, fcn.grid_shape(spatial), tile)
+    plan = choose_plan(fcn, source.shape, fcn.grid_shape(spatial), tile, method, force)
     dtype, _ = model_placement(fcn)
     classes = fcn.num_classes
     if classes is None:  # the map's channels, from the smallest input
@@ -72,15 +75,48 @@ def _prepare(fcn: Any, image: Any, tile: int | Sequence[int], layout: str | None
     return _Job(fcn, source, plan, transform, int(classes), torch.empty((), dtype=stored).numpy().dtype)
 
 
-def plan_for(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048, layout: str | None = None,
-             level: int = 0, plane: Plane = None, mpp: float | None = None, magnification: float | None = None
-             ) -> TilePlan:
-    """The tiles :func:`tiled_map` would run (cells per tile, blocks read, recompute factor).
+def plan_for(fcn: Any, image: Any, *, tile: int | Sequence[int] | None = None, layout: str | None = None,
+             level: int = 0, plane: Plane = None, mpp: float | None = None,
+             magnification: float | None = None, method: str = "auto", force: bool = False
+             ) -> TilePlan | StreamPlan:
+    """The tasks :func:`tiled_map` would run: ``.method`` (``"stream"`` or ``"tiles"``), the chunks
+    (``cells_per_tile``), the blocks read, ``.recompute_factor()`` and ``.peak_bytes`` (the estimated
+    peak bytes of a streamed task's row buffers; None for halo tiles).
 
     Example:
-        >>> plan_for(fcn, "slide.tif", tile=2048).recompute_factor()
+        >>> plan = plan_for(fcn, "slide.tif")
+        >>> plan.method, plan.recompute_factor(), plan.peak_bytes
     """
-    return _prepare(fcn, image, tile, layout, None, level, plane, mpp, magnification).plan
+    return _prepare(fcn, image, tile, layout, None, level, plane, mpp, magnification, method, force).plan
+
+
+def _tasks(job: _Job) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """The functions computing one task: to numpy, and to the zarr store."""
+    plan = job.plan
+    if isinstance(plan, StreamPlan):
+        return (functools.partial(compute_segment, chunk_rows=plan.cells_per_tile[0], band=plan.band),
+                functools.partial(segment_to_zarr, chunk_rows=plan.cells_per_tile[0], band=plan.band))
+    return compute_tile, tile_to_zarr
+
+
+def _unfinished(plan: TilePlan | StreamPlan, result: Any, path: str) -> list[Tile]:
+    """The tasks left to run: halo tiles whose chunk is missing; for a stream, each segment from its
+    first unfinished chunk row (one vertical halo is recomputed)."""
+    if not isinstance(plan, StreamPlan):
+        todo = list(plan)
+        done = finished(result, path, (t.index for t in todo))
+        return [t for t in todo if t.index not in done]
+    segments = plan.segments()
+    done = finished(result, path, (i for s in segments for i in plan.chunk_indices(s)))
+    left = []
+    for s in segments:
+        rows = [i[0] for i in plan.chunk_indices(s) if i not in done]
+        if rows and plan.whole:  # a size-dependent model: only the whole image gives its map
+            left.append(s)
+        elif rows:
+            strip = plan.strips.tile_at((0, *s.index[1:]))
+            left.append(plan.segment(strip, rows[0] * plan.cells_per_tile[0], s.cell_stop[0]))
+    return left
 
 
 def _delayed_inputs(job: _Job) -> tuple[Any, Any]:
@@ -93,16 +129,19 @@ def _delayed_inputs(job: _Job) -> tuple[Any, Any]:
     return model, source
 
 
-def dask_map(fcn: Any, array: Any, *, tile: int | Sequence[int] = 2048, layout: str | None = None,
+def dask_map(fcn: Any, array: Any, *, tile: int | Sequence[int] | None = None, layout: str | None = None,
              transform: Transform | None = None, level: int = 0, plane: Plane = None,
-             mpp: float | None = None, magnification: float | None = None) -> Any:
+             mpp: float | None = None, magnification: float | None = None, method: str = "auto",
+             force: bool = False) -> Any:
     """The map of ``fcn`` over ``array`` as a lazy ``dask.array.Array`` ``(classes, *grid)``.
 
-    Each chunk is one tile of :func:`tiled_map`: computed from its own block of the image, equal to
-    the same cells of ``fcn(image[None])[0]``. Nothing runs until you compute or store it.
+    Each chunk is one task of :func:`tiled_map` (a streamed segment of a strip, or a halo tile):
+    computed from its own block of the image, equal to the same cells of ``fcn(image[None])[0]``.
+    Nothing runs until you compute or store it.
 
     Args:
-        fcn, array, tile, layout, transform, level, plane, mpp, magnification: as for :func:`tiled_map`.
+        fcn, array, tile, layout, transform, level, plane, mpp, magnification, method, force: as for
+            :func:`tiled_map`.
 
     Example:
         >>> scores = fcconv.dask_map(fcn, dask.array.from_zarr("slide.zarr"), tile=2048)
@@ -110,12 +149,16 @@ def dask_map(fcn: Any, array: Any, *, tile: int | Sequence[int] = 2048, layout: 
     """
     da = require("dask.array")
     dask = require("dask")
-    job = _prepare(fcn, array, tile, layout, transform, level, plane, mpp, magnification)
+    job = _prepare(fcn, array, tile, layout, transform, level, plane, mpp, magnification, method, force)
     model, source = _delayed_inputs(job)
-    blocks = np.empty(job.plan.tiles_per_dim, dtype=object)
-    for t in job.plan:
-        task = dask.delayed(compute_tile, pure=True)(model, source, t, job.transform)
-        blocks[t.index] = da.from_delayed(task, shape=(job.classes, *t.cells), dtype=job.dtype)
+    compute, _ = _tasks(job)
+    plan = job.plan
+    rows = plan.segment_rows if isinstance(plan, StreamPlan) else plan.cells_per_tile[0]
+    blocks = np.empty((-(-plan.grid[0] // rows), *plan.tiles_per_dim[1:]), dtype=object)
+    for t in plan:
+        task = dask.delayed(compute, pure=True)(model, source, t, job.transform)
+        index = (t.cell_start[0] // rows, *t.index[1:])
+        blocks[index] = da.from_delayed(task, shape=(job.classes, *t.cells), dtype=job.dtype)
     return da.block(blocks.tolist())
 
 
@@ -134,6 +177,7 @@ def _run_local(job: _Job, tiles: list[Tile], out: str | None, bar: Any) -> Itera
     from dask.callbacks import Callback
 
     model, source = _delayed_inputs(job)
+    compute, write = _tasks(job)
     workers = _local_workers()
     # dask's threads start independent tasks in descending key order: these keys run the tiles in
     # plan order, so a prefetching source reads the next ones ahead.
@@ -149,7 +193,7 @@ def _run_local(job: _Job, tiles: list[Tile], out: str | None, bar: Any) -> Itera
     for first in range(0, len(names), batch):
         part = names[first:first + batch]
         tasks = [
-            dask.delayed(tile_to_zarr if out else compute_tile, pure=False)(
+            dask.delayed(write if out else compute, pure=False)(
                 model, source, keys[key], job.transform, *((out,) if out else ()), dask_key_name=key)
             for key in part
         ]
@@ -164,8 +208,9 @@ def _run_client(job: _Job, tiles: list[Tile], out: str | None, client: Any, bar:
     distributed = require("distributed")
     model = client.scatter(job.fcn, broadcast=True, hash=False)  # once per worker, not per task
     source = client.scatter(job.source, broadcast=True, hash=False)
+    compute, write = _tasks(job)
     futures = {
-        client.submit(tile_to_zarr if out else compute_tile, model, source, t, job.transform,
+        client.submit(write if out else compute, model, source, t, job.transform,
                       *((out,) if out else ()), pure=False): t
         for t in tiles
     }
@@ -189,24 +234,29 @@ def _geometry(fcn: Any, job: _Job, level: int) -> dict[str, Any]:
             "image_shape": list(job.source.shape), "level": level, "downsample": 1.0, "mpp": None}
 
 
-def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
+def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] | None = None,
               out: str | os.PathLike[str] | None = None, layout: str | None = None,
               transform: Transform | None = None, level: int = 0, client: Any = None,
               overwrite: bool = False, wait: bool = False, progress: bool = True, plane: Plane = None,
               mpp: float | None = None, magnification: float | None = None, mask: Any = None,
               scores: str = "logits", class_names: Sequence[str] | str | os.PathLike[str] | None = None,
-              prefetch: bool = False) -> Any:
-    """The map of ``fcn`` over ``image``, computed tile by tile: equal to ``fcn(image[None])[0]``.
+              prefetch: bool = False, method: str = "auto", force: bool = False) -> Any:
+    """The map of ``fcn`` over ``image``, computed block by block: equal to ``fcn(image[None])[0]``.
 
-    Tiles start on the model's stride and read a halo that covers the receptive field of the
-    cells they keep, both derived from the model's geometry, so every cell equals the untiled map
-    (borders and padded networks included); memory follows the tile, not the image.
+    Two methods, both exact. Streaming (``method="stream"``) reads column strips down their whole
+    height in bands of rows; every layer keeps only the rows its next window needs, so each
+    activation is computed about once and memory follows the strip's width, not the image. Halo
+    tiles (``method="tiles"``) start on the model's stride and read a halo that covers the
+    receptive field of the cells they keep. ``"auto"`` streams where the executor accepts the
+    graph, else uses halo tiles with a warning that says why.
 
     Args:
         fcn: a :class:`~fcconv.FullyConvolutional` whose cells are local (no global pooling).
         image: a numpy array or memmap, a zarr array or a path to one, a TIFF path, a dask array,
             or a slide: a ``TiffSlide``/``OpenSlide`` object or a path they read (with ``mpp``).
-        tile: the largest input block one task reads, halo included (an int or one per dim).
+        tile: halo tiles: the largest input block one task reads, halo included (an int or one per
+            dim; None: 2048). Streaming: the widest strip, halo included (None: the whole width if
+            its row buffers fit about 1.5 GB, else narrower strips).
         out: ``None`` to return numpy; a path ``"scores.zarr"`` to write the map as a zarr group
             (the map is its array ``"0"``, one shard per tile) and return that array. Running
             again with the same arguments resumes, recomputing any chunk that fails its checksum.
@@ -231,12 +281,16 @@ def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
             when no level matches (see ``docs/slides.md``).
         mask: compute only cells whose window touches tissue: ``"otsu"``, a boolean array (any
             resolution), an image file or a callable on a thumbnail. Tiles without tissue are never
-            read; their cells are NaN (in memory too) and 0 in ``out/valid``.
+            read; their cells are NaN (in memory too) and 0 in ``out/valid``. With a mask,
+            ``method="auto"`` runs halo tiles (a streamed strip spans tissue and background).
         scores: ``"logits"`` (the model's outputs) or ``"probabilities"`` (softmax over classes).
         class_names: one name per class (or a file with one a line), for the OME-Zarr channel
             labels and ``fcconv.classes`` of ``out``.
-        prefetch: on this machine (no ``client``), read the next tiles' blocks in a background
-            thread while the model runs.
+        prefetch: on this machine (no ``client``), read the next halo tiles' blocks in a
+            background thread while the model runs (streamed strips read their bands in turn).
+        method: ``"auto"``, ``"stream"`` or ``"tiles"`` (see above).
+        force: run halo tiles whose recompute factor exceeds 4 (refused otherwise, with the
+            smallest tile that brings it under 2).
 
     Returns:
         ``(classes, *grid)``: numpy, or the zarr array ``out/0``.
@@ -250,7 +304,12 @@ def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
     Example:
         >>> scores = fcconv.tiled_map(fcn, "slide.tif", tile=2048, out="scores.zarr")
     """
-    job = _prepare(fcn, image, tile, layout, transform, level, plane, mpp, magnification)
+    if mask is not None and method == "auto":  # a mask skips whole tasks: tiles, not full-height strips
+        method = "tiles"
+    job = _prepare(fcn, image, tile, layout, transform, level, plane, mpp, magnification, method, force)
+    if isinstance(job.plan, StreamPlan) and client is not None:  # segments: tasks for every worker
+        workers = len(client.scheduler_info().get("workers", {})) or 1
+        job = dataclasses.replace(job, plan=split_for(job.plan, workers))
     job = dataclasses.replace(job, fcn=_ome.with_scores(job.fcn, scores))  # logits or probabilities
     names = _ome.read_class_names(class_names, job.classes)
     plan = job.plan
@@ -269,7 +328,7 @@ def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
                 "layout": job.source.layout, "level": level, "model": model_identity(job.fcn),
                 "tile": plan.tile,
                 "cells_per_tile": plan.cells_per_tile,
-                "transform": None if transform is None else tokenize(transform)}
+                "transform": None if transform is None else tokenize(transform), "scores": scores}
     if tissue is not None:
         identity["mask"] = _mask.mask_token(tissue)
     path = str(Path(out).expanduser().absolute())
@@ -277,14 +336,14 @@ def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
                          dtype=job.dtype, identity=identity, overwrite=overwrite,
                          geometry=_geometry(fcn, job, level), wait=wait)
     try:
-        done = finished(stored, path, (t.index for t in plan))
-        todo = [t for t in plan if t.index not in done]
+        todo = _unfinished(plan, stored, path)
         if tissue is not None:  # tiles without tissue are never read nor written
             todo = _mask.tiles_touching(todo, tissue)
         if todo:
             mark_complete(path, False)
         _run(_prefetching(job, todo, prefetch and client is None), todo, path, client, progress, None)
-        if len(finished(stored, path, (t.index for t in todo))) != len(todo):
+        chunks = _chunk_indices(plan, todo)
+        if len(finished(stored, path, chunks)) != len(chunks):
             raise FcconvError(f"Some chunks of {path!r} did not reach the disk intact; run the same command "
                               "again to recompute them.")
         if tissue is not None:
@@ -296,9 +355,16 @@ def tiled_map(fcn: Any, image: Any, *, tile: int | Sequence[int] = 2048,
     return require("zarr").open_group(path, mode="r")["0"]
 
 
+def _chunk_indices(plan: TilePlan | StreamPlan, tasks: list[Tile]) -> list[tuple[int, ...]]:
+    """The map chunks the tasks write: one per halo tile, one per chunk row of a streamed segment."""
+    if isinstance(plan, StreamPlan):
+        return [i for t in tasks for i in plan.chunk_indices(t)]
+    return [t.index for t in tasks]
+
+
 def _prefetching(job: _Job, todo: list[Tile], prefetch: bool) -> _Job:
     """The job reading the next tiles' blocks in a background thread while the model runs."""
-    if not prefetch or not todo:
+    if not prefetch or not todo or isinstance(job.plan, StreamPlan):
         return job
     ahead = Prefetching(job.source, ((t.read_start, t.read_stop) for t in todo))
     return dataclasses.replace(job, source=cast(Source, ahead))

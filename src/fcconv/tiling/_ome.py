@@ -16,6 +16,7 @@ The map's group (the store contract: ``0`` the map, group attributes ``fcconv``)
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from fcconv._deps import need_tiles as require
 from fcconv.errors import FcconvError
@@ -47,10 +48,26 @@ class Probabilities(nn.Module):
 
 
 def with_scores(fcn: nn.Module, scores: str) -> nn.Module:
-    """The module a run computes: ``fcn`` for ``"logits"``, :class:`Probabilities` for ``"probabilities"``."""
+    """The module a run computes: ``fcn`` for ``"logits"``; for ``"probabilities"``, a copy of a
+    converted model whose graph ends in ``softmax(dim=1)`` (so both methods, streamed rows included,
+    run it; its parameters are the model's own, shared), else :class:`Probabilities`."""
     if scores not in SCORES:
         raise FcconvError(f"scores must be one of {', '.join(SCORES)}; got {scores!r}.")
-    return fcn if scores == "logits" else Probabilities(fcn)
+    if scores == "logits":
+        return fcn
+    graph_module = getattr(fcn, "graph_module", None)
+    if not isinstance(graph_module, fx.GraphModule):
+        return Probabilities(fcn)
+    graph = copy.deepcopy(graph_module.graph)
+    output = next(n for n in graph.nodes if n.op == "output")
+    with graph.inserting_before(output):
+        soft = graph.call_function(torch.softmax, (output.args[0],), {"dim": 1})
+    output.args = (soft,)
+    probabilities = copy.copy(fcn)  # the user's module is left as it is: new module dicts below
+    probabilities.__dict__["_modules"] = {**fcn._modules, "graph_module": fx.GraphModule(graph_module, graph)}
+    if isinstance(getattr(fcn, "_analyses", None), dict):
+        probabilities.__dict__["_analyses"] = type(fcn._analyses)()
+    return probabilities
 
 
 def read_class_names(names: Any, classes: int) -> list[str] | None:

@@ -38,7 +38,7 @@ class Field(Protocol):
     def extent(self) -> tuple[int, ...]: ...
 
 
-def field_of(fcn: Any, image_shape: Sequence[int]) -> Field:
+def field_of(fcn: Any, image_shape: Sequence[int], *, size_dependent: bool = False) -> Field:
     """The receptive field of ``fcn``'s cells, refusing models whose cells are not local.
 
     The one place tiling asks the geometry (``fcconv.models.receptive.analyze``).
@@ -46,6 +46,8 @@ def field_of(fcn: Any, image_shape: Sequence[int]) -> Field:
     Args:
         fcn: a :class:`~fcconv.FullyConvolutional`.
         image_shape: the per-sample image shape ``(C, *spatial)``.
+        size_dependent: accept a geometry that depends on the input size (TF "same" padding
+            computed from ``x.size()``): only a block of the whole image then computes the same map.
 
     Raises:
         NotEquivalentError: if a cell depends on more than a fixed window (a global pooling, a
@@ -53,14 +55,16 @@ def field_of(fcn: Any, image_shape: Sequence[int]) -> Field:
     """
     from fcconv.models.receptive import analyze
 
-    analysis = analyze(fcn.graph_module, tuple(image_shape))  # fake tensors: nothing allocated
+    cached = getattr(fcn, "analysis", None)  # FullyConvolutional caches its analyses per size
+    shape = tuple(image_shape)
+    analysis = cached(shape[1:]) if callable(cached) else analyze(fcn.graph_module, shape)
     if not analysis.local or analysis.field is None:
         raise NotEquivalentError(
             f"Cannot tile this model exactly: {analysis.why_not_local or 'its receptive field is unknown'}. "
             "Each cell of a tiled map must depend only on a fixed window of the image; run "
             "fcn(image) on the whole image instead, or remove that layer."
         )
-    if analysis.size_dependent:
+    if analysis.size_dependent and not size_dependent:
         raise NotEquivalentError(
             "Cannot tile this model exactly: its geometry depends on the input size, so a tile would "
             "not compute what the whole image computes. Run fcn(image) on the whole image instead."
@@ -113,6 +117,9 @@ class TilePlan:
         grid: the map's spatial size (``fcn.grid_shape(image)``).
         cells_per_tile: output cells one tile keeps, per dim (the last tile may keep fewer).
         tile: the largest input block a task may read, per dim, halo included.
+        method: ``"tiles"``.
+        reason: why the map is not streamed (None when streaming was not tried).
+        peak_bytes: None (not estimated for halo tiles).
     """
 
     stride: tuple[int, ...]
@@ -122,6 +129,9 @@ class TilePlan:
     grid: tuple[int, ...]
     cells_per_tile: tuple[int, ...]
     tile: tuple[int, ...]
+    method: str = "tiles"           # what runs it: halo tiles (see fcconv.tiling._strips for "stream")
+    reason: str | None = None       # why it is not streamed, when streaming was tried
+    peak_bytes: int | None = None   # not estimated for halo tiles
 
     @property
     def tiles_per_dim(self) -> tuple[int, ...]:

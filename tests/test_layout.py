@@ -58,3 +58,14 @@ def test_no_import_circle_between_modules() -> None:
     modules = {name: deps - packages for name, deps in graph.items() if name not in packages}
     circles = [c for name in sorted(modules) if (c := _cycle_from(name, modules))]
     assert not circles, f"import circles: {circles[:3]}"
+
+
+def test_big_images_deployment_and_viewer_do_not_import_the_package_root() -> None:
+    # Arrows point one way: fcconv/__init__ re-exports them, so they import the modules they need.
+    for package in ("tiling", "onnx", "viewer", "models"):
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.level == 0:
+                    assert node.module != "fcconv", f"{path.relative_to(ROOT)} imports the package root"
+                elif isinstance(node, ast.Import):
+                    assert "fcconv" not in [a.name for a in node.names], f"{path.relative_to(ROOT)}"

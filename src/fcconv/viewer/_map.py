@@ -113,7 +113,7 @@ class MapView:
         if self.scores.ndim != 3:
             raise FcconvError(f"The map {str(path)!r} holds scores of shape {self.scores.shape}; expected "
                               "(classes, height, width). fcconv view shows 2-d maps.")
-        self.valid = group["valid"] if "valid" in group.array_keys() else None
+        self.valid = _member(group, "valid")
         count = int(self.scores.shape[0])
         names = attrs.get("classes")
         self.classes = [str(n) for n in names] if names and len(names) == count else [
@@ -206,7 +206,16 @@ def open_map(path: str | os.PathLike[str]) -> MapView:
                 "fcconv heatmap -o MAP.zarr (finished tiles cannot be reused).")
         raise FcconvError(f"{str(where)!r} is one zarr array, not an fcconv map store (a group with the "
                           "'fcconv' attribute and the array '0'). Give the map written by fcconv heatmap -o.")
-    if "fcconv" not in dict(node.attrs) or "0" not in node.array_keys():
+    if "fcconv" not in dict(node.attrs) or _member(node, "0") is None:
         raise FcconvError(f"{str(where)!r} is a zarr group without fcconv's 'fcconv' attribute or array '0': "
                           "give the map written by fcconv heatmap -o.")
     return MapView(where.resolve(), node)
+
+
+def _member(group: Any, name: str) -> Any:
+    """The array ``name`` of ``group``, or None; never lists the group (zarr warns about ``.fcconv/``)."""
+    try:
+        node = group[name]
+    except KeyError:
+        return None
+    return node if hasattr(node, "shape") else None

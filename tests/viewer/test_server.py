@@ -247,3 +247,21 @@ def test_the_command_help_shows_examples() -> None:
     result = CliRunner().invoke(cli_app, ["view", "--help"])
     assert result.exit_code == 0 and "Examples:" in result.output and "fcconv view " in result.output
     assert "ssh -L" in result.output
+
+
+def test_a_map_of_probabilities_is_shown_as_it_is_not_through_softmax_again(tmp_path: Path) -> None:
+    """fcconv heatmap --scores probabilities stores softmax already (attribute fcconv.scores)."""
+    logits = np.random.default_rng(2).normal(scale=2, size=(3, 4, 6))
+    e = np.exp(logits - logits.max(0))
+    probabilities = (e / e.sum(0)).astype(np.float32)
+    path = write_map(tmp_path / "p.zarr", probabilities, **GEOMETRY)
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs["fcconv"] = {**group.attrs["fcconv"], "scores": "probabilities"}
+    viewer = ViewerApp(open_map(path))
+    answer = json.loads(viewer.handle("/api/cell?x=30&y=20").body)  # cell (2, 3)
+    assert answer["cell"] == [2, 3]
+    assert [t["probability"] for t in answer["top"]] == pytest.approx(
+        sorted(probabilities[:, 2, 3].astype(np.float64), reverse=True), rel=1e-12)
+    chosen = tile(viewer, "/tiles/map/class-1/6/0_0.png")
+    for r, c in [(0, 0), (2, 3), (3, 5)]:
+        assert (chosen[8 + 8 * r, 8 + 8 * c, :3] == ramp()[round(float(probabilities[1, r, c]) * 255)]).all()

@@ -103,6 +103,8 @@ class MapView:
         classes: one name per class (``"0"``, ``"1"``, ... when the store names none).
         scores: the zarr array ``(classes, h, w)``.
         valid: the zarr array ``(h, w)`` of 1 (computed) and 0 (skipped), or None.
+        probabilities: True when the store holds probabilities (``scores="probabilities"``), False
+            for logits (shown through their softmax).
     """
 
     def __init__(self, path: Path, group: Any) -> None:
@@ -114,6 +116,8 @@ class MapView:
             raise FcconvError(f"The map {str(path)!r} holds scores of shape {self.scores.shape}; expected "
                               "(classes, height, width). fcconv view shows 2-d maps.")
         self.valid = _member(group, "valid")
+        # fcconv heatmap --scores probabilities stores softmax already; otherwise scores are logits
+        self.probabilities = attrs.get("scores") == "probabilities"
         count = int(self.scores.shape[0])
         names = attrs.get("classes")
         self.classes = [str(n) for n in names] if names and len(names) == count else [
@@ -151,14 +155,14 @@ class MapView:
         return _take(self.valid, None, rows, cols) != 0
 
     def cell(self, row: int, col: int, top: int = 5) -> dict[str, Any]:
-        """What a cell holds: its ``top`` classes by score, with scores and softmax probabilities."""
+        """What a cell holds: its ``top`` classes by score, scores, probabilities."""
         values = np.asarray(self.scores[:, row, col], dtype=np.float64)
         valid = None if self.valid is None else bool(self.valid[row, col])
         out: dict[str, Any] = {"cell": [row, col], "window": self.geometry.window_rect(row, col),
                                "valid": valid, "computed": not bool(np.isnan(values).any()), "top": []}
         if out["computed"]:
             shifted = np.exp(values - values.max())
-            probabilities = shifted / shifted.sum()
+            probabilities = values if self.probabilities else shifted / shifted.sum()
             for k in np.argsort(-values, kind="stable")[:top]:
                 out["top"].append({"class": int(k), "name": self.classes[int(k)],
                                    "score": float(values[k]), "probability": float(probabilities[k])})

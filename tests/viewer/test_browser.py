@@ -204,14 +204,18 @@ def test_the_real_heatmap_store_shows_its_digits_in_the_browser(browser: Any, tm
     from fcconv.cli import app
 
     monkeypatch.chdir(tmp_path)
-    for args in (["demo", "--canvas", "small.tif", "--canvas-size", "256x384"],
-                 ["heatmap", "fcconv.demo.digits:load_digits_model", "small.tif", "--input", "1,12,12",
-                  "--tile", "128", "-o", "small-map.zarr", "--labels", "fcconv.demo.digits:CLASS_NAMES"]):
-        result = CliRunner().invoke(app, args, prog_name="fcconv")
-        assert result.exit_code == 0, result.output
-    group = zarr.open_group("small-map.zarr", mode="r")
+    demo = CliRunner().invoke(app, ["demo", "--canvas", "small.tif", "--canvas-size", "256x384"],
+                              prog_name="fcconv")
+    assert demo.exit_code == 0, demo.output
+    # the commands the demo prints, run as a new user would copy them
+    heatmap, view_line = (line.split() for line in demo.output.splitlines()
+                          if line.startswith(("  fcconv heatmap ", "  fcconv view ")))
+    assert view_line == ["fcconv", "view", "digits-map.zarr", "--slide", "small.tif", "--hide", "background"]
+    result = CliRunner().invoke(app, heatmap[1:], prog_name="fcconv")
+    assert result.exit_code == 0, result.output
+    group = zarr.open_group("digits-map.zarr", mode="r")
     assert "1" in group and "2" in group and "multiscales" in dict(group.attrs)["ome"]  # the OME pyramid
-    view = open_map(tmp_path / "small-map.zarr")
+    view = open_map(tmp_path / "digits-map.zarr")
     assert view.classes[-1] == "background" and view.classes[:10] == [str(d) for d in range(10)]
     hidden = view.classes.index("background")
     scores = np.asarray(view.scores[...])

@@ -192,3 +192,47 @@ def test_a_map_being_written_shows_its_cells_as_they_come(browser: Any, scores: 
         shot = screenshot(page)
         assert np.abs(shot[round(bottom[0]), round(bottom[1])] - colours[4, 0]).max() <= 3
         page.close()
+
+
+@pytest.mark.slow
+def test_the_real_heatmap_store_shows_its_digits_in_the_browser(browser: Any, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 18's walk-through on a small canvas: fcconv demo --canvas, heatmap -o, then the page."""
+    import zarr
+    from click.testing import CliRunner
+
+    from fcconv.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    demo = CliRunner().invoke(app, ["demo", "--canvas", "small.tif", "--canvas-size", "256x384"],
+                              prog_name="fcconv")
+    assert demo.exit_code == 0, demo.output
+    # the commands the demo prints, run as a new user would copy them
+    heatmap, view_line = (line.split() for line in demo.output.splitlines()
+                          if line.startswith(("  fcconv heatmap ", "  fcconv view ")))
+    assert view_line == ["fcconv", "view", "digits-map.zarr", "--slide", "small.tif", "--hide", "background"]
+    result = CliRunner().invoke(app, heatmap[1:], prog_name="fcconv")
+    assert result.exit_code == 0, result.output
+    group = zarr.open_group("digits-map.zarr", mode="r")
+    assert "1" in group and "2" in group and "multiscales" in dict(group.attrs)["ome"]  # the OME pyramid
+    view = open_map(tmp_path / "digits-map.zarr")
+    assert view.classes[-1] == "background" and view.classes[:10] == [str(d) for d in range(10)]
+    hidden = view.classes.index("background")
+    scores = np.asarray(view.scores[...])
+    winners = scores.argmax(0)
+    stride, (top, left) = view.geometry.stride, view.geometry.window_offset[:2]
+    window = view.geometry.window
+    with serving(ViewerApp(view, open_slide(tmp_path / "small.tif"), hidden=[hidden])) as base:
+        page = open_page(browser, base, items=2)
+        set_opacity(page, 1.0)
+        shot = screenshot(page)
+        digits = [(int(r), int(c)) for r, c in np.argwhere(winners != hidden) if 0 < r < winners.shape[0] - 1
+                  and 0 < c < winners.shape[1] - 1
+                  and (winners[r - 1:r + 2, c - 1:c + 2] == winners[r, c]).all()]
+        assert len(digits) >= 3
+        colours = class_colours(len(view.classes))
+        for r, c in digits[:: max(1, len(digits) // 5)]:
+            # the centre of cell (r, c)'s stride box: the centre of its window
+            y, x = on_screen(page, top + window[0] / 2 + stride[0] * r, left + window[1] / 2 + stride[1] * c)
+            assert np.abs(shot[round(y), round(x)] - colours[winners[r, c]]).max() <= 3, (r, c)
+        page.close()

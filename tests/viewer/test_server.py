@@ -247,3 +247,41 @@ def test_the_command_help_shows_examples() -> None:
     result = CliRunner().invoke(cli_app, ["view", "--help"])
     assert result.exit_code == 0 and "Examples:" in result.output and "fcconv view " in result.output
     assert "ssh -L" in result.output
+
+
+def test_a_map_of_probabilities_is_shown_as_it_is_not_through_softmax_again(tmp_path: Path) -> None:
+    """fcconv heatmap --scores probabilities stores softmax already (attribute fcconv.scores)."""
+    logits = np.random.default_rng(2).normal(scale=2, size=(3, 4, 6))
+    e = np.exp(logits - logits.max(0))
+    probabilities = (e / e.sum(0)).astype(np.float32)
+    path = write_map(tmp_path / "p.zarr", probabilities, **GEOMETRY)
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs["fcconv"] = {**group.attrs["fcconv"], "scores": "probabilities"}
+    viewer = ViewerApp(open_map(path))
+    answer = json.loads(viewer.handle("/api/cell?x=30&y=20").body)  # cell (2, 3)
+    assert answer["cell"] == [2, 3]
+    assert [t["probability"] for t in answer["top"]] == pytest.approx(
+        sorted(probabilities[:, 2, 3].astype(np.float64), reverse=True), rel=1e-12)
+    chosen = tile(viewer, "/tiles/map/class-1/6/0_0.png")
+    for r, c in [(0, 0), (2, 3), (3, 5)]:
+        assert (chosen[8 + 8 * r, 8 + 8 * c, :3] == ramp()[round(float(probabilities[1, r, c]) * 255)]).all()
+
+
+def test_a_map_read_between_levels_lies_on_the_slide(tmp_path: Path) -> None:
+    """--mpp between levels: the map's image is level 1 area-resampled by 1.2 (downsample 2 x 1.2)."""
+    with tifffile.TiffWriter(tmp_path / "s.tif") as tif:  # a pyramid: 80x112, then 40x56
+        tif.write(np.zeros((80, 112), np.uint8), tile=(32, 32), subifds=1)
+        tif.write(np.zeros((40, 56), np.uint8), tile=(32, 32), subfiletype=1)
+    winners = [row[:4] for row in WINNERS[:3]]  # 33x46 image pixels (floor(40 / 1.2), floor(56 / 1.2))
+    path = write_map(tmp_path / "m.zarr", one_hot_map(winners, 3), stride=(8, 8), window=(16, 16),
+                     image_shape=(1, 33, 46), level=1, downsample=2.4)
+    viewer = ViewerApp(open_map(path), open_slide(tmp_path / "s.tif"))
+    fine = tile(viewer, "/tiles/map/argmax/7/0_0.png")
+    # cell (r, c)'s box is [4 + 8r, 12 + 8r) image pixels, times 2.4 in slide pixels
+    for r, c in [(0, 0), (1, 2), (2, 3)]:
+        y, x = round((8 + 8 * r) * 2.4), round((8 + 8 * c) * 2.4)
+        assert (fine[y, x, :3] == class_colours(3)[winners[r][c]]).all(), (r, c)
+    wrong = write_map(tmp_path / "w.zarr", one_hot_map(winners, 3), stride=(8, 8), window=(16, 16),
+                      image_shape=(1, 34, 46), level=1, downsample=2.4)
+    with pytest.raises(FcconvError, match="does not match the map"):
+        ViewerApp(open_map(wrong), open_slide(tmp_path / "s.tif"))

@@ -73,7 +73,7 @@ def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str, byte
 
 
 def digits_map(folder: Path, height: int = 256, width: int = 384, seed: int = 0) -> tuple[Path, Path]:
-    """The digits demo: a canvas TIFF and its map in the contract's layout (until heatmap writes it)."""
+    """The digits demo: a canvas TIFF and its map in the contract's layout, written here (quick)."""
     import tifffile
     import torch
 

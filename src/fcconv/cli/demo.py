@@ -75,3 +75,6 @@ def _write_canvas(path: Path, seed: int, size: tuple[int, int]) -> None:
     out = "-o digits-map.png" if path.suffix.lower() == ".png" else tiled
     click.echo(f"  fcconv heatmap fcconv.demo.digits:load_digits_model {path} --input 1,12,12 "
                f"--labels fcconv.demo.digits:CLASS_NAMES --hide background {out}")
+    if path.suffix.lower() != ".png":
+        click.echo(f"and look at it, zoomed over the canvas, in a browser:\n"
+                   f"  fcconv view digits-map.zarr --slide {path} --hide background")

@@ -103,6 +103,8 @@ class MapView:
         classes: one name per class (``"0"``, ``"1"``, ... when the store names none).
         scores: the zarr array ``(classes, h, w)``.
         valid: the zarr array ``(h, w)`` of 1 (computed) and 0 (skipped), or None.
+        probabilities: True when the store holds probabilities (``scores="probabilities"``), False
+            for logits (shown through their softmax).
     """
 
     def __init__(self, path: Path, group: Any) -> None:
@@ -113,7 +115,9 @@ class MapView:
         if self.scores.ndim != 3:
             raise FcconvError(f"The map {str(path)!r} holds scores of shape {self.scores.shape}; expected "
                               "(classes, height, width). fcconv view shows 2-d maps.")
-        self.valid = group["valid"] if "valid" in group.array_keys() else None
+        self.valid = _member(group, "valid")
+        # fcconv heatmap --scores probabilities stores softmax already; otherwise scores are logits
+        self.probabilities = attrs.get("scores") == "probabilities"
         count = int(self.scores.shape[0])
         names = attrs.get("classes")
         self.classes = [str(n) for n in names] if names and len(names) == count else [
@@ -151,14 +155,14 @@ class MapView:
         return _take(self.valid, None, rows, cols) != 0
 
     def cell(self, row: int, col: int, top: int = 5) -> dict[str, Any]:
-        """What a cell holds: its ``top`` classes by score, with scores and softmax probabilities."""
+        """What a cell holds: its ``top`` classes by score, scores, probabilities."""
         values = np.asarray(self.scores[:, row, col], dtype=np.float64)
         valid = None if self.valid is None else bool(self.valid[row, col])
         out: dict[str, Any] = {"cell": [row, col], "window": self.geometry.window_rect(row, col),
                                "valid": valid, "computed": not bool(np.isnan(values).any()), "top": []}
         if out["computed"]:
             shifted = np.exp(values - values.max())
-            probabilities = shifted / shifted.sum()
+            probabilities = values if self.probabilities else shifted / shifted.sum()
             for k in np.argsort(-values, kind="stable")[:top]:
                 out["top"].append({"class": int(k), "name": self.classes[int(k)],
                                    "score": float(values[k]), "probability": float(probabilities[k])})
@@ -206,7 +210,16 @@ def open_map(path: str | os.PathLike[str]) -> MapView:
                 "fcconv heatmap -o MAP.zarr (finished tiles cannot be reused).")
         raise FcconvError(f"{str(where)!r} is one zarr array, not an fcconv map store (a group with the "
                           "'fcconv' attribute and the array '0'). Give the map written by fcconv heatmap -o.")
-    if "fcconv" not in dict(node.attrs) or "0" not in node.array_keys():
+    if "fcconv" not in dict(node.attrs) or _member(node, "0") is None:
         raise FcconvError(f"{str(where)!r} is a zarr group without fcconv's 'fcconv' attribute or array '0': "
                           "give the map written by fcconv heatmap -o.")
     return MapView(where.resolve(), node)
+
+
+def _member(group: Any, name: str) -> Any:
+    """The array ``name`` of ``group``, or None; never lists the group (zarr warns about ``.fcconv/``)."""
+    try:
+        node = group[name]
+    except KeyError:
+        return None
+    return node if hasattr(node, "shape") else None

@@ -16,6 +16,7 @@ host (a web page elsewhere cannot reach it through DNS rebinding).
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -204,10 +205,26 @@ def _hidden(query: dict[str, list[str]], count: int) -> tuple[int, ...] | None:
     return hidden if all(0 <= k < count for k in hidden) else None
 
 
+def _resampled_from(view: MapView, slide: Slide) -> bool:
+    """Whether the map's image is level ``geometry.level`` resampled to a coarser mpp (``--mpp`` between
+    levels): ``floor(level size / factor)`` pixels of ``downsample`` level-0 pixels each."""
+    g = view.geometry
+    if g.level >= len(slide.shapes):
+        return False
+    factor = g.downsample / slide.downsample(g.level)
+    if factor <= 1 + 1e-3:
+        return False
+    return all(size == math.floor(level / factor + 1e-9)
+               for size, level in zip(g.image_shape[1:], slide.shapes[g.level], strict=True))
+
+
 def _check_fits(view: MapView, slide: Slide) -> None:
-    """Refuse a slide whose level ``geometry.level`` is not the image the map was computed on."""
+    """Refuse a slide whose level ``geometry.level`` is not the image the map was computed on (as it is,
+    or resampled to the map's ``downsample``)."""
     g = view.geometry
     expected = tuple(g.image_shape[1:])
+    if _resampled_from(view, slide):
+        return
     if g.level >= len(slide.shapes) or slide.shapes[g.level] != expected:
         got = "x".join(map(str, slide.shapes[g.level])) if g.level < len(slide.shapes) else "missing"
         raise FcconvError(

@@ -79,7 +79,7 @@ def ramp(size: int = 256) -> np.ndarray:
 
 def _reduce(view: MapView, rows: np.ndarray, cols: np.ndarray, channel: int | None
             ) -> tuple[np.ndarray, np.ndarray]:
-    """Per cell: the winning class (``channel`` None) or ``channel``'s softmax probability, and
+    """Per cell: the winning class (``channel`` None) or ``channel``'s probability (softmax of logits), and
     whether the cell is not computed yet. Reads the classes block by block, so memory follows a block."""
     shape = (len(rows), len(cols))
     missing = np.zeros(shape, dtype=bool)
@@ -99,6 +99,8 @@ def _reduce(view: MapView, rows: np.ndarray, cols: np.ndarray, channel: int | No
             mine = values[channel - block.start]
     if channel is None:
         return winner, missing
+    if view.probabilities:  # stored as probabilities (--scores probabilities): shown as they are
+        return mine, missing
     return np.exp(mine - best) / total, missing
 
 

@@ -46,7 +46,7 @@ def test_plan_covers_each_cell_once_with_its_field(case: tuple[_Field, tuple[int
         plan = plan_tiles(field, image, grid, tile)
     except FcconvError as error:
         assert str(error).startswith(f"tile ({tile},) is too small for this model")
-        minimum = int(str(error).rsplit("tile >= ", 1)[1].rstrip("."))
+        minimum = int(str(error).rsplit("tile >= ", 1)[1].split()[0])
         assert tile < minimum
         plan_tiles(field, image, grid, minimum)  # the stated minimum works
         return
@@ -78,7 +78,9 @@ def test_plan_2d_is_a_product_of_dims() -> None:
 
 def test_tile_below_minimum_states_it() -> None:
     field = _Field((32, 32), (-217, -217), (627, 627))
-    with pytest.raises(FcconvError, match=r"^tile \(600, 600\) is too small .* Pass tile >= 634\.$"):
+    with pytest.raises(FcconvError,
+                       match=r"^tile \(600, 600\) is too small .* Pass tile >= 634 \(--tile 634 on the "
+                             r"command line\)\.$"):
         plan_tiles(field, (5000, 5000), (157, 157), 600)
     with pytest.raises(FcconvError, match="^tile must be a positive int"):
         plan_tiles(field, (5000, 5000), (157, 157), 0)

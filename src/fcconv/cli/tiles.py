@@ -205,7 +205,10 @@ def run(fcn: Any, image: Path, output: Path, *, tile: int | None, level: int, me
     if plan.reason is not None:
         click.echo(f"Streaming is not possible ({plan.reason}); using halo tiles.", err=True)
     if not quiet:
-        where = f"{source.layout}, level {level}" + "".join(f", plane {i}" for _, i in source.planes)
+        factor = float(getattr(source.data, "factor", 1.0) or 1.0)
+        where = (f"{source.layout}, level {source.level}"
+                 + (f", resampled x{factor:g}" if factor != 1.0 else "")
+                 + "".join(f", plane {i}" for _, i in source.planes))
         click.echo(_describe(plan, where))
     client = _client(workers, scheduler)
     try:

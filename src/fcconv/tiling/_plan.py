@@ -210,7 +210,8 @@ def plan_tiles(field: Field, image: Sequence[int], grid: Sequence[int], tile: in
         raise FcconvError(
             f"tile {format_shape(sizes)} is too small for this model: one cell's field with its "
             f"alignment to the stride {format_shape(field.stride)} needs at least "
-            f"{format_shape(minimum)} pixels. Pass tile >= {max(minimum)}."
+            f"{format_shape(minimum)} pixels. Pass tile >= {max(minimum)} (--tile {max(minimum)} on the "
+            "command line)."
         )
     cells = []
     for o, t, e, s, g, limit in zip(field.offset, field.stride, field.extent, image, grid, sizes):

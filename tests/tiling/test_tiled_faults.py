@@ -272,9 +272,10 @@ peaks = []
 for tiles in (40, 400):
     # tile 12: five cells per tile, one tile per five rows of cells
     part = image[:, : 8 + 5 * tiles - 1, :]
-    fcconv.tiled_map(fcn, part, tile=12, out=sys.argv[1] + str(tiles), progress=False)
+    fcconv.tiled_map(fcn, part, tile=12, out=sys.argv[1] + str(tiles), progress=False, method="tiles")
     peaks.append(peak_mb())
-print(len(fcconv.tiling.plan_for(fcn, image[:, : 8 + 5 * 400 - 1], tile=12)), peaks[0], peaks[1])
+print(len(fcconv.tiling.plan_for(fcn, image[:, : 8 + 5 * 400 - 1], tile=12, method="tiles")), peaks[0],
+      peaks[1])
 """
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch._dynamo  # noqa: F401  # before TensorFlow: triton, which it loads, crashes when loaded after it
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 pytest.importorskip("onnxruntime")
@@ -32,11 +33,11 @@ from fcconv.onnx._float64 import run_reference, to_float64  # noqa: E402
 from fcconv.onnx._runtime import load, run, session  # noqa: E402
 
 
-def _export(model: Any, shape: tuple[int, int, int], path: Path) -> None:
-    """``model`` as tf2onnx writes it at opset 15, input ``(batch, *shape)`` (channels last)."""
+def _export(model: Any, shape: tuple[int, int, int], path: Path, opset: int = 15) -> None:
+    """``model`` as tf2onnx writes it at ``opset``, input ``(batch, *shape)`` (channels last)."""
     model.output_names = ["output"]  # tf2onnx 1.17 looks the outputs up by this name (Keras 3)
     spec = (tf.TensorSpec((None, *shape), tf.float32, name="input"),)
-    tf2onnx.convert.from_keras(model, input_signature=spec, opset=15, output_path=str(path))
+    tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset, output_path=str(path))
 
 
 def _sequential(dtype: str) -> Any:
@@ -71,34 +72,43 @@ def test_flatten_dense_equals_keras_on_every_crop(tmp_path: Path) -> None:
     assert np.abs(got[0] - expected).max() <= FLOAT64_RTOL * np.abs(expected).max()
 
 
-_APPS = [("MobileNetV2", 64), ("ResNet50", 64), ("EfficientNetB0", 64)]
+_APPS = [("MobileNetV2", 64, 15), ("ResNet50", 64, 15), ("EfficientNetB0", 64, 15), ("ResNet50", 64, 18)]
+
+
+def _app(name: str, size: int) -> Any:
+    """A Keras application with random weights giving logits (a random net's softmax is near uniform)."""
+    return getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3),
+                                             classifier_activation=None)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "size"), _APPS)
-def test_keras_applications(tmp_path: Path, name: str, size: int) -> None:
-    """Padded nets: the larger size is checked against the onnx2torch translation (float64), and the file
-    at its training size gives Keras' scores within the float32 error ratio, against Keras in float64."""
+@pytest.mark.parametrize(("name", "size", "opset"), _APPS)
+def test_keras_applications(tmp_path: Path, name: str, size: int, opset: int) -> None:
+    """Padded nets: the larger size is checked against the onnx2torch translation (float64), or said
+    UNVERIFIED, and the file at its training size gives Keras' logits within the float32 error ratio,
+    against Keras in float64."""
     keras.utils.set_random_seed(0)
-    model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3))
-    _export(model, (size, size, 3), tmp_path / "model.onnx")
+    model = _app(name, size)
+    _export(model, (size, size, 3), tmp_path / "model.onnx", opset)
     report = fonnx.convolutionalize(tmp_path / "model.onnx", tmp_path / "fcn.onnx", (size, size, 3))
-    assert report.unverified == ()
-    assert "onnx2torch" in (report.checks[1].verified_by or "")
-    assert report.checks[1].float64_max_rel is not None and report.checks[1].float64_max_rel <= FLOAT64_RTOL
-    assert np.prod(report.checks[1].output_shape[2:]) > 1
+    larger = report.checks[1]
+    assert np.prod(larger.output_shape[2:]) > 1
+    if report.unverified:  # said so, with the reason (onnx2torch 1.5 has no ReduceMean-18)
+        assert "onnx2torch" in (larger.unverified or "") and "UNVERIFIED" in str(report)
+    else:
+        assert "onnx2torch" in (larger.verified_by or "")
+        assert larger.float64_max_rel is not None and larger.float64_max_rel <= FLOAT64_RTOL
     x = torch.rand((2, size, size, 3), generator=torch.Generator().manual_seed(2)) * 255
     expected = torch.tensor(np.asarray(model(x.numpy())))
     got = run(session(tmp_path / "fcn.onnx"), x).reshape(expected.shape)
-    keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
     try:
-        model64 = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3))
+        model64 = _app(name, size)
     finally:
-        keras.config.set_floatx("float32")
+        keras.config.set_dtype_policy("float32")
     model64.set_weights([w.astype(np.float64) for w in model.get_weights()])
-    exact = np.asarray(model64(x.double().numpy()))
-    ratio = ratio_of(expected, got, exact)
-    assert ratio is None or ratio <= ERROR_RATIO_MAX
+    ratio = ratio_of(expected, got, np.asarray(model64(x.double().numpy())))
+    assert ratio is not None and ratio <= ERROR_RATIO_MAX
 
 
 @pytest.mark.slow

@@ -112,6 +112,10 @@ def check_larger_size(original: Any, fcn: Any, sess: Any, shape: tuple[int, ...]
         big = (1, shape[0], shape[1] + shape[1] // 2 + 1, shape[2] + shape[2] // 4 + 3)
         x = torch.randn(big, generator=torch.Generator().manual_seed(1))
         got = _run(fcn, to_file(x, channels_last), float64, "the convolutionalized file")
+        if got.ndim != 4 or got.shape[0] != 1:
+            raise NotEquivalentError(f"At input {format_shape(big)} the result gives "
+                                     f"{format_shape(got.shape)}: not one map for one image (a shape in its "
+                                     "body is fixed at export).")
         expected, why = _translated(original, x, shape, float64, channels_last)
         if expected is None:
             return SizeCheck(big, tuple(got.shape), float("nan"), float("nan"), None, None,

@@ -46,6 +46,7 @@ from fcconv.onnx._head import (
     check_per_cell,
     flatten_point,
     pool_behind,
+    reduced_axes,
     spatial_axes,
     to_channels_first,
 )
@@ -164,6 +165,9 @@ def _enter_head(s: _Surgery, node: Any) -> None:
         _slide_pool(s, node)
         s.layout[node.output[0]] = (source[1], 1, 1)
         return
+    if node.op_type == "ReduceMean" and reduced_axes(s, node) == [1, 2]:
+        _slide_channels_last_mean(s, node, source)
+        return
     if node.op_type not in _FLATTENS:
         raise s.fail(node, f"it turns the map {format_shape(source)} into rows and is not a flatten")
     found = pool_behind(s, x) if source[2:] == (1, 1) or source[1:3] == (1, 1) else None
@@ -184,6 +188,17 @@ def _enter_head(s: _Surgery, node: Any) -> None:
     else:
         s.replace(node, helper.make_node("Transpose", [x], [node.output[0]], perm=perm),
                   f"{node.op_type} -> Transpose to channels first")
+
+
+def _slide_channels_last_mean(s: _Surgery, node: Any, source: tuple[int, ...]) -> None:
+    """ReduceMean over axes 1, 2 of a channels-last map (tf2onnx from opset 18) -> Transpose to channels
+    first, then a stride-1 AveragePool over the training feature size."""
+    first = f"{node.output[0]}_channels_first"
+    s.graph.node.append(helper.make_node("Transpose", [node.input[0]], [first], perm=[0, 3, 1, 2]))
+    kernel = list(source[1:3])
+    new = helper.make_node("AveragePool", [first], [node.output[0]], kernel_shape=kernel, strides=[1, 1])
+    s.replace(node, new, f"ReduceMean over H, W (channels last) -> AveragePool {kernel[0]}x{kernel[1]}")
+    s.layout[node.output[0]] = (source[3], 1, 1)
 
 
 def _from_channels_last(s: _Surgery, value: str) -> bool:

@@ -120,3 +120,16 @@ def test_a_map_of_one_pixel_in_the_body_is_refused(tmp_path: Path) -> None:
     with pytest.raises(FcconvError, match=r"\(Reshape\) reshapes the feature map .* larger than 1x1"):
         fonnx.convolutionalize(tmp_path / "model.onnx", tmp_path / "fcn.onnx", (32, 32, 3))
     assert not (tmp_path / "fcn.onnx").exists()
+
+
+def test_a_file_exported_with_symbolic_height_and_width(tmp_path: Path) -> None:
+    """``TensorSpec((None, None, None, 3))``: the training size is given, the graph holds no fixed shape."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((None, None, 3)), keras.layers.Conv2D(4, 3),
+                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(5)])
+    model.output_names = ["output"]
+    spec = (tf.TensorSpec((None, None, None, 3), tf.float32, name="input"),)
+    tf2onnx.convert.from_keras(model, input_signature=spec, opset=15, output_path=str(tmp_path / "m.onnx"))
+    report = fonnx.convolutionalize(tmp_path / "m.onnx", tmp_path / "fcn.onnx", (12, 12, 3))
+    assert "crop" in (report.checks[1].verified_by or "")
+    assert report.checks[1].output_shape[2:] == (2, 3)

@@ -17,8 +17,11 @@ After: ``features -> AveragePool(7x7, stride 1) -> Identity -> Conv(512 -> 1000,
   flatten order of NCHW is the kernel's); later ones become 1x1 Convs; per-feature constants of
   Add / Sub / Mul / Div become ``(M, 1, 1)``; Softmax / LogSoftmax / Hardmax over the features run
   over the channels (before opset 13 through Transposes, as those opsets flatten from ``axis`` on).
-* A channels-last input (read only by ``Transpose(0, 3, 1, 2)``) keeps its layout; its height and
-  width become symbolic at their positions.
+* A channels-last input (reaching ``Transpose(0, 3, 1, 2)`` directly or through per-channel
+  elementwise ops, as tf2onnx writes Keras models) keeps its layout; its height and width become
+  symbolic at their positions. Keras' Flatten of a channels-last map (``Transpose(0, 2, 3, 1)`` then a
+  Reshape) is read in ``(H, W, C)`` order; a ReduceMean over its axes 1, 2 becomes a Transpose and a pool.
+* A Reshape in the body to a constant shape that fixes a map's height and width is refused by name.
 * Anything else in the head is refused, naming the node and its op type.
 """
 

@@ -66,8 +66,8 @@ def _back_to_a_map(s: Any, node: Any, consumers: dict[str, list[Any]]) -> bool:
     return False
 
 
-def spatial_axes(s: Any, node: Any) -> bool:
-    """True when the ReduceMean ``node`` reduces axes 2 and 3 of a rank-4 map."""
+def reduced_axes(s: Any, node: Any) -> list[int] | None:
+    """The sorted axes (counted from 0 of a rank-4 value) the Reduce ``node`` reduces; None if not known."""
     axes = None
     for attr in node.attribute:
         if attr.name == "axes":
@@ -75,7 +75,12 @@ def spatial_axes(s: Any, node: Any) -> bool:
     if axes is None and len(node.input) > 1:
         value = s.const(node.input[1])
         axes = None if value is None else [int(a) for a in value.reshape(-1)]
-    return axes is not None and sorted(a % 4 for a in axes) == [2, 3]
+    return None if axes is None else sorted(a % 4 for a in axes)
+
+
+def spatial_axes(s: Any, node: Any) -> bool:
+    """True when the ReduceMean ``node`` reduces axes 2 and 3 of a rank-4 map."""
+    return reduced_axes(s, node) == [2, 3]
 
 
 def _is_pool(s: Any, node: Any) -> bool:

@@ -17,8 +17,11 @@ After: ``features -> AveragePool(7x7, stride 1) -> Identity -> Conv(512 -> 1000,
   flatten order of NCHW is the kernel's); later ones become 1x1 Convs; per-feature constants of
   Add / Sub / Mul / Div become ``(M, 1, 1)``; Softmax / LogSoftmax / Hardmax over the features run
   over the channels (before opset 13 through Transposes, as those opsets flatten from ``axis`` on).
-* A channels-last input (read only by ``Transpose(0, 3, 1, 2)``) keeps its layout; its height and
-  width become symbolic at their positions.
+* A channels-last input (reaching ``Transpose(0, 3, 1, 2)`` directly or through per-channel
+  elementwise ops, as tf2onnx writes Keras models) keeps its layout; its height and width become
+  symbolic at their positions. Keras' Flatten of a channels-last map (``Transpose(0, 2, 3, 1)`` then a
+  Reshape) is read in ``(H, W, C)`` order; a ReduceMean over its axes 1, 2 becomes a Transpose and a pool.
+* A Reshape in the body to a constant shape that fixes a map's height and width is refused by name.
 * Anything else in the head is refused, naming the node and its op type.
 """
 
@@ -46,6 +49,7 @@ from fcconv.onnx._head import (
     check_per_cell,
     flatten_point,
     pool_behind,
+    reduced_axes,
     spatial_axes,
     to_channels_first,
 )
@@ -58,6 +62,8 @@ _ELEMENTWISE = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "Elu", "Selu", "
                 "Erf", "Gelu", "Identity", "Dropout", "Softplus", "Mish", "Cast", "BatchNormalization"}
 _BINARY = {"Add", "Sub", "Mul", "Div"}
 _FLATTENS = {"Flatten", "Reshape", "Squeeze"}
+_GLOBAL_STATISTICS = {"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "ReduceMean", "ReduceMax",
+                      "ReduceSum", "ReduceMin", "ReduceL2"}
 
 
 class _Surgery:
@@ -72,6 +78,7 @@ class _Surgery:
         self.producers = {o: n for n in self.graph.node for o in n.output}
         self.layout: dict[str, tuple[int, ...]] = {}  # value -> the (C, H, W) its features come from
         self.done: dict[str, int] = {}
+        self.hwc: set[str] = set()  # rows in (H, W, C) order (Keras' Flatten, channels last)
         self.opset = _opset(model)
 
     def const(self, name: str) -> np.ndarray | None:
@@ -161,6 +168,9 @@ def _enter_head(s: _Surgery, node: Any) -> None:
         _slide_pool(s, node)
         s.layout[node.output[0]] = (source[1], 1, 1)
         return
+    if node.op_type == "ReduceMean" and reduced_axes(s, node) == [1, 2]:
+        _slide_channels_last_mean(s, node, source)
+        return
     if node.op_type not in _FLATTENS:
         raise s.fail(node, f"it turns the map {format_shape(source)} into rows and is not a flatten")
     found = pool_behind(s, x) if source[2:] == (1, 1) or source[1:3] == (1, 1) else None
@@ -172,11 +182,41 @@ def _enter_head(s: _Surgery, node: Any) -> None:
     channels = source[1] if perm is None else source[perm[1]]
     s.layout[x] = (channels, *source[2:]) if perm is None else (channels, 1, 1)
     s.layout[node.output[0]] = s.layout[x]
+    if perm is None and _from_channels_last(s, x):
+        x = s.producers[x].input[0]
+        s.layout[node.output[0]] = s.layout[x] = _chw(s.shapes[x])
+        s.hwc.add(node.output[0])
     if perm is None:
         s.replace(node, helper.make_node("Identity", [x], [node.output[0]]), f"{node.op_type} -> Identity")
     else:
         s.replace(node, helper.make_node("Transpose", [x], [node.output[0]], perm=perm),
                   f"{node.op_type} -> Transpose to channels first")
+
+
+def _slide_channels_last_mean(s: _Surgery, node: Any, source: tuple[int, ...]) -> None:
+    """ReduceMean over axes 1, 2 of a channels-last map (tf2onnx from opset 18) -> Transpose to channels
+    first, then a stride-1 AveragePool over the training feature size."""
+    first = f"{node.output[0]}_channels_first"
+    s.graph.node.append(helper.make_node("Transpose", [node.input[0]], [first], perm=[0, 3, 1, 2]))
+    kernel = list(source[1:3])
+    new = helper.make_node("AveragePool", [first], [node.output[0]], kernel_shape=kernel, strides=[1, 1])
+    s.replace(node, new, f"ReduceMean over H, W (channels last) -> AveragePool {kernel[0]}x{kernel[1]}")
+    s.layout[node.output[0]] = (source[3], 1, 1)
+
+
+def _from_channels_last(s: _Surgery, value: str) -> bool:
+    """True when ``value`` is ``Transpose(0, 2, 3, 1)`` of a map: a channels-last map Keras flattens."""
+    producer = s.producers.get(value)
+    if producer is None or producer.op_type != "Transpose":
+        return False
+    perm = [list(a.ints) for a in producer.attribute if a.name == "perm"]
+    shape = s.shapes.get(producer.input[0])
+    return perm == [[0, 2, 3, 1]] and shape is not None and len(shape) == 4
+
+
+def _chw(shape: tuple[int, ...] | None) -> tuple[int, ...]:
+    assert shape is not None and len(shape) == 4
+    return tuple(shape[1:])
 
 
 def _linear(s: _Surgery, node: Any) -> None:
@@ -196,7 +236,10 @@ def _linear(s: _Surgery, node: Any) -> None:
     if matrix.ndim != 2 or matrix.shape[1] != int(np.prod(layout)):
         raise s.fail(node, f"its weight {format_shape(weight.shape)} does not take the "
                            f"{int(np.prod(layout))} features of the map {format_shape(layout)}")
-    inputs = [node.input[0], s.add_init(f"{node.name or 'fc'}_kernel", matrix.reshape(-1, *layout))]
+    kernel = matrix.reshape(-1, *layout)
+    if node.input[0] in s.hwc:  # features in (H, W, C) order: the kernel's rows are read that way
+        kernel = matrix.reshape(-1, layout[1], layout[2], layout[0]).transpose(0, 3, 1, 2)
+    inputs = [node.input[0], s.add_init(f"{node.name or 'fc'}_kernel", kernel)]
     if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
         bias = s.const(node.input[2])
         if bias is None or bias.size not in (1, matrix.shape[0]):
@@ -263,12 +306,16 @@ def _convert_head(s: _Surgery, start: int) -> None:
         elif op in _ELEMENTWISE:
             for out in node.output:
                 s.layout[out] = s.layout[node.input[0]]
+                if node.input[0] in s.hwc:
+                    s.hwc.add(out)
         elif op in _BINARY:
             _binary(s, node)
         elif op in ("Softmax", "LogSoftmax", "Hardmax"):
             _softmax(s, node)
         elif op in _FLATTENS:
             s.layout[node.output[0]] = s.layout[node.input[0]]
+            if node.input[0] in s.hwc:
+                s.hwc.add(node.output[0])
             s.replace(node, helper.make_node("Identity", [node.input[0]], [node.output[0]]),
                       f"{op} -> Identity")
         elif op == "Shape":
@@ -278,13 +325,49 @@ def _convert_head(s: _Surgery, start: int) -> None:
 
 
 def channels_last(model: Any) -> bool:
-    """True when the image input is ``(N, H, W, C)``: every node reading it is ``Transpose(0, 3, 1, 2)``
-    (as tf2onnx writes Keras models), so the spatial dims are found from the graph, not their position."""
-    name = model.graph.input[0].name
-    users = [n for n in model.graph.node if name in n.input]
-    perms = [[list(a.ints) for a in n.attribute if a.name == "perm"]
-             for n in users if n.op_type == "Transpose"]
-    return bool(users) and len(perms) == len(users) and all(p == [[0, 3, 1, 2]] for p in perms)
+    """True when the image input is ``(N, H, W, C)``: every path from it reaches ``Transpose(0, 3, 1, 2)``
+    (as tf2onnx writes Keras models) through elementwise ops whose constants hold one value per channel
+    at most (Keras' Rescaling and Normalization layers), so the spatial dims are found from the graph."""
+    consts = {i.name for i in model.graph.initializer}
+    consts |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    todo, seen, found = [model.graph.input[0].name], set(), False
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for user in (n for n in model.graph.node if name in n.input):
+            perm = [list(a.ints) for a in user.attribute if a.name == "perm"]
+            if user.op_type == "Transpose" and perm == [[0, 3, 1, 2]]:
+                found = True
+            elif user.op_type in _ELEMENTWISE | _BINARY | {"Sqrt"} and _per_channel_operands(
+                    model, user, consts | seen):
+                todo += list(user.output)
+            else:
+                return False
+    return found
+
+
+def _per_channel_operands(model: Any, node: Any, known: set[str]) -> bool:
+    """True when every operand of ``node`` is on the path from the input or a constant that broadcasts
+    along the last axis only (a scalar, ``(C,)`` or ``(1, 1, 1, C)``)."""
+    for name in node.input:
+        if name in known and name not in {i.name for i in model.graph.initializer}:
+            continue
+        value = _const_value(model, name)
+        if value is None or any(d != 1 for d in value.shape[:-1]):
+            return False
+    return True
+
+
+def _const_value(model: Any, name: str) -> np.ndarray | None:
+    for init in model.graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            return numpy_helper.to_array(helper.get_attribute_value(node.attribute[0]))
+    return None
 
 
 def _make_dynamic(s: _Surgery) -> None:
@@ -306,6 +389,39 @@ def _make_dynamic(s: _Surgery) -> None:
     del s.graph.value_info[:]
 
 
+def _fixed_reshape(s: _Surgery, node: Any) -> tuple[tuple[int, ...], np.ndarray] | None:
+    """The map ``node`` reshapes and the constant shape it fixes besides the channels, if it does."""
+    source = s.shapes.get(node.input[0]) if node.op_type == "Reshape" else None
+    target = s.const(node.input[1]) if source is not None and len(source) == 4 else None
+    if source is None or target is None or target.size != 4 or int((target > 0).sum()) < 2:
+        return None
+    return source, target
+
+
+def _refuse_fixed_reshapes(s: _Surgery, start: int) -> None:
+    """Refuse a Reshape of a map, before the head, to a constant shape that fixes its height and width.
+
+    tf2onnx writes ``Reshape(-1, C, 1, 1)`` for the Transpose of a map of one pixel, so a model exported
+    at a size where a map is 1x1 cannot run on a larger map (and might run with cells moved to the batch).
+    """
+    pooled: set[str] = set()  # values computed from global statistics only (squeeze-and-excitation gates)
+    for node in list(s.graph.node)[:start]:
+        inputs = [i for i in node.input if i and s.const(i) is None]
+        if node.op_type in _GLOBAL_STATISTICS or (inputs and all(i in pooled for i in inputs)):
+            pooled.update(node.output)
+            continue
+        found = _fixed_reshape(s, node)
+        if found is None:
+            continue
+        source, target = found
+        hint = (" (an exporter writes this for the Transpose of a map of one pixel: export the model at an "
+                "input size where its last feature map is larger than 1x1)" if source[1:3] == (1, 1)
+                or source[2:] == (1, 1) else "")
+        raise FcconvError(f"The model's body cannot run on a larger image: node {node.name or '(unnamed)'!r} "
+                          f"(Reshape) reshapes the feature map {format_shape(source)} to the fixed shape "
+                          f"{target.tolist()}, which does not grow with the input{hint}.")
+
+
 def convolutionalize_model(model: Any, input_shape: Sequence[int]) -> tuple[Any, dict[str, int]]:
     """:func:`convolutionalize` on a ``ModelProto`` in memory: the new model and what was replaced."""
     shape = check_input_shape(input_shape)
@@ -315,6 +431,7 @@ def convolutionalize_model(model: Any, input_shape: Sequence[int]) -> tuple[Any,
     require_tensor_outputs(model)
     s = _Surgery(copy.deepcopy(model), shape)
     start = flatten_point(s)
+    _refuse_fixed_reshapes(s, start)
     _enter_head(s, s.graph.node[start])
     _convert_head(s, start)
     _make_dynamic(s)
@@ -372,15 +489,15 @@ def convolutionalize(src: str | Path, dst: str | Path, input_shape: Sequence[int
     checks = [_same_scores(run(session(Path(src)), x), run(sess, x), x)]
     if float64:
         checks[0] = _certify_float64(original, model, x, checks[0])
+    last = channels_last(original)
+    chw = (shape[2], shape[0], shape[1]) if last else shape
     try:
-        last = channels_last(original)
-        chw = (shape[2], shape[0], shape[1]) if last else shape
         checks.append(check_larger_size(original, model, sess, chw, float64, last))
     except FcconvError as error:
         if isinstance(error, NotEquivalentError):
             raise
         raise FcconvError(
-            f"The convolutionalized model runs at the training size {format_shape(shape[1:])} but not at "
+            f"The convolutionalized model runs at the training size {format_shape(chw[1:])} but not at "
             f"larger sizes: its body holds a shape fixed at export. {error}"
         ) from None
     save(model, dst)

@@ -77,7 +77,8 @@ def test_dask_array_source(padded_fcn: fcconv.FullyConvolutional) -> None:
 
 def test_errors(digits_fcn: fcconv.FullyConvolutional) -> None:
     image = np.zeros((1, 40, 40))
-    with pytest.raises(FcconvError, match=r"^tile \(11, 11\) is too small for this model: .* tile >= 12\."):
+    with pytest.raises(FcconvError, match=r"^tile \(11, 11\) is too small for this model: .* tile >= 12 "
+                                          r"\(--tile 12 on the command line\)\."):
         fcconv.tiled_map(digits_fcn, image, tile=11, progress=False)
     with pytest.raises(FcconvError, match=r"^The image \(40, 11\) is smaller than the model's window"):
         fcconv.tiled_map(digits_fcn, np.zeros((1, 40, 11)), progress=False)

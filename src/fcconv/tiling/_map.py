@@ -104,10 +104,10 @@ def _unfinished(plan: TilePlan | StreamPlan, result: Any, path: str) -> list[Til
     first unfinished chunk row (one vertical halo is recomputed)."""
     if not isinstance(plan, StreamPlan):
         todo = list(plan)
-        done = finished(result, path, (t.index for t in todo))
+        done = finished(result, path, _chunk_indices(plan, todo))
         return [t for t in todo if t.index not in done]
     segments = plan.segments()
-    done = finished(result, path, (i for s in segments for i in plan.chunk_indices(s)))
+    done = finished(result, path, _chunk_indices(plan, segments))
     left = []
     for s in segments:
         rows = [i[0] for i in plan.chunk_indices(s) if i not in done]
